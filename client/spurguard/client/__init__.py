@@ -1,0 +1,1 @@
+"""Thin spurguard client: grpcio, protobuf and numpy only."""

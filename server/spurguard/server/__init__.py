@@ -1,0 +1,1 @@
+"""spurguard server side: engine, backends, store, demo (everything with torch in it)."""
