@@ -1,0 +1,51 @@
+"""The method as pure tensor math: neural PCA fit, decomposition, SpuFix, spurious score.
+
+No gRPC, no files, no images: everything here takes features, heads and components and is
+tested against float64 references. The machinery (input checks, projections) stays in the
+modules; this is the surface the rest of the server uses.
+"""
+from spurguard.server.engine.components import DEFAULT_FLOOR_PERCENTILE, ClassComponents
+from spurguard.server.engine.decompose import Decomposer, Decomposition, fit_alphas
+from spurguard.server.engine.metrics import (
+    ClassScore,
+    ScoreTable,
+    SpuriousEvaluation,
+    average_precision,
+    evaluate_spurious,
+    roc_auc,
+    softmax,
+    spurious_score_table,
+)
+from spurguard.server.engine.npca import (
+    DEFAULT_NUM_COMPONENTS,
+    ClassStatistics,
+    NeuralPCAFit,
+    fit_components,
+    top_eigenpairs,
+)
+from spurguard.server.engine.spufix import SPUFIX_MODES, SpuFix, SpuFixMode, SpuFixResult
+
+__all__ = [
+    "DEFAULT_FLOOR_PERCENTILE",
+    "DEFAULT_NUM_COMPONENTS",
+    "SPUFIX_MODES",
+    "ClassComponents",
+    "ClassScore",
+    "ClassStatistics",
+    "Decomposer",
+    "Decomposition",
+    "NeuralPCAFit",
+    "ScoreTable",
+    "SpuFix",
+    "SpuFixMode",
+    "SpuFixResult",
+    "SpuriousEvaluation",
+    "average_precision",
+    "evaluate_spurious",
+    "fit_alphas",
+    "fit_components",
+    "roc_auc",
+    "softmax",
+    "spurious_score_table",
+    "top_eigenpairs",
+]

@@ -1,0 +1,211 @@
+"""Neural PCA fit: against np.cov + eigh, streaming/merge invariance, rank deficiency, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spurguard.server.engine import (
+    ClassStatistics,
+    NeuralPCAFit,
+    fit_alphas,
+    fit_components,
+    top_eigenpairs,
+)
+from spurguard.server.errors import FailedPrecondition, InvalidInput
+
+L = 10
+
+
+def projector_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Spectral norm of the difference of the projectors onto two row spaces (sin of the largest principal angle)."""
+    return float(np.linalg.norm(a.T @ a - b.T @ b, 2))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "dense", "auto"])
+def test_matches_float64_reference(large_problem, ref_pca, method):
+    fitted = fit_components(large_problem.weight, large_problem.features, large_problem.labels, L, method=method)
+    assert sorted(fitted) == [0, 1, 2]
+    for k, comp in fitted.items():
+        ref = ref_pca(large_problem, k)
+        assert comp.class_index == k and comp.count == len(ref.activations)
+        np.testing.assert_allclose(comp.mean, ref.mean, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(comp.eigenvalues, ref.eigenvalues[:L], rtol=1e-9)
+        assert np.all(np.diff(comp.eigenvalues) < 0)
+        assert projector_distance(comp.vectors, ref.vectors[:, :L].T) < 1e-8
+        # Each vector is the reference one up to sign, and the sign rule <1, v> >= 0 holds.
+        cosines = np.abs(np.sum(comp.vectors * ref.vectors[:, :L].T, axis=1))
+        np.testing.assert_allclose(cosines, 1.0, atol=1e-9)
+        assert np.all(comp.vectors.sum(axis=1) >= 0)
+        np.testing.assert_allclose(comp.vectors @ comp.vectors.T, np.eye(L), atol=1e-10)
+        assert comp.total_variance == pytest.approx(np.trace(ref.cov), rel=1e-12)
+        np.testing.assert_allclose(
+            comp.explained_variance, ref.eigenvalues[:L] / ref.eigenvalues.sum(), rtol=1e-9
+        )
+        alphas = fit_alphas(comp, large_problem.weight[k], large_problem.class_rows(k))
+        expected = ref.alphas(large_problem.class_rows(k), large_problem.weight[k])[:, :L]
+        scale = np.abs(expected).max(axis=0)
+        np.testing.assert_allclose(alphas, expected, rtol=1e-4, atol=1e-4 * scale.max())
+        # The top components are the planted structure: they explain most of the variance.
+        assert comp.explained_variance[:3].sum() > 0.5
+
+
+def test_planted_eigenvalues_are_well_separated(large_problem, ref_pca):
+    """Guards the fixture: subspace comparisons above are meaningful only with a spectral gap."""
+    values = ref_pca(large_problem, 0).eigenvalues
+    assert np.all(values[:4] / values[1:5] > 1.5)
+
+
+def statistics_of(fit: NeuralPCAFit) -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
+    stats = {k: fit.statistics(k) for k in fit.classes_seen}
+    return {k: (s.count, s.mean.numpy(), s.scatter.numpy()) for k, s in stats.items()}
+
+
+def assert_same_statistics(a: NeuralPCAFit, b: NeuralPCAFit) -> None:
+    sa, sb = statistics_of(a), statistics_of(b)
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k][0] == sb[k][0]
+        np.testing.assert_allclose(sa[k][1], sb[k][1], rtol=1e-12, atol=1e-12)
+        scale = np.abs(sb[k][2]).max()
+        np.testing.assert_allclose(sa[k][2], sb[k][2], rtol=1e-11, atol=1e-12 * scale)
+
+
+def test_streaming_in_small_batches_in_any_order_equals_one_batch(small_problem):
+    p = small_problem
+    whole = NeuralPCAFit(p.weight)
+    whole.update(p.features, p.labels)
+    rng = np.random.default_rng(5)
+    cuts = np.sort(rng.choice(np.arange(1, len(p.labels)), size=60, replace=False))
+    batches = list(zip(np.split(p.features, cuts), np.split(p.labels, cuts)))
+    for order in (range(len(batches)), reversed(range(len(batches))), rng.permutation(len(batches))):
+        streamed = NeuralPCAFit(torch.from_numpy(p.weight))
+        for i in order:
+            streamed.update(torch.from_numpy(batches[i][0]), torch.from_numpy(batches[i][1]))
+        assert_same_statistics(streamed, whole)
+    one = whole.finalize_class(2, 6)
+    again = streamed.finalize_class(2, 6)
+    np.testing.assert_allclose(again.eigenvalues, one.eigenvalues, rtol=1e-10)
+    assert projector_distance(again.vectors, one.vectors) < 1e-9
+
+
+def test_merge_of_partial_fits_equals_fit_of_union(small_problem):
+    p = small_problem
+    whole = NeuralPCAFit(p.weight)
+    whole.update(p.features, p.labels)
+    # The first part never sees class 3, so merge must also adopt classes it lacks.
+    first = p.labels != 3
+    first[np.flatnonzero(first)[::2]] = False
+    part_a, part_b = NeuralPCAFit(p.weight), NeuralPCAFit(p.weight)
+    part_a.update(p.features[first], p.labels[first])
+    part_b.update(p.features[~first], p.labels[~first])
+    assert 3 not in part_a.classes_seen
+    part_a.merge(part_b)
+    assert part_b.classes_seen == []
+    assert_same_statistics(part_a, whole)
+
+
+def test_class_statistics_merge_matches_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.random((50, 7))
+    a, b = ClassStatistics.empty(7), ClassStatistics.empty(7)
+    a.update(torch.from_numpy(x[:1]))
+    b.update(torch.from_numpy(x[1:]))
+    a.merge(b)
+    assert a.count == 50
+    np.testing.assert_allclose(a.mean.numpy(), x.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(a.covariance().numpy(), np.cov(x, rowvar=False), rtol=1e-12)
+
+
+def test_finalize_frees_the_class_and_unseen_classes_fail(small_problem):
+    p = small_problem
+    fit = NeuralPCAFit(p.weight)
+    keep = p.labels != 1
+    fit.update(p.features[keep], p.labels[keep])
+    assert fit.classes_seen == [0, 2, 3]
+    with pytest.raises(FailedPrecondition, match="class 1"):
+        fit.finalize_class(1)
+    fit.finalize_class(0, 5)
+    assert fit.classes_seen == [2, 3]
+    with pytest.raises(FailedPrecondition):
+        fit.finalize_class(0)
+    with pytest.raises(InvalidInput):
+        fit.finalize_class(4)
+    with pytest.raises(InvalidInput):
+        fit.finalize_class(2, 0)
+
+
+def test_rank_deficient_classes_keep_at_most_their_rank(problem_factory, ref_pca):
+    p = problem_factory(seed=4, num_classes=3, dim=30, per_class=[5, 1, 8])
+    features, labels = p.features.copy(), p.labels
+    # Class 2: eight images but only three distinct ones, so its covariance has rank 2.
+    rows2 = np.flatnonzero(labels == 2)
+    features[rows2] = features[rows2[[0, 1, 2, 0, 1, 2, 0, 1]]]
+    fitted = fit_components(p.weight, features, labels, L)
+
+    five = fitted[0]  # n_k = 5 <= L: at most n_k - 1 = 4 components
+    ref = ref_pca(p, 0)
+    assert five.num_components == 4
+    np.testing.assert_allclose(five.eigenvalues, ref.eigenvalues[:4], rtol=1e-9)
+    assert projector_distance(five.vectors, ref.vectors[:, :4].T) < 1e-8
+    # All the class's variance is in the kept components.
+    assert five.explained_variance.sum() == pytest.approx(1.0, rel=1e-12)
+
+    single = fitted[1]  # one image: no covariance, no components
+    assert single.num_components == 0 and single.vectors.shape == (0, 30)
+    assert single.total_variance == 0.0
+    np.testing.assert_allclose(single.mean, p.class_rows(1)[0] * p.weight[1], rtol=1e-7)
+
+    duplicated = fitted[2]
+    assert duplicated.num_components == 2
+    assert duplicated.eigenvalues.min() > 1e-6 * duplicated.eigenvalues.max()
+
+
+def test_top_eigenpairs_is_deterministic_and_methods_agree():
+    rng = np.random.default_rng(6)
+    basis = rng.standard_normal((600, 40))
+    cov = basis @ np.diag(0.8 ** np.arange(40)) @ basis.T + 1e-3 * np.eye(600)
+    v1, u1 = top_eigenpairs(cov, 20, method="lanczos")
+    v2, u2 = top_eigenpairs(cov, 20, method="lanczos")
+    v3, u3 = top_eigenpairs(cov, 20, method="dense")
+    assert np.array_equal(v1, v2) and np.array_equal(u1, u2)
+    np.testing.assert_allclose(v1, v3, rtol=1e-10)
+    np.testing.assert_allclose(u1, u3, atol=1e-8)  # the sign rule makes the vectors identical
+    assert top_eigenpairs(np.zeros((5, 5)), 3)[0].shape == (0,)
+    with pytest.raises(InvalidInput):
+        top_eigenpairs(np.zeros((4, 5)), 2)
+
+
+@pytest.mark.parametrize(
+    "features, labels",
+    [
+        (np.zeros((3, 39), np.float32), [0, 1, 2]),  # wrong feature dim
+        (np.zeros(40, np.float32), [0]),  # not 2-D
+        (np.zeros((3, 40), np.float32), [0, 1]),  # labels of the wrong length
+        (np.zeros((3, 40), np.float32), [0, 1, 4]),  # label out of range
+        (np.zeros((3, 40), np.float32), [0.0, 1.0, 2.0]),  # non-integer labels
+        (np.full((3, 40), np.nan, np.float32), [0, 1, 2]),  # not finite
+        (np.zeros((3, 40), np.int64), [0, 1, 2]),  # integer features
+    ],
+)
+def test_wrong_inputs_are_invalid(small_problem, features, labels):
+    fit = NeuralPCAFit(small_problem.weight)
+    with pytest.raises(InvalidInput):
+        fit.update(features, labels)
+
+
+def test_merge_of_different_heads_is_invalid(small_problem):
+    other = NeuralPCAFit(small_problem.weight * 2)
+    with pytest.raises(InvalidInput):
+        NeuralPCAFit(small_problem.weight).merge(other)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fit_matches_cpu(small_problem):
+    p = small_problem
+    on_gpu = NeuralPCAFit(p.weight, device="cuda")
+    on_gpu.update(torch.from_numpy(p.features).cuda(), torch.from_numpy(p.labels).cuda())
+    gpu = on_gpu.finalize_class(0, 5)
+    cpu = fit_components(p.weight, p.features, p.labels, 5)[0]
+    np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=1e-9)
+    assert projector_distance(gpu.vectors, cpu.vectors) < 1e-8
