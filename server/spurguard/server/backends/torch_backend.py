@@ -1,0 +1,176 @@
+"""In-process torch backend: a backbone module (TorchScript, torch.export or eager) plus a linear head."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig, one_line
+from spurguard.server.backends.device import configure_cpu_threads, default_batch_size, resolve_device
+from spurguard.server.backends.images import preprocess_images
+from spurguard.server.errors import InvalidInput, ResourceExhausted
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    """Eval mode and no parameter gradients: attacks differentiate w.r.t. the input only."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass  # torch.export modules keep the mode they were exported in and refuse eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+
+
+class TorchBackend:
+    """A classifier logits = W · backbone(x) + b run by torch on the CPU or one GPU.
+
+    The head stays a separate pair of tensors (not part of the module) because the method works
+    on the backbone's features and the head's rows directly.
+    """
+
+    kind = "torch"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        digest: str,
+        backbone: torch.nn.Module,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        preprocess_config: PreprocessConfig,
+        class_names: Sequence[str] | None = None,
+        class_wnids: Sequence[str | None] | None = None,
+        device: str = "auto",
+        max_batch_size: int | None = None,
+        limits: ImageLimits = DEFAULT_LIMITS,
+        source: str | None = None,
+    ) -> None:
+        """`source` names where the model came from (a file, a built-in) in load errors."""
+        source = source or name
+        self.torch_device = resolve_device(device)
+        if self.torch_device.type == "cpu":
+            configure_cpu_threads()
+        self.name = name
+        self.digest = digest
+        self.device = str(self.torch_device)
+        self.preprocess_config = preprocess_config
+        self.input_size = preprocess_config.size
+        self.limits = limits
+        if max_batch_size is None:
+            max_batch_size = default_batch_size(self.torch_device)
+        self.max_batch_size = max_batch_size
+        if self.max_batch_size <= 0:
+            raise InvalidInput(f"{source}: max_batch_size must be positive, got {self.max_batch_size}")
+
+        if weight.ndim != 2 or bias.ndim != 1 or bias.shape[0] != weight.shape[0]:
+            raise InvalidInput(
+                f"{source}: head weight must be [C,d] and bias [C], "
+                f"got {list(weight.shape)} and {list(bias.shape)}"
+            )
+        self.num_classes, head_dim = weight.shape
+        self._weight = weight.detach().to("cpu", torch.float32).contiguous()
+        self._bias = bias.detach().to("cpu", torch.float32).contiguous()
+        self._head_on_device = (self._weight.to(self.torch_device), self._bias.to(self.torch_device))
+
+        self.module = backbone.to(self.torch_device)
+        _freeze(self.module)
+        self.feature_dim = self._probe_feature_dim(source)
+        if self.feature_dim != head_dim:
+            raise InvalidInput(
+                f"{source}: backbone gives {self.feature_dim}-d features but the head expects d = {head_dim}"
+            )
+
+        # Without a class list, classes are named by index (which dataset folders accept too).
+        self.class_names = [str(i) for i in range(self.num_classes)] if class_names is None else list(class_names)
+        self.class_wnids = [None] * self.num_classes if class_wnids is None else list(class_wnids)
+        if len(self.class_names) != self.num_classes or len(self.class_wnids) != self.num_classes:
+            raise InvalidInput(
+                f"{source}: {len(self.class_names)} class names for a head with {self.num_classes} classes"
+            )
+
+    def _probe_feature_dim(self, source: str) -> int:
+        """Run the backbone on zeros at batch 2 and 1: catches wrong output shapes and fixed batch sizes."""
+        size = self.input_size
+        for batch in (2, 1):
+            try:
+                with torch.inference_mode():
+                    out = self.module(torch.zeros(batch, 3, size, size, device=self.torch_device))
+            except Exception as error:  # noqa: BLE001 - any failure of a user's module is a bad model
+                raise InvalidInput(
+                    f"{source}: backbone fails on a [{batch},3,{size},{size}] input: {one_line(error)}"
+                ) from None
+            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
+                shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise InvalidInput(
+                    f"{source}: backbone must return features [N,d], got {shape} for N={batch}"
+                )
+            if not out.is_floating_point():
+                raise InvalidInput(
+                    f"{source}: backbone returns {out.dtype} features, expected floating point"
+                )
+        return int(out.shape[1])
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        size = self.input_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
+            raise InvalidInput(f"model {self.name} expects input [N,3,{size},{size}], got {list(x.shape)}")
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images to float32 [N,3,size,size] on the CPU, per the model's preprocessing."""
+        return preprocess_images(images, self.preprocess_config, self.limits)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x) as float32 [N,d] on the CPU, in chunks of max_batch_size, without autograd."""
+        self._check_input(x)
+        if x.shape[0] == 0:
+            return torch.empty(0, self.feature_dim)
+        try:
+            with torch.inference_mode():
+                chunks = [
+                    self.module(chunk.to(self.torch_device, torch.float32, non_blocking=True)).float().cpu()
+                    for chunk in x.split(self.max_batch_size)
+                ]
+        except torch.OutOfMemoryError:
+            raise ResourceExhausted(
+                f"model {self.name}: a batch of {self.max_batch_size} does not fit on {self.device}; "
+                "lower max_batch_size"
+            ) from None
+        return torch.cat(chunks)
+
+    def features_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x) [N,d] on the backend's device, differentiable w.r.t. `x` (one forward, no chunking)."""
+        self._check_input(x)
+        return self.module(x.to(self.torch_device, torch.float32)).float()
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [C,d], b [C]) float32 on the CPU; callers must not modify them in place."""
+        return self._weight, self._bias
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """W · phi + b on the features' device (the head is cached there for the backend's device)."""
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise InvalidInput(
+                f"model {self.name} expects features [N,{self.feature_dim}], got {list(features.shape)}"
+            )
+        if features.device == self._head_on_device[0].device:
+            weight, bias = self._head_on_device
+        else:
+            weight, bias = self._weight.to(features.device), self._bias.to(features.device)
+        return F.linear(features.float(), weight, bias)
+
+    def warm_up(self, batch_size: int | None = None) -> float:
+        """One full forward pass (allocations, kernel selection) before the model reports ready."""
+        start = time.perf_counter()
+        self.features(torch.zeros(batch_size or self.max_batch_size, 3, self.input_size, self.input_size))
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+        return time.perf_counter() - start
+
+    def __repr__(self) -> str:
+        return (
+            f"TorchBackend(name={self.name!r}, device={self.device!r}, classes={self.num_classes}, "
+            f"feature_dim={self.feature_dim}, input_size={self.input_size}, digest={self.digest[:12]})"
+        )
