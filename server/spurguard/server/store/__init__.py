@@ -1,0 +1,21 @@
+"""Persistent state of the server: fitted components (with their fit-image ids and alphas) and labels.
+
+An embedded store, one directory and no server: safetensors + JSON for fits, SQLite for labels,
+atomic writes throughout, never pickle. `Store` is the entry point; the rest is what it returns.
+"""
+from spurguard.server.store.codec import ClassSummary
+from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter
+from spurguard.server.store.labels import LABELS, UNLABELED, Label
+from spurguard.server.store.store import Store
+
+__all__ = [
+    "LABELS",
+    "UNLABELED",
+    "ClassSummary",
+    "Fit",
+    "FitMeta",
+    "FitSettings",
+    "FitWriter",
+    "Label",
+    "Store",
+]

@@ -1,0 +1,85 @@
+"""Where things live under the store root, and the names allowed in those paths.
+
+```
+<root>/labels.sqlite3                              labels of every model and fit (WAL)
+<root>/models/<name>/<digest>/current.json         {"fit_id": ...}: the fit in use, replaced atomically
+<root>/models/<name>/<digest>/fits/<fit_id>/
+    settings.json                                  what the fit was started with (resume checks it)
+    class_<k>.safetensors                          mean, eigenvalues, vectors, alphas
+    class_<k>.json                                 scalars, image ids, tensor checksum: written
+                                                   after the tensors, so it marks the class done
+    manifest.json                                  written last: its presence commits the fit
+    .lock                                          flock of the one open FitWriter
+```
+Names are checked before they become path components, so no request can escape the root.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from spurguard.server.errors import InvalidInput
+
+LABELS_DB = "labels.sqlite3"
+CURRENT = "current.json"
+SETTINGS = "settings.json"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+# Same rule as model.toml names: starts alphanumeric, so never "." or "..".
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CLASS_JSON_RE = re.compile(r"^class_(\d+)\.json$")
+
+
+def check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise InvalidInput(
+            f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting alphanumeric"
+        )
+    return value
+
+
+def short(digest: str) -> str:
+    """A digest as people read it in messages."""
+    return digest[:12] + "…" if len(digest) > 12 else digest
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Paths of one (model name, weights digest): fits of other digests live elsewhere."""
+
+    root: Path
+    model: str
+    digest: str
+
+    @classmethod
+    def of(cls, store_root: Path, model: str, digest: str) -> ModelPaths:
+        check_name(model, "model name")
+        check_name(digest, "model digest")
+        return cls(store_root / "models" / model / digest, model, digest)
+
+    @property
+    def fits(self) -> Path:
+        return self.root / "fits"
+
+    @property
+    def current(self) -> Path:
+        return self.root / CURRENT
+
+    def fit(self, fit_id: str) -> Path:
+        return self.fits / check_name(fit_id, "fit id")
+
+
+def class_tensors(fit_dir: Path, class_index: int) -> Path:
+    return fit_dir / f"class_{class_index}.safetensors"
+
+
+def class_record(fit_dir: Path, class_index: int) -> Path:
+    return fit_dir / f"class_{class_index}.json"
+
+
+def recorded_classes(fit_dir: Path) -> list[int]:
+    """Classes whose JSON record exists, i.e. whose writing finished."""
+    found = (_CLASS_JSON_RE.match(p.name) for p in fit_dir.glob("class_*.json"))
+    return sorted(int(m.group(1)) for m in found if m)

@@ -1,0 +1,186 @@
+"""The embedded store: one directory with every fit and label, keyed by model name + weights digest.
+
+Why keyed by digest: components describe one set of weights. A model whose weights (or classes,
+or preprocessing) changed gets a new digest, finds no fit, and is told to refit instead of
+silently scoring with another model's components.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
+from spurguard.server.store.atomic import make_dirs, read_json, write_json
+from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter
+from spurguard.server.store.labels import UNLABELED, Label, LabelDB, check_label
+from spurguard.server.store.layout import CURRENT, LABELS_DB, MANIFEST, SETTINGS, ModelPaths, short
+
+
+def new_fit_id() -> str:
+    """Sortable by start time, unique without coordination."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def _index(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+class Store:
+    """Fits and labels under one root directory; safe for concurrent use by threads and processes."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        make_dirs(self.root / "models")
+        self.labels = LabelDB(self.root / LABELS_DB)
+
+    def _paths(self, model: str, digest: str) -> ModelPaths:
+        return ModelPaths.of(self.root, model, digest)
+
+    # ---- reading fits ----
+
+    def current_fit_id(self, model: str, digest: str) -> str | None:
+        """The fit in use for these weights, or None if they were never fitted."""
+        try:
+            return str(read_json(self._paths(model, digest).current)["fit_id"])
+        except FileNotFoundError:
+            return None
+
+    def _require_current(self, model: str, digest: str) -> str:
+        fit_id = self.current_fit_id(model, digest)
+        if fit_id is not None:
+            return fit_id
+        others = sorted(
+            p.parent.name for p in (self.root / "models" / model).glob(f"*/{CURRENT}") if p.parent.name != digest
+        )
+        hint = (
+            f" (fits exist for other weights: digest {', '.join(map(short, others))}; they are never reused)"
+            if others
+            else ""
+        )
+        raise FailedPrecondition(
+            f"model {model} has no fit for its current weights (digest {short(digest)}); run fit{hint}"
+        )
+
+    def load_fit(self, model: str, digest: str, fit_id: str | None = None) -> Fit:
+        """A committed fit (the current one by default); components are read per class on demand."""
+        paths = self._paths(model, digest)
+        return Fit.read(paths, fit_id if fit_id is not None else self._require_current(model, digest))
+
+    def list_fits(self, model: str, digest: str) -> list[FitMeta]:
+        """Committed fits of these weights, oldest first."""
+        paths = self._paths(model, digest)
+        metas = [Fit.read(paths, p.parent.name).meta for p in paths.fits.glob(f"*/{MANIFEST}")]
+        return sorted(metas, key=lambda m: (m.created, m.fit_id))
+
+    def pending_fits(self, model: str, digest: str) -> list[str]:
+        """Started but uncommitted fits (a killed or cancelled job): resume or discard them."""
+        fits = self._paths(model, digest).fits
+        return sorted(p.parent.name for p in fits.glob(f"*/{SETTINGS}") if not (p.parent / MANIFEST).exists())
+
+    def set_current(self, model: str, digest: str, fit_id: str) -> None:
+        """Switch to another committed fit (roll back, or finish a commit cut short by a crash)."""
+        paths = self._paths(model, digest)
+        Fit.read(paths, fit_id)
+        write_json(paths.current, {"fit_id": fit_id})
+
+    # ---- writing fits ----
+
+    def begin_fit(
+        self,
+        model: str,
+        digest: str,
+        *,
+        dataset_root: str | os.PathLike[str],
+        num_components: int,
+        feature_dim: int,
+        info: dict[str, Any] | None = None,
+        fit_id: str | None = None,
+    ) -> FitWriter:
+        """Start a fit, or resume the uncommitted `fit_id` if it was started with the same settings."""
+        settings = FitSettings(os.fspath(dataset_root), num_components, feature_dim, info or {})
+        return FitWriter.open(self._paths(model, digest), fit_id or new_fit_id(), settings, self.labels)
+
+    def resume_fit(self, model: str, digest: str, fit_id: str) -> FitWriter:
+        """Re-open an uncommitted fit with its stored settings; `done_classes` says what is left."""
+        return FitWriter.open(self._paths(model, digest), fit_id, None, self.labels)
+
+    def extend_fit(
+        self, model: str, digest: str, *, base_fit_id: str | None = None, fit_id: str | None = None
+    ) -> FitWriter:
+        """A new fit holding the base fit's classes (hard links, no copy) plus the ones added now.
+
+        Same dataset root and settings as the base, since image ids are relative to it. Classes
+        carried unchanged keep their labels; a class added again is refitted and starts unlabeled.
+        """
+        base = self.load_fit(model, digest, base_fit_id).meta
+        settings = FitSettings(base.dataset_root, base.num_components, base.feature_dim, base.info, base.fit_id)
+        return FitWriter.open(self._paths(model, digest), fit_id or new_fit_id(), settings, self.labels)
+
+    # ---- labels ----
+
+    def _fit_and_class(self, model: str, digest: str, fit_id: str | None, class_index: int | None) -> Fit:
+        fit = self.load_fit(model, digest, fit_id)
+        if class_index is not None:
+            fit.summary(_index(class_index, "class"))
+        return fit
+
+    def set_label(
+        self,
+        model: str,
+        digest: str,
+        class_index: int,
+        component: int,
+        label: str,
+        note: str = "",
+        *,
+        fit_id: str | None = None,
+    ) -> Label:
+        """Label one component of a fit (the current one by default); `unlabeled` clears it."""
+        check_label(label)
+        fit = self._fit_and_class(model, digest, fit_id, class_index)
+        num = fit.summary(class_index).num_components
+        if _index(component, "component") >= num:
+            raise NotFound(
+                f"class {class_index} has {num} components in fit {fit.fit_id}; no component {component}"
+            )
+        return self.labels.set(model, digest, fit.fit_id, class_index, component, label, note)
+
+    def list_labels(
+        self,
+        model: str,
+        digest: str,
+        *,
+        fit_id: str | None = None,
+        class_index: int | None = None,
+        label: str | None = None,
+    ) -> list[Label]:
+        """Labels of a fit (current by default), optionally one class and one label value.
+
+        `label="unlabeled"` lists the fit's components nobody has labeled yet (updated = None).
+        """
+        if label is not None:
+            check_label(label)
+        fit = self._fit_and_class(model, digest, fit_id, class_index)
+        if label != UNLABELED:
+            return self.labels.query(model, digest, fit.fit_id, class_index, label)
+        done = {(x.class_index, x.component) for x in self.labels.query(model, digest, fit.fit_id, class_index)}
+        return [
+            Label(model, digest, fit.fit_id, k, c, UNLABELED, "", None)
+            for k in (fit.classes if class_index is None else (class_index,))
+            for c in range(fit.summary(k).num_components)
+            if (k, c) not in done
+        ]
+
+    def spurious_components(self, model: str, digest: str) -> dict[int, list[int]]:
+        """Class -> component indices labeled spurious in the current fit (what SpuFix removes)."""
+        fit_id = self._require_current(model, digest)
+        spurious: dict[int, list[int]] = {}
+        for record in self.labels.query(model, digest, fit_id, label="spurious"):
+            spurious.setdefault(record.class_index, []).append(record.component)
+        return spurious
+

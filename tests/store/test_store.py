@@ -1,0 +1,441 @@
+"""The store: exact round trips, digest isolation, crash safety, resume, extension and labels."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import spurguard.server.store as store_pkg
+from spurguard.server.engine.components import ClassComponents
+from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
+from spurguard.server.store import Store
+
+MODEL = "mycnn"
+DIGEST = "a" * 64
+OTHER_DIGEST = "b" * 64
+DIM = 16
+NUM = 4
+
+
+def components(k: int, *, num: int = NUM, images: int = 9, seed: int = 0) -> ClassComponents:
+    """Random but reproducible components of class k; `num` may be below NUM (small classes)."""
+    rng = np.random.default_rng([seed, k])
+    vectors, _ = np.linalg.qr(rng.normal(size=(DIM, DIM)))
+    return ClassComponents(
+        class_index=k,
+        count=images,
+        mean=rng.normal(size=DIM),
+        eigenvalues=np.sort(rng.random(num))[::-1].copy(),
+        vectors=vectors[:num].copy(),
+        total_variance=float(rng.random() * 10),
+        image_ids=[f"{k}/img_{i:03d}.png" for i in range(images)],
+        alphas=rng.normal(size=(images, num)).astype(np.float32),
+    )
+
+
+def assert_same(a: ClassComponents, b: ClassComponents) -> None:
+    assert (a.class_index, a.count, a.total_variance, a.image_ids) == (
+        b.class_index, b.count, b.total_variance, b.image_ids,
+    )
+    for name in ("mean", "eigenvalues", "vectors", "alphas"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+
+
+def write_fit(store: Store, classes: list[int], *, seed: int = 0) -> str:
+    with store.begin_fit(MODEL, DIGEST, dataset_root="/data/train", num_components=NUM, feature_dim=DIM) as w:
+        for k in classes:
+            w.add_class(components(k, seed=seed))
+        return w.commit().fit_id
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+def fit_dir(store: Store, fit_id: str) -> Path:
+    return store.root / "models" / MODEL / DIGEST / "fits" / fit_id
+
+
+# ---- fits ----
+
+
+def test_round_trip_is_exact(store: Store) -> None:
+    originals = [
+        components(0),
+        components(3, num=2, images=3),  # a small class keeps fewer than L components
+        components(7, num=0, images=1),  # one image: no components at all
+        ClassComponents(5, 0, np.zeros(DIM), np.zeros(0), np.zeros((0, DIM)), 0.0),  # no fit images stored
+    ]
+    info = {"preprocess": {"size": 224, "mean": [0.485, 0.456, 0.406]}, "backend": "torch"}
+    with store.begin_fit(
+        MODEL, DIGEST, dataset_root=Path("/data/train"), num_components=NUM, feature_dim=DIM, info=info
+    ) as writer:
+        for c in originals:
+            writer.add_class(c)
+        meta = writer.commit()
+
+    fit = store.load_fit(MODEL, DIGEST)
+    assert fit.meta == meta
+    assert (meta.model, meta.digest, meta.dataset_root, meta.num_components, meta.feature_dim) == (
+        MODEL, DIGEST, "/data/train", NUM, DIM,
+    )
+    assert meta.classes == (0, 3, 5, 7) and meta.info == info and meta.base_fit_id is None
+    assert datetime.fromisoformat(meta.created).utcoffset() == timezone.utc.utcoffset(None)
+    for c in originals:
+        assert_same(fit.components(c.class_index), c)
+        assert fit.summary(c.class_index).num_components == c.vectors.shape[0]
+    assert store.current_fit_id(MODEL, DIGEST) == meta.fit_id
+    assert store.list_fits(MODEL, DIGEST) == [meta]
+    assert store.pending_fits(MODEL, DIGEST) == []
+    with pytest.raises(NotFound, match="class 1 is not fitted"):
+        fit.components(1)
+
+
+def test_classes_load_lazily_and_are_checked(store: Store) -> None:
+    fit_id = write_fit(store, [0, 1, 2])
+    fit = store.load_fit(MODEL, DIGEST)
+    (fit_dir(store, fit_id) / "class_1.safetensors").unlink()
+    assert_same(fit.components(0), components(0))
+    with pytest.raises(FailedPrecondition, match="missing file class_1.safetensors"):
+        fit.components(1)
+    (fit_dir(store, fit_id) / "class_2.safetensors").write_bytes(
+        safetensors.numpy.save({"mean": np.zeros(DIM)})
+    )
+    with pytest.raises(FailedPrecondition, match="checksum"):
+        fit.components(2)
+
+
+def test_changed_weights_never_reuse_another_digests_fit(store: Store) -> None:
+    write_fit(store, [0, 1])
+    message = r"model mycnn has no fit for its current weights \(digest bbbb.*run fit"
+    with pytest.raises(FailedPrecondition, match=message):
+        store.load_fit(MODEL, OTHER_DIGEST)
+    with pytest.raises(FailedPrecondition, match="no fit for its current weights"):
+        store.spurious_components(MODEL, OTHER_DIGEST)
+    with pytest.raises(FailedPrecondition, match="no fit for its current weights"):
+        store.set_label(MODEL, OTHER_DIGEST, 0, 0, "spurious")
+    assert store.current_fit_id(MODEL, OTHER_DIGEST) is None
+    assert store.list_fits(MODEL, OTHER_DIGEST) == []
+    assert store.load_fit(MODEL, DIGEST).classes == (0, 1)
+
+
+@pytest.mark.parametrize("name", ["../evil", "", ".hidden", "a/b", 3])
+def test_names_cannot_escape_the_root(store: Store, name: object) -> None:
+    with pytest.raises(InvalidInput):
+        store.load_fit(name, DIGEST)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        store.load_fit(MODEL, DIGEST, fit_id=name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"mean": np.zeros(DIM + 1)}, "mean has shape"),
+        ({"alphas": components(0).alphas[:3]}, "alphas has shape"),
+        ({"eigenvalues": np.full(NUM, np.nan)}, "non-finite"),
+        ({"class_index": -1}, "class_index"),
+        ({"vectors": np.zeros((NUM + 1, DIM)), "eigenvalues": np.zeros(NUM + 1), "alphas": np.zeros((9, NUM + 1))},
+         f"at most {NUM}"),
+    ],
+)
+def test_malformed_components_are_refused_before_writing(store: Store, changes: dict, match: str) -> None:
+    with store.begin_fit(MODEL, DIGEST, dataset_root="/d", num_components=NUM, feature_dim=DIM) as writer:
+        with pytest.raises(InvalidInput, match=match):
+            writer.add_class(dataclasses.replace(components(0), **changes))
+        assert writer.done_classes == []
+
+
+def test_fit_settings_are_validated(store: Store) -> None:
+    with pytest.raises(InvalidInput, match="JSON"):
+        store.begin_fit(
+            MODEL, DIGEST, dataset_root="/d", num_components=NUM, feature_dim=DIM, info={"x": object()}
+        )
+    with pytest.raises(InvalidInput, match="num_components"):
+        store.begin_fit(MODEL, DIGEST, dataset_root="/d", num_components=0, feature_dim=DIM)
+
+
+def test_commit_checks_classes(store: Store) -> None:
+    with store.begin_fit(MODEL, DIGEST, dataset_root="/d", num_components=NUM, feature_dim=DIM) as writer:
+        with pytest.raises(FailedPrecondition, match="nothing to commit"):
+            writer.commit()
+        writer.add_class(components(0))
+        with pytest.raises(FailedPrecondition, match=r"classes \[1, 2\] are not written"):
+            writer.commit(expected_classes=[0, 1, 2])
+        writer.add_class(components(0, seed=9))  # a class written again replaces the first version
+        writer.commit(expected_classes=[0])
+        with pytest.raises(FailedPrecondition, match="closed"):
+            writer.add_class(components(1))
+    assert_same(store.load_fit(MODEL, DIGEST).components(0), components(0, seed=9))
+
+
+def test_crash_in_atomic_write_leaves_previous_state(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = write_fit(store, [0, 1])
+    real_replace = os.replace
+
+    def failing_replace(src: object, dst: object) -> None:
+        if Path(str(dst)).name == "current.json":
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with store.begin_fit(MODEL, DIGEST, dataset_root="/d", num_components=NUM, feature_dim=DIM) as writer:
+        writer.add_class(components(0, seed=1))
+        with pytest.raises(OSError, match="simulated crash"):
+            writer.commit()
+    monkeypatch.undo()
+
+    assert store.current_fit_id(MODEL, DIGEST) == old
+    assert_same(store.load_fit(MODEL, DIGEST).components(0), components(0))
+    digest_dir = store.root / "models" / MODEL / DIGEST
+    assert not [p for p in digest_dir.iterdir() if p.name.endswith(".tmp")]
+    # The manifest landed before the crash: the new fit is complete, just not in use yet.
+    assert {m.fit_id for m in store.list_fits(MODEL, DIGEST)} == {old, writer.fit_id}
+    store.set_current(MODEL, DIGEST, writer.fit_id)
+    assert_same(store.load_fit(MODEL, DIGEST).components(0), components(0, seed=1))
+
+
+def crash_writer(store: Store, fit_id: str, kill_at: str) -> int:
+    """Run a fit in a forked child that is SIGKILLed just before `kill_at` would be renamed into place."""
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            real_replace = os.replace
+
+            def replace(src: object, dst: object) -> None:
+                if Path(str(dst)).name == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_replace(src, dst)
+
+            os.replace = replace  # type: ignore[assignment]
+            writer = store.begin_fit(MODEL, DIGEST, dataset_root="/d", num_components=NUM, feature_dim=DIM,
+                                     fit_id=fit_id)
+            for k in range(4):
+                writer.add_class(components(k, seed=1))
+            writer.commit()
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "done", "committed"),
+    [
+        ("class_2.safetensors", [0, 1], False),  # mid-class: tensors fsynced in a temp file
+        ("class_2.json", [0, 1], False),  # tensors in place, record not yet: class 2 not done
+        ("manifest.json", [0, 1, 2, 3], False),  # every class done, commit cut short
+        ("current.json", [0, 1, 2, 3], True),  # committed, not yet in use
+    ],
+)
+def test_killed_writer_leaves_old_fit_and_resumes(
+    store: Store, kill_at: str, done: list[int], committed: bool
+) -> None:
+    old = write_fit(store, [0, 1])
+    status = crash_writer(store, "F1", kill_at)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+    assert store.current_fit_id(MODEL, DIGEST) == old
+    fit = store.load_fit(MODEL, DIGEST)
+    assert fit.classes == (0, 1)
+    assert_same(fit.components(1), components(1))
+    visible = {p.name for p in fit_dir(store, "F1").iterdir() if not p.name.startswith(".")}
+    assert {f"class_{k}.json" for k in done} <= visible
+    assert "class_3.json" not in visible or 3 in done
+    if kill_at == "class_2.safetensors":
+        assert "class_2.safetensors" not in visible  # the partial file never got its final name
+    if committed:
+        assert store.pending_fits(MODEL, DIGEST) == []
+        store.set_current(MODEL, DIGEST, "F1")
+    else:
+        assert store.pending_fits(MODEL, DIGEST) == ["F1"]
+        assert [m.fit_id for m in store.list_fits(MODEL, DIGEST)] == [old]
+        with store.resume_fit(MODEL, DIGEST, "F1") as writer:
+            assert writer.done_classes == done
+            assert not [p for p in fit_dir(store, "F1").iterdir() if p.name.endswith(".tmp")]
+            for k in range(4):
+                if k not in writer.done_classes:
+                    writer.add_class(components(k, seed=1))
+            writer.commit(expected_classes=range(4))
+    fit = store.load_fit(MODEL, DIGEST)
+    assert fit.fit_id == "F1" and fit.classes == (0, 1, 2, 3)
+    for k in range(4):
+        assert_same(fit.components(k), components(k, seed=1))
+
+
+def test_resume_rules(store: Store) -> None:
+    kwargs = dict(dataset_root="/d", num_components=NUM, feature_dim=DIM, info={"size": 224})
+    writer = store.begin_fit(MODEL, DIGEST, fit_id="job-1", **kwargs)
+    writer.add_class(components(0))
+    with pytest.raises(FailedPrecondition, match="being written by another job"):
+        store.resume_fit(MODEL, DIGEST, "job-1")
+    writer.close()
+    with pytest.raises(FailedPrecondition, match="other settings"):
+        store.begin_fit(MODEL, DIGEST, fit_id="job-1", **{**kwargs, "num_components": NUM + 1})
+    with store.begin_fit(MODEL, DIGEST, fit_id="job-1", **kwargs) as again:  # same settings: resumes
+        assert again.done_classes == [0]
+        again.commit()
+    with pytest.raises(FailedPrecondition, match="already committed"):
+        store.begin_fit(MODEL, DIGEST, fit_id="job-1", **kwargs)
+    with pytest.raises(NotFound, match="no unfinished fit"):
+        store.resume_fit(MODEL, DIGEST, "job-2")
+
+    abandoned = store.begin_fit(MODEL, DIGEST, fit_id="job-3", **kwargs)
+    abandoned.add_class(components(1))
+    abandoned.discard()
+    assert not fit_dir(store, "job-3").exists() and store.pending_fits(MODEL, DIGEST) == []
+    assert store.current_fit_id(MODEL, DIGEST) == "job-1"
+
+
+def test_extend_shares_files_and_carries_labels_of_unchanged_classes(store: Store) -> None:
+    base = write_fit(store, [0, 1])
+    store.set_label(MODEL, DIGEST, 0, 1, "spurious", "watermark")
+    store.set_label(MODEL, DIGEST, 1, 0, "spurious")
+    with store.extend_fit(MODEL, DIGEST) as writer:
+        assert writer.done_classes == [0, 1] and writer.settings.base_fit_id == base
+        writer.add_class(components(2))
+        writer.add_class(components(1, seed=5))  # refitted: its old labels must not apply
+        meta = writer.commit()
+    assert meta.classes == (0, 1, 2) and meta.base_fit_id == base
+    assert store.current_fit_id(MODEL, DIGEST) == meta.fit_id
+    new, old = fit_dir(store, meta.fit_id), fit_dir(store, base)
+    assert (new / "class_0.safetensors").stat().st_ino == (old / "class_0.safetensors").stat().st_ino
+    fit = store.load_fit(MODEL, DIGEST)
+    assert_same(fit.components(0), components(0))
+    assert_same(fit.components(1), components(1, seed=5))
+    assert_same(store.load_fit(MODEL, DIGEST, base).components(1), components(1))
+    assert store.spurious_components(MODEL, DIGEST) == {0: [1]}
+    old_labels = store.list_labels(MODEL, DIGEST, fit_id=base)
+    assert [(x.class_index, x.component) for x in old_labels] == [(0, 1), (1, 0)]
+
+
+# ---- labels ----
+
+
+def test_labels_set_overwrite_filter_and_clear(store: Store) -> None:
+    fit_id = write_fit(store, [0, 1])
+    first = store.set_label(MODEL, DIGEST, 0, 2, "spurious", "text in the corner")
+    assert (first.fit_id, first.label, first.note) == (fit_id, "spurious", "text in the corner")
+    assert datetime.fromisoformat(first.updated or "").utcoffset() == timezone.utc.utcoffset(None)
+    second = store.set_label(MODEL, DIGEST, 0, 2, "inconsistent", "on second look")
+    assert store.list_labels(MODEL, DIGEST) == [second]
+    store.set_label(MODEL, DIGEST, 1, 0, "spurious")
+    store.set_label(MODEL, DIGEST, 1, 3, "not_spurious")
+
+    assert [x.component for x in store.list_labels(MODEL, DIGEST, class_index=1)] == [0, 3]
+    assert [x.class_index for x in store.list_labels(MODEL, DIGEST, label="spurious")] == [1]
+    assert store.spurious_components(MODEL, DIGEST) == {1: [0]}
+    unlabeled = store.list_labels(MODEL, DIGEST, class_index=1, label="unlabeled")
+    assert [(x.component, x.label, x.updated) for x in unlabeled] == [
+        (1, "unlabeled", None),
+        (2, "unlabeled", None),
+    ]
+    assert len(store.list_labels(MODEL, DIGEST, label="unlabeled")) == 2 * NUM - 3
+
+    cleared = store.set_label(MODEL, DIGEST, 1, 0, "unlabeled")
+    assert cleared.label == "unlabeled"
+    assert store.spurious_components(MODEL, DIGEST) == {}
+    assert [x.component for x in store.list_labels(MODEL, DIGEST, class_index=1)] == [3]
+
+
+def test_label_validation(store: Store) -> None:
+    write_fit(store, [0])
+    assert store_pkg.LABELS == ("spurious", "not_spurious", "inconsistent", "unlabeled")
+    with pytest.raises(InvalidInput, match="invalid label 'harmful'"):
+        store.set_label(MODEL, DIGEST, 0, 0, "harmful")
+    with pytest.raises(InvalidInput, match="invalid label"):
+        store.list_labels(MODEL, DIGEST, label="harmful")
+    with pytest.raises(NotFound, match="class 5 is not fitted"):
+        store.set_label(MODEL, DIGEST, 5, 0, "spurious")
+    with pytest.raises(NotFound, match="class 5 is not fitted"):
+        store.list_labels(MODEL, DIGEST, class_index=5)
+    with pytest.raises(NotFound, match="no component 4"):
+        store.set_label(MODEL, DIGEST, 0, NUM, "spurious")
+    with pytest.raises(InvalidInput, match="non-negative"):
+        store.set_label(MODEL, DIGEST, 0, -1, "spurious")
+    with pytest.raises(InvalidInput, match="note"):
+        store.set_label(MODEL, DIGEST, 0, 0, "spurious", "x" * 20_000)
+    with pytest.raises(NotFound, match="no committed fit 'nope'"):
+        store.set_label(MODEL, DIGEST, 0, 0, "spurious", fit_id="nope")
+    assert store.list_labels(MODEL, DIGEST) == []
+
+
+def test_refit_starts_unlabeled_and_old_labels_stay_queryable(store: Store) -> None:
+    old = write_fit(store, [0])
+    store.set_label(MODEL, DIGEST, 0, 0, "spurious")
+    new = write_fit(store, [0], seed=1)
+    assert store.list_labels(MODEL, DIGEST) == [] and store.spurious_components(MODEL, DIGEST) == {}
+    assert [x.fit_id for x in store.list_labels(MODEL, DIGEST, fit_id=old)] == [old]
+    store.set_label(MODEL, DIGEST, 0, 1, "not_spurious", fit_id=old)  # an old fit can still be labeled
+    assert [x.fit_id for x in store.list_labels(MODEL, DIGEST, fit_id=old)] == [old, old]
+    assert store.current_fit_id(MODEL, DIGEST) == new
+
+
+def test_concurrent_label_writes_from_threads(store: Store) -> None:
+    write_fit(store, list(range(8)))
+    barrier = threading.Barrier(8)
+
+    def work(thread: int) -> None:
+        barrier.wait()
+        for i in range(30):
+            store.set_label(MODEL, DIGEST, thread, i % NUM, "spurious", f"t{thread} i{i}")  # own class
+            store.set_label(MODEL, DIGEST, 0, i % NUM, "not_spurious", f"t{thread}")  # contended rows
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
+    labels = store.list_labels(MODEL, DIGEST)
+    assert len(labels) == 8 * NUM
+    assert {x.label for x in labels if x.class_index == 0} == {"not_spurious"}
+    assert {(x.class_index, x.note) for x in labels if x.class_index > 0 and x.component == 1} == {
+        (t, f"t{t} i29") for t in range(1, 8)
+    }
+    with closing(sqlite3.connect(store.root / "labels.sqlite3")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+# ---- formats ----
+
+
+def test_only_safetensors_json_and_sqlite_on_disk(store: Store) -> None:
+    write_fit(store, [0, 1])
+    store.set_label(MODEL, DIGEST, 0, 0, "spurious")
+    with store.extend_fit(MODEL, DIGEST) as writer:
+        writer.add_class(components(2))
+        writer.commit()
+    pending = store.begin_fit(MODEL, DIGEST, dataset_root="/d", num_components=NUM, feature_dim=DIM)
+    pending.add_class(components(0))
+    pending.close()
+
+    kinds = set()
+    for path in (p for p in store.root.rglob("*") if p.is_file()):
+        if path.suffix == ".safetensors":
+            safetensors.numpy.load(path.read_bytes())
+        elif path.suffix == ".json":
+            json.loads(path.read_bytes())
+        elif path.name == "labels.sqlite3":
+            assert path.read_bytes()[:16] == b"SQLite format 3\x00"
+        elif path.name in ("labels.sqlite3-wal", "labels.sqlite3-shm", ".lock"):
+            pass
+        else:
+            pytest.fail(f"unexpected file in the store: {path}")
+        kinds.add(path.suffix or path.name)
+    assert {".safetensors", ".json", ".lock"} <= kinds
+    forbidden = re.compile(
+        r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib)\b|allow_pickle\s*=\s*True|torch\.load|np\.load", re.M
+    )
+    sources = Path(store_pkg.__file__).parent.glob("*.py")
+    assert not [p.name for p in sources if forbidden.search(p.read_text())]
+
