@@ -1,0 +1,65 @@
+"""Batches of decoded, preprocessed images, prepared one batch ahead of the forward pass.
+
+Decoding runs in a background thread so that it overlaps the model's forward pass (PIL releases
+the GIL while it decodes and resizes). An unreadable image is skipped and reported, not fatal:
+one corrupt file must not throw away an hour-long fit.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+from spurguard.server.datasets import ImageEntry
+from spurguard.server.errors import SpurguardError
+
+
+class Preprocessor(Protocol):
+    def preprocess(self, images: Sequence[bytes]) -> torch.Tensor: ...
+
+
+@dataclass
+class Batch:
+    """Images of one forward pass; `skipped` are those of its slice that could not be read."""
+
+    entries: list[ImageEntry]
+    pixels: torch.Tensor
+    skipped: list[tuple[ImageEntry, str]] = field(default_factory=list)
+
+
+def _prepare(entries: Sequence[ImageEntry], backend: Preprocessor) -> Batch:
+    good: list[ImageEntry] = []
+    tensors: list[torch.Tensor] = []
+    skipped: list[tuple[ImageEntry, str]] = []
+    for entry in entries:
+        try:
+            tensors.append(backend.preprocess([entry.path.read_bytes()]))
+            good.append(entry)
+        except (OSError, SpurguardError) as error:
+            skipped.append((entry, str(error)))
+    pixels = torch.cat(tensors) if tensors else torch.empty(0)
+    return Batch(good, pixels, skipped)
+
+
+def iter_batches(
+    entries: Sequence[ImageEntry],
+    backend: Preprocessor,
+    batch_size: int,
+    cancel: threading.Event | None = None,
+) -> Iterator[Batch]:
+    """Yield batches of `entries` in order; stops early (without error) once `cancel` is set."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    slices = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spurguard-decode") as pool:
+        pending: Future[Batch] | None = pool.submit(_prepare, slices[0], backend) if slices else None
+        for next_slice in slices[1:] + [None]:
+            if cancel is not None and cancel.is_set():
+                return
+            assert pending is not None
+            batch = pending.result()
+            pending = pool.submit(_prepare, next_slice, backend) if next_slice is not None else None
+            yield batch
