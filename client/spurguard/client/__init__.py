@@ -1,1 +1,80 @@
-"""Thin spurguard client: grpcio, protobuf and numpy only."""
+"""Thin spurguard client: grpcio, protobuf and numpy only (no torch, no PIL).
+
+    from spurguard.client import Client
+    with Client("127.0.0.1:50051") as client:
+        for result in client.score("mycnn", ["cat.jpg", "dog.png"]):
+            print(result.image, result.predictions[0].name, result.trigger)
+"""
+from spurguard.client.client import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    Client,
+    ImageItem,
+    ImageLike,
+    SpurguardClientError,
+)
+from spurguard.client.types import (
+    AttackFrame,
+    AttackResult,
+    ClassComponents,
+    ClassInfo,
+    ClassScore,
+    Component,
+    ComponentAlpha,
+    ErrorInfo,
+    EvaluateProgress,
+    EvaluateResult,
+    EvaluateUpdate,
+    FitClass,
+    FitOptions,
+    FitProgress,
+    FitSummary,
+    FitUpdate,
+    Heatmap,
+    Job,
+    LabelRecord,
+    ModelInfo,
+    Prediction,
+    ScoreResult,
+    ScoreTable,
+    SpufixOutcome,
+    TopImage,
+    VisualizeUpdate,
+)
+
+__all__ = [
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT_S",
+    "MAX_MESSAGE_BYTES",
+    "AttackFrame",
+    "AttackResult",
+    "ClassComponents",
+    "ClassInfo",
+    "ClassScore",
+    "Client",
+    "Component",
+    "ComponentAlpha",
+    "ErrorInfo",
+    "EvaluateProgress",
+    "EvaluateResult",
+    "EvaluateUpdate",
+    "FitClass",
+    "FitOptions",
+    "FitProgress",
+    "FitSummary",
+    "FitUpdate",
+    "Heatmap",
+    "ImageItem",
+    "ImageLike",
+    "Job",
+    "LabelRecord",
+    "ModelInfo",
+    "Prediction",
+    "ScoreResult",
+    "ScoreTable",
+    "SpufixOutcome",
+    "SpurguardClientError",
+    "TopImage",
+    "VisualizeUpdate",
+]

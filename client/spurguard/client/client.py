@@ -1,0 +1,729 @@
+"""The thin spurguard client: one object per server, plain dataclasses out, grpcio underneath.
+
+Why these choices:
+- Only grpcio, protobuf and numpy are imported, so scoring from a web service or a notebook
+  needs no torch; PIL images are accepted by duck typing without importing PIL.
+- Unary calls get a default deadline; read-only ones (list/get models, components, labels,
+  jobs, and Score) are retried on UNAVAILABLE with exponential backoff inside that deadline.
+  Mutations and streams are never retried: a retried Fit could start a second job.
+- Every failure the server (or the transport) reports is a `SpurguardClientError` carrying
+  the gRPC status code; local misuse (a wrong argument type, an unreadable file) raises the
+  usual TypeError / ValueError / OSError. A bad image inside a batch is neither: it comes back
+  as that image's `ScoreResult.error`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar, Union
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from spurguard.client import types as t
+from spurguard.v1 import spurguard_pb2 as pb
+from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # for the annotation only: PIL is never imported at run time
+    from PIL.Image import Image as PILImage
+
+MAX_MESSAGE_BYTES = 64 * 2**20  # the server's documented per-message limit, both directions
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_RETRIES = 4
+DEFAULT_SCORE_BATCH = 64
+_BACKOFF_FIRST_S = 0.1
+_BACKOFF_MAX_S = 2.0
+_ENVELOPE_BYTES = 2**20  # room left in a Score request for everything but the image bytes
+
+# An image: a file path (str or PathLike), encoded file bytes, a uint8 numpy array (HxW or
+# HxWxC, C in 1/3/4) or a PIL image. Paired with a string it carries its own id.
+ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, "PILImage"]
+ImageItem = Union[ImageLike, tuple[str, ImageLike]]
+
+_T = TypeVar("_T")
+_M = TypeVar("_M")
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_HEATMAPS = {
+    None: pb.HEATMAP_DEFAULT,
+    "grad_cam": pb.GRAD_CAM,
+    "input_gradient": pb.INPUT_GRADIENT,
+    "none": pb.HEATMAP_NONE,
+}
+
+
+class SpurguardClientError(Exception):
+    """A call failed: `code` is the gRPC status, `details` the server's one-line message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> SpurguardClientError:
+        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = error.details() if isinstance(error, grpc.Call) else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+class Client:
+    """A connection to one spurguard server; use as a context manager to close the channel.
+
+    `timeout` is the deadline (seconds) of each unary call, retries included; None: no deadline.
+    `stream_timeout` is that of streaming calls (fit, visualize, score_stream, evaluate), which
+    may legitimately run for hours, hence no deadline by default. `retries` is how many times
+    a read-only call is retried on UNAVAILABLE.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        stream_timeout: float | None = None,
+        retries: int = DEFAULT_RETRIES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = pb_grpc.SpurguardStub(self._channel)
+        self.target = target
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.retries = retries
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- call machinery ----
+
+    def _unary(self, method: Callable[..., _M], request: Any, *, idempotent: bool) -> _M:
+        """One unary call under the client deadline; idempotent ones retried on UNAVAILABLE."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return method(request, timeout=remaining)
+            except grpc.RpcError as error:
+                delay = min(_BACKOFF_FIRST_S * 2**attempt, _BACKOFF_MAX_S) * random.uniform(0.5, 1.0)
+                retry = (
+                    idempotent
+                    and attempt < self.retries
+                    and isinstance(error, grpc.Call)
+                    and error.code() == grpc.StatusCode.UNAVAILABLE
+                    and (deadline is None or time.monotonic() + delay < deadline)
+                )
+                if not retry:
+                    raise SpurguardClientError.from_rpc_error(error) from None
+            time.sleep(delay)
+            attempt += 1
+
+    @staticmethod
+    def _stream(call: Iterator[_M], convert: Callable[[_M], _T]) -> Iterator[_T]:
+        """Convert a response stream; a consumer that stops early cancels the call."""
+        try:
+            for message in call:
+                yield convert(message)
+        except grpc.RpcError as error:
+            raise SpurguardClientError.from_rpc_error(error) from None
+        finally:
+            call.cancel()  # type: ignore[attr-defined]  # a no-op once the call has ended
+
+    # ---- models ----
+
+    def list_models(self) -> list[t.ModelInfo]:
+        """Every loaded model (without class names)."""
+        response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), idempotent=True)
+        return [_model(m) for m in response.models]
+
+    def get_model(self, model: str) -> t.ModelInfo:
+        """One model, with its class names and fit state."""
+        return _model(self._unary(self._stub.GetModel, pb.GetModelRequest(model=model), idempotent=True))
+
+    # ---- fit jobs ----
+
+    def fit(
+        self,
+        model: str,
+        dataset: str,
+        *,
+        classes: Iterable[int] = (),
+        num_components: int | None = None,
+        batch_size: int | None = None,
+        job_id: str | None = None,
+        extend: bool = False,
+    ) -> Iterator[t.FitUpdate]:
+        """Start a fit job on the server's `dataset` folder: yields FitProgress, then FitSummary.
+
+        The job keeps running if the iteration stops; follow it again with `watch_job`.
+        """
+        request = pb.FitRequest(
+            model=model,
+            dataset=dataset,
+            classes=list(classes),
+            num_components=num_components,
+            batch_size=batch_size,
+            job_id=job_id,
+            extend=extend,
+        )
+        return self._stream(self._stub.Fit(request, timeout=self.stream_timeout), _fit_update)
+
+    def watch_job(self, job_id: str) -> Iterator[t.FitUpdate]:
+        """Re-attach to a fit job: latest progress, live updates, then the summary."""
+        call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=self.stream_timeout)
+        return self._stream(call, _fit_update)
+
+    def get_job(self, job_id: str) -> t.Job:
+        return _job(self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), idempotent=True))
+
+    def list_jobs(self, model: str | None = None) -> list[t.Job]:
+        """Running and recently finished jobs, newest first."""
+        response = self._unary(self._stub.ListJobs, pb.ListJobsRequest(model=model), idempotent=True)
+        return [_job(j) for j in response.jobs]
+
+    def cancel_job(self, job_id: str) -> t.Job:
+        return _job(self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), idempotent=False))
+
+    # ---- components and labels ----
+
+    def get_components(
+        self,
+        model: str,
+        class_index: int,
+        *,
+        top: int | None = None,
+        include_vectors: bool = False,
+        fit_id: str | None = None,
+    ) -> t.ClassComponents:
+        """One class's components (the first `top`, or all), with vectors only if asked."""
+        request = pb.GetComponentsRequest(
+            model=model, class_index=class_index, top=top, include_vectors=include_vectors, fit_id=fit_id
+        )
+        return _components(self._unary(self._stub.GetComponents, request, idempotent=True))
+
+    def label(
+        self,
+        model: str,
+        class_index: int,
+        component: int,
+        label: str,
+        *,
+        note: str = "",
+        fit_id: str | None = None,
+    ) -> t.LabelRecord:
+        """Label a component "spurious", "not_spurious", "inconsistent" or "unlabeled" (clears)."""
+        request = pb.LabelRequest(
+            model=model,
+            class_index=class_index,
+            component=component,
+            label=_label_value(label),
+            note=note,
+            fit_id=fit_id,
+        )
+        return _label_record(self._unary(self._stub.Label, request, idempotent=False))
+
+    def list_labels(
+        self,
+        model: str,
+        *,
+        class_index: int | None = None,
+        label: str | None = None,
+        fit_id: str | None = None,
+    ) -> list[t.LabelRecord]:
+        """Labels of a fit; `label="unlabeled"` lists the components nobody labelled yet."""
+        request = pb.ListLabelsRequest(
+            model=model,
+            class_index=class_index,
+            label=None if label is None else _label_value(label),
+            fit_id=fit_id,
+        )
+        response = self._unary(self._stub.ListLabels, request, idempotent=True)
+        return [_label_record(r) for r in response.labels]
+
+    # ---- visualize ----
+
+    def visualize(
+        self,
+        model: str,
+        class_index: int,
+        components: Iterable[int],
+        *,
+        steps: int | None = None,
+        eps: float | None = None,
+        frame_every: int | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        heatmap: str | None = None,
+        fit_id: str | None = None,
+    ) -> Iterator[t.VisualizeUpdate]:
+        """Top images, heatmaps, attack frames and the final attack image, as they are made.
+
+        `heatmap`: "grad_cam", "input_gradient", "none", or None for the server default.
+        """
+        if heatmap not in _HEATMAPS:
+            raise ValueError(f"heatmap must be one of {sorted(filter(None, _HEATMAPS))} or None, got {heatmap!r}")
+        request = pb.VisualizeRequest(
+            model=model,
+            class_index=class_index,
+            components=list(components),
+            steps=steps,
+            eps=eps,
+            frame_every=frame_every,
+            top_k=top_k,
+            seed=seed,
+            heatmap=_HEATMAPS[heatmap],
+            fit_id=fit_id,
+        )
+        return self._stream(self._stub.Visualize(request, timeout=self.stream_timeout), _visualize_update)
+
+    # ---- score ----
+
+    def score(
+        self,
+        model: str,
+        images: Iterable[ImageItem],
+        *,
+        class_index: int | None = None,
+        top: int | None = None,
+        spufix: str | None = None,
+        batch_size: int = DEFAULT_SCORE_BATCH,
+    ) -> list[t.ScoreResult]:
+        """Score images (any number): sent `batch_size` at a time within the message limit.
+
+        Results come in input order. An image that cannot be scored (undecodable, or alone over
+        the message limit) gets a result with `error` set; the others are unaffected.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        options = _score_options(class_index, top, spufix)
+        budget = MAX_MESSAGE_BYTES - _ENVELOPE_BYTES
+        results: list[t.ScoreResult] = []
+        pending: list[pb.Image | t.ScoreResult] = []  # in input order; results stand for local failures
+        sent_count = pending_bytes = 0
+
+        def flush() -> None:
+            nonlocal sent_count, pending_bytes
+            sent = [slot for slot in pending if isinstance(slot, pb.Image)]
+            replies: Iterator[t.ScoreResult] = iter(())
+            if sent:
+                request = pb.ScoreRequest(model=model, images=sent, options=options)
+                response = self._unary(self._stub.Score, request, idempotent=True)
+                if len(response.results) != len(sent):
+                    raise SpurguardClientError(
+                        grpc.StatusCode.INTERNAL,
+                        f"server returned {len(response.results)} results for {len(sent)} images",
+                    )
+                replies = (_score_result(r, response.fit_id) for r in response.results)
+            results.extend(slot if isinstance(slot, t.ScoreResult) else next(replies) for slot in pending)
+            pending.clear()
+            sent_count = pending_bytes = 0
+
+        for index, item in enumerate(images):
+            image = _image(item, str(index))
+            size = image.ByteSize()
+            if size > budget:
+                pending.append(_too_large(image.id, size, budget))
+                continue
+            if sent_count == batch_size or pending_bytes + size > budget:
+                flush()
+            pending.append(image)
+            sent_count += 1
+            pending_bytes += size
+        flush()
+        return results
+
+    def score_stream(
+        self,
+        model: str,
+        images: Iterable[ImageItem],
+        *,
+        class_index: int | None = None,
+        top: int | None = None,
+        spufix: str | None = None,
+    ) -> Iterator[t.ScoreResult]:
+        """Score a (possibly endless) iterable over one bidirectional stream; results in input order.
+
+        Images are read lazily as the stream has room, so memory stays bounded by what is in flight.
+        """
+        options = _score_options(class_index, top, spufix)
+        local_failure: list[BaseException] = []
+
+        def requests() -> Iterator[pb.ScoreStreamRequest]:
+            try:
+                for index, item in enumerate(images):
+                    yield pb.ScoreStreamRequest(
+                        request_id=str(index), model=model, image=_image(item, str(index)), options=options
+                    )
+            except Exception as exc:  # grpc would swallow it into CANCELLED: keep it for the caller
+                local_failure.append(exc)
+                raise
+
+        call = self._stub.ScoreStream(requests(), timeout=self.stream_timeout)
+        replies = self._stream(call, lambda r: (int(r.request_id), _score_result(r.result, r.fit_id)))
+        return _in_order(replies, local_failure)
+
+    # ---- evaluate ----
+
+    def evaluate(
+        self,
+        model: str,
+        clean: str,
+        spurious: str,
+        *,
+        spufix: str | None = None,
+        classes: Iterable[int] = (),
+        batch_size: int | None = None,
+    ) -> Iterator[t.EvaluateUpdate]:
+        """The spurious score benchmark on server-side folders: EvaluateProgress, then EvaluateResult."""
+        request = pb.EvaluateRequest(
+            model=model,
+            clean=clean,
+            spurious=spurious,
+            spufix=_spufix_value(spufix),
+            classes=list(classes),
+            batch_size=batch_size,
+        )
+        return self._stream(self._stub.Evaluate(request, timeout=self.stream_timeout), _evaluate_update)
+
+
+# ---- stream ordering ----
+
+
+def _in_order(replies: Iterator[tuple[int, _T]], local_failure: list[BaseException]) -> Iterator[_T]:
+    """Yield replies by request number, holding early ones back until the gap before them fills."""
+    held: dict[int, _T] = {}
+    expected = 0
+    try:
+        for number, result in replies:
+            held[number] = result
+            while expected in held:
+                yield held.pop(expected)
+                expected += 1
+    except SpurguardClientError:
+        if local_failure:
+            raise local_failure[0] from None
+        raise
+    finally:
+        replies.close()  # type: ignore[attr-defined]  # a consumer that stops early ends the call now
+    if local_failure:
+        raise local_failure[0]
+    if held:
+        raise SpurguardClientError(
+            grpc.StatusCode.INTERNAL, f"stream ended without a reply to request {expected}"
+        )
+
+
+# ---- requests from Python values ----
+
+
+def _enum_value(enum: Any, name: str, what: str, allowed: Sequence[str]) -> int:
+    if name not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {name!r}")
+    return int(enum.Value(name.upper()))
+
+
+def _label_value(label: str) -> int:
+    return _enum_value(pb.ComponentLabel, label, "label", ("spurious", "not_spurious", "inconsistent", "unlabeled"))
+
+
+def _spufix_value(mode: str | None) -> int:
+    return pb.SPUFIX_MODE_DEFAULT if mode is None else _enum_value(pb.SpufixMode, mode, "spufix", ("paper", "floor"))
+
+
+def _score_options(class_index: int | None, top: int | None, spufix: str | None) -> pb.ScoreOptions:
+    return pb.ScoreOptions(class_index=class_index, top=top, spufix=_spufix_value(spufix))
+
+
+def _is_pil_image(value: object) -> bool:
+    """A PIL image, recognised by its class's module so that PIL never has to be imported here."""
+    return type(value).__module__.split(".")[0] == "PIL" and hasattr(value, "mode") and hasattr(value, "convert")
+
+
+def _raw(array: np.ndarray) -> pb.RawImage:
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 (0-255), got {array.dtype}; scale and cast first")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image arrays must be HxW or HxWxC with C in 1, 3, 4; got shape {array.shape}")
+    height, width, channels = array.shape
+    return pb.RawImage(
+        data=np.ascontiguousarray(array).tobytes(), height=height, width=width, channels=channels
+    )
+
+
+def _image(item: ImageItem, default_id: str) -> pb.Image:
+    """One input as an Image message; a path's id is the path, others get `default_id`."""
+    if isinstance(item, tuple):
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise TypeError("an (id, image) pair must be a 2-tuple whose first item is a string")
+        image_id, image = item
+    else:
+        image_id, image = None, item
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        with open(path, "rb") as file:
+            return pb.Image(id=path if image_id is None else image_id, encoded=file.read())
+    image_id = default_id if image_id is None else image_id
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return pb.Image(id=image_id, encoded=bytes(image))
+    if isinstance(image, np.ndarray):
+        return pb.Image(id=image_id, raw=_raw(image))
+    if _is_pil_image(image):
+        if image.mode not in ("L", "RGB", "RGBA"):
+            image = image.convert("RGB")
+        return pb.Image(id=image_id, raw=_raw(np.asarray(image)))
+    raise TypeError(
+        f"unsupported image type {type(image).__name__}: use a path, encoded bytes, "
+        "a uint8 numpy array or a PIL image"
+    )
+
+
+def _too_large(image_id: str, size: int, budget: int) -> t.ScoreResult:
+    message = f"image is {size} bytes encoded, over the {budget}-byte request budget; downscale it"
+    return _failed(image_id, t.ErrorInfo(grpc.StatusCode.RESOURCE_EXHAUSTED.name, message))
+
+
+# ---- results from messages ----
+
+
+def _name(enum: Any, value: int) -> str:
+    return str(enum.Name(value)).lower()
+
+
+def _optional(message: Any, field: str) -> Any:
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def _time(stamp: Timestamp, present: bool) -> datetime | None:
+    return stamp.ToDatetime(tzinfo=timezone.utc) if present else None
+
+
+def _error(status: pb.ErrorStatus) -> t.ErrorInfo:
+    return t.ErrorInfo(_STATUS_NAMES.get(status.code, f"CODE_{status.code}"), status.message)
+
+
+def _tensor(tensor: pb.Tensor) -> np.ndarray:
+    shape = tuple(int(n) for n in tensor.shape)
+    if len(tensor.data) != 4 * int(np.prod(shape, dtype=np.int64)):
+        raise SpurguardClientError(
+            grpc.StatusCode.INTERNAL, f"tensor of shape {shape} has {len(tensor.data)} bytes"
+        )
+    return np.frombuffer(tensor.data, dtype="<f4").astype(np.float32).reshape(shape)
+
+
+def _model(m: pb.ModelInfo) -> t.ModelInfo:
+    return t.ModelInfo(
+        name=m.name,
+        backend=m.backend,
+        device=m.device,
+        num_classes=m.num_classes,
+        feature_dim=m.feature_dim,
+        input_size=m.input_size,
+        digest=m.digest,
+        ready=m.ready,
+        supports_gradients=m.supports_gradients,
+        fit_id=_optional(m, "fit_id"),
+        fitted_classes=tuple(m.fitted_classes),
+        max_batch_size=m.max_batch_size,
+        classes=tuple(t.ClassInfo(c.index, c.name, _optional(c, "wnid")) for c in m.classes),
+    )
+
+
+def _fit_progress(job_id: str, p: pb.FitProgress) -> t.FitProgress:
+    return t.FitProgress(
+        job_id, p.phase, p.images_done, p.images_total, p.classes_done, p.classes_total, p.elapsed_s
+    )
+
+
+def _fit_summary(job_id: str, s: pb.FitSummary) -> t.FitSummary:
+    return t.FitSummary(
+        job_id=job_id,
+        fit_id=s.fit_id,
+        model=s.model,
+        digest=s.digest,
+        images=s.images,
+        skipped_images=s.skipped_images,
+        classes=tuple(t.FitClass(c.class_index, c.images, c.num_components) for c in s.classes),
+        elapsed_s=s.elapsed_s,
+    )
+
+
+def _fit_update(update: pb.FitUpdate) -> t.FitUpdate:
+    kind = update.WhichOneof("update")
+    if kind == "progress":
+        return _fit_progress(update.job_id, update.progress)
+    if kind == "summary":
+        return _fit_summary(update.job_id, update.summary)
+    raise SpurguardClientError(grpc.StatusCode.INTERNAL, "fit update without progress or summary")
+
+
+def _job(j: pb.Job) -> t.Job:
+    r = j.request
+    request = t.FitOptions(
+        model=r.model,
+        dataset=r.dataset,
+        classes=tuple(r.classes),
+        num_components=_optional(r, "num_components"),
+        batch_size=_optional(r, "batch_size"),
+        job_id=_optional(r, "job_id"),
+        extend=r.extend,
+    )
+    return t.Job(
+        job_id=j.job_id,
+        model=j.model,
+        state=_name(pb.JobState, j.state),
+        request=request,
+        progress=_fit_progress(j.job_id, j.progress) if j.HasField("progress") else None,
+        summary=_fit_summary(j.job_id, j.summary) if j.HasField("summary") else None,
+        error=_error(j.error) if j.HasField("error") else None,
+        created=_time(j.created, j.HasField("created")),
+        updated=_time(j.updated, j.HasField("updated")),
+    )
+
+
+def _components(r: pb.GetComponentsResponse) -> t.ClassComponents:
+    return t.ClassComponents(
+        model=r.model,
+        class_index=r.class_index,
+        fit_id=r.fit_id,
+        images=r.images,
+        num_components=r.num_components,
+        floor_percentile=r.floor_percentile,
+        bias_term=r.bias_term,
+        components=tuple(
+            t.Component(
+                index=c.index,
+                eigenvalue=c.eigenvalue,
+                explained_variance=c.explained_variance,
+                alpha_mean=c.alpha_mean,
+                alpha_floor=c.alpha_floor,
+                alpha_max=c.alpha_max,
+                label=_name(pb.ComponentLabel, c.label),
+                note=c.note,
+            )
+            for c in r.components
+        ),
+        vectors=_tensor(r.vectors) if r.HasField("vectors") else None,
+        mean=_tensor(r.mean) if r.HasField("mean") else None,
+    )
+
+
+def _label_record(r: pb.LabelRecord) -> t.LabelRecord:
+    return t.LabelRecord(
+        model=r.model,
+        fit_id=r.fit_id,
+        class_index=r.class_index,
+        component=r.component,
+        label=_name(pb.ComponentLabel, r.label),
+        note=r.note,
+        updated=_time(r.updated, r.HasField("updated")),
+    )
+
+
+def _visualize_update(u: pb.VisualizeUpdate) -> t.VisualizeUpdate:
+    kind = u.WhichOneof("update")
+    if kind == "top_image":
+        x = u.top_image
+        return t.TopImage(u.component, x.rank, x.image_id, x.alpha, x.png.data)
+    if kind == "heatmap":
+        h = u.heatmap
+        return t.Heatmap(u.component, h.rank, h.image_id, h.alpha, _name(pb.HeatmapMethod, h.method), h.png.data)
+    if kind == "frame":
+        f = u.frame
+        return t.AttackFrame(u.component, f.step, f.alpha, f.prob, f.png.data)
+    if kind == "result":
+        a = u.result
+        return t.AttackResult(u.component, a.start_alpha, a.final_alpha, a.final_prob, a.steps, a.png.data)
+    raise SpurguardClientError(grpc.StatusCode.INTERNAL, "visualize update without content")
+
+
+def _predictions(predictions: Iterable[pb.Prediction]) -> tuple[t.Prediction, ...]:
+    return tuple(t.Prediction(p.class_index, p.name, p.prob, p.logit) for p in predictions)
+
+
+def _failed(image_id: str, error: t.ErrorInfo) -> t.ScoreResult:
+    return t.ScoreResult(image_id, error, (), -1, 0.0, None, None, (), 0.0, False, None, "")
+
+
+def _score_result(r: pb.ScoreResult, fit_id: str) -> t.ScoreResult:
+    if r.HasField("error"):
+        return _failed(r.image_id, _error(r.error))
+    spufix = None
+    if r.HasField("spufix"):
+        mode = _name(pb.SpufixMode, r.spufix.mode)
+        spufix = t.SpufixOutcome(mode, r.spufix.logit, _predictions(r.spufix.predictions))
+    return t.ScoreResult(
+        image=r.image_id,
+        error=None,
+        predictions=_predictions(r.predictions),
+        class_index=r.class_index,
+        logit=r.logit,
+        bias_term=_optional(r, "bias_term"),
+        residual=_optional(r, "residual"),
+        components=tuple(t.ComponentAlpha(c.index, c.alpha, _name(pb.ComponentLabel, c.label)) for c in r.components),
+        spurious_alpha=r.spurious_alpha,
+        trigger=r.trigger,
+        spufix=spufix,
+        fit_id=fit_id,
+    )
+
+
+def _score_table(s: pb.ScoreTable) -> t.ScoreTable:
+    return t.ScoreTable(
+        mean_auc=s.mean_auc,
+        mean_ap=s.mean_ap,
+        classes=tuple(
+            t.ClassScore(
+                c.class_index,
+                c.auc,
+                c.ap,
+                c.clean_mean_prob,
+                c.spurious_mean_prob,
+                c.clean_frac_predicted,
+                c.spurious_frac_predicted,
+            )
+            for c in s.classes
+        ),
+        clean_accuracy=s.clean_accuracy,
+        spurious_frac_predicted=s.spurious_frac_predicted,
+    )
+
+
+def _evaluate_update(u: pb.EvaluateUpdate) -> t.EvaluateUpdate:
+    kind = u.WhichOneof("update")
+    if kind == "progress":
+        p = u.progress
+        return t.EvaluateProgress(p.phase, p.images_done, p.images_total, p.elapsed_s)
+    if kind == "result":
+        r = u.result
+        fixed = r.HasField("spufix")
+        return t.EvaluateResult(
+            model=r.model,
+            fit_id=r.fit_id,
+            baseline=_score_table(r.baseline),
+            spufix=_score_table(r.spufix) if fixed else None,
+            spufix_mode=_name(pb.SpufixMode, r.spufix_mode) if fixed else None,
+            clean_images=r.clean_images,
+            spurious_images=r.spurious_images,
+        )
+    raise SpurguardClientError(grpc.StatusCode.INTERNAL, "evaluate update without progress or result")
