@@ -46,3 +46,9 @@ class PermissionDenied(SpurguardError):
     """A path outside the server's allowed data roots."""
 
     code = "PERMISSION_DENIED"
+
+
+class Cancelled(SpurguardError):
+    """A job stopped on request (CancelJob, a client gone, server shutdown); its state is kept."""
+
+    code = "CANCELLED"

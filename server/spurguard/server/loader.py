@@ -21,6 +21,12 @@ class Preprocessor(Protocol):
     def preprocess(self, images: Sequence[bytes]) -> torch.Tensor: ...
 
 
+class FeatureExtractor(Preprocessor, Protocol):
+    feature_dim: int
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class Batch:
     """Images of one forward pass; `skipped` are those of its slice that could not be read."""
@@ -63,3 +69,17 @@ def iter_batches(
             batch = pending.result()
             pending = pool.submit(_prepare, next_slice, backend) if next_slice is not None else None
             yield batch
+
+
+def iter_features(
+    entries: Sequence[ImageEntry],
+    backend: FeatureExtractor,
+    batch_size: int,
+    cancel: threading.Event | None = None,
+) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch, phi of its readable images [n, d]) for `entries` in order; decoding overlaps the forward."""
+    for batch in iter_batches(entries, backend, batch_size, cancel):
+        if batch.entries:
+            yield batch, backend.features(batch.pixels)
+        else:
+            yield batch, torch.empty(0, backend.feature_dim)

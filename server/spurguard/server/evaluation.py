@@ -1,0 +1,154 @@
+"""The spurious score benchmark over image folders: clean vs spurious-only images, with and
+without SpuFix (SPEC §1), as one pass of forward passes.
+
+Only the logits [N, C] (plain and fixed) are kept per image, never features or pixels.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from spurguard.server.backends.base import Backend
+from spurguard.server.datasets import ClassResolver, ImageEntry, list_image_folder, list_spurious_folder
+from spurguard.server.engine import ScoreTable, SpuriousEvaluation, evaluate_spurious
+from spurguard.server.errors import Cancelled, InvalidInput
+from spurguard.server.guard import Guard, check_spufix_mode
+from spurguard.server.loader import iter_features
+
+
+@dataclass(frozen=True)
+class EvaluateProgress:
+    phase: str  # "scanning", "clean", "spurious"
+    images_done: int
+    images_total: int
+
+
+@dataclass(frozen=True)
+class TableSummary:
+    """A score table plus the set-level numbers that are not per class."""
+
+    table: ScoreTable
+    clean_accuracy: float  # top-1 accuracy over every clean image
+    spurious_frac_predicted: float  # share of all spurious images predicted as their class
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.table.to_dict(),
+            "clean_accuracy": self.clean_accuracy,
+            "spurious_frac_predicted": self.spurious_frac_predicted,
+        }
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    model: str
+    fit_id: str | None
+    mode: str
+    baseline: TableSummary
+    spufix: TableSummary
+    clean_images: int
+    spurious_images: int
+    skipped: list[tuple[str, str]]  # unreadable images: (id, why)
+
+    def to_json(self) -> dict[str, Any]:
+        """`evaluate --json` (SPEC §3): the baseline at top level, the SpuFix table under "spufix"."""
+        return {
+            "model": self.model,
+            "fit_id": self.fit_id,
+            **self.baseline.to_json(),
+            "spufix": {"mode": self.mode, **self.spufix.to_json()},
+            "clean_images": self.clean_images,
+            "spurious_images": self.spurious_images,
+            "skipped_images": len(self.skipped),
+        }
+
+
+def _summary(table: ScoreTable, clean: np.ndarray, clean_y: np.ndarray, spur: np.ndarray, spur_y: np.ndarray) -> TableSummary:
+    return TableSummary(
+        table,
+        float((clean.argmax(axis=1) == clean_y).mean()),
+        float((spur.argmax(axis=1) == spur_y).mean()),
+    )
+
+
+def run_evaluate(
+    backend: Backend,
+    guard: Guard,
+    clean_root: str | os.PathLike[str],
+    spurious_root: str | os.PathLike[str],
+    *,
+    mode: str = "floor",
+    classes: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: Callable[[EvaluateProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> EvaluationOutcome:
+    """Score both folders and build the table without and with SpuFix in `mode`.
+
+    The table covers the classes with spurious images (or `classes`); clean accuracy is over
+    every clean image.
+    """
+    check_spufix_mode(mode)
+    report = progress or (lambda _: None)
+    batch_size = batch_size or backend.max_batch_size
+    if batch_size < 1:
+        raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
+    resolver = ClassResolver(backend.class_names, backend.class_wnids)
+    clean_entries = list_image_folder(clean_root, resolver)
+    spurious_entries: list[ImageEntry] = list(list_spurious_folder(spurious_root, backend.num_classes))
+    if classes is not None:
+        for k in classes:
+            guard.check_class(k)
+        wanted = set(classes)
+        spurious_entries = [e for e in spurious_entries if e.class_index in wanted]
+    total = len(clean_entries) + len(spurious_entries)
+    report(EvaluateProgress("scanning", 0, total))
+    done = [0]
+    skipped: list[tuple[str, str]] = []
+
+    def score(entries: Sequence[ImageEntry], phase: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        plain, fixed, labels = [], [], []
+        for batch, features in iter_features(entries, backend, batch_size, cancel):
+            skipped.extend((e.image_id, why) for e, why in batch.skipped)
+            if batch.entries:
+                plain.append(guard.logits(features).cpu())
+                fixed.append(guard.fixed_logits(features, mode).cpu())
+                labels.extend(e.class_index for e in batch.entries)
+            done[0] += len(batch.entries) + len(batch.skipped)
+            report(EvaluateProgress(phase, done[0], total))
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("evaluation cancelled")
+        if not plain:
+            raise InvalidInput(f"no readable {phase} images")
+        return torch.cat(plain).numpy(), torch.cat(fixed).numpy(), np.asarray(labels, np.int64)
+
+    clean, clean_fixed, clean_y = score(clean_entries, "clean")
+    spur, spur_fixed, spur_y = score(spurious_entries, "spurious")
+    evaluation: SpuriousEvaluation = evaluate_spurious(
+        clean,
+        clean_y,
+        spur,
+        spur_y,
+        fixed_clean_logits=clean_fixed,
+        fixed_spurious_logits=spur_fixed,
+        spufix_mode=mode,
+        classes=classes,
+    )
+    assert evaluation.spufix is not None
+    return EvaluationOutcome(
+        model=backend.name,
+        fit_id=guard.fit_id,
+        mode=mode,
+        baseline=_summary(evaluation.baseline, clean, clean_y, spur, spur_y),
+        spufix=_summary(evaluation.spufix, clean_fixed, clean_y, spur_fixed, spur_y),
+        clean_images=int(clean_y.shape[0]),
+        spurious_images=int(spur_y.shape[0]),
+        skipped=skipped,
+    )

@@ -1,0 +1,237 @@
+"""One pass over an image folder: features in batches -> neural PCA per class -> the store.
+
+Why this shape: the listing is grouped by class, so a class's statistics are complete (and
+finalized, written, and freed) as soon as its last image has been through the backbone. Open
+state is at most the d x d scatters of the classes inside the current batch, plus each open
+class's features spilled to a temporary file (they are needed once more, after its
+eigenvectors are known, for the fit-image alphas). Finalizing runs on a second thread so it
+overlaps the next class's forward passes. A killed or cancelled fit keeps its finished classes;
+running it again with the same fit_id resumes after them.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spurguard.server.backends.base import Backend
+from spurguard.server.datasets import ClassResolver, list_image_folder
+from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, ClassComponents, NeuralPCAFit, fit_alphas
+from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput
+from spurguard.server.loader import iter_features
+from spurguard.server.store import FitMeta, FitWriter, Store
+
+ALPHA_CHUNK_ROWS = 4096  # fit-image features are read back this many rows at a time
+
+
+@dataclass(frozen=True)
+class FitProgress:
+    phase: str  # "scanning", "features", "committing"
+    images_done: int
+    images_total: int
+    classes_done: int
+    classes_total: int
+
+
+@dataclass(frozen=True)
+class FitClassOutcome:
+    class_index: int
+    images: int
+    num_components: int
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    meta: FitMeta
+    classes: list[FitClassOutcome]  # every class of the committed fit, ascending
+    images: int  # images whose features went into this run
+    skipped: list[tuple[str, str]]  # (image id, why) of unreadable images, and of too-small classes
+    elapsed_s: float
+
+
+class _FeatureSpill:
+    """A class's float32 feature rows in a temporary file, appended batch by batch."""
+
+    def __init__(self, directory: str, class_index: int, dim: int) -> None:
+        self.path = Path(directory) / f"class-{class_index}.f32"
+        self.dim = dim
+        self.rows = 0
+        self.image_ids: list[str] = []
+        self._file = open(self.path, "wb")
+
+    def append(self, features: torch.Tensor, image_ids: Sequence[str]) -> None:
+        self._file.write(features.to(torch.float32).contiguous().numpy().tobytes())
+        self.rows += features.shape[0]
+        self.image_ids.extend(image_ids)
+
+    def close(self) -> np.ndarray:
+        """All rows, memory-mapped (read lazily)."""
+        self._file.close()
+        if self.rows == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
+
+
+def _alphas_chunked(components: ClassComponents, weight_row: torch.Tensor, features: np.ndarray) -> np.ndarray:
+    parts = [
+        fit_alphas(components, weight_row, np.array(features[i : i + ALPHA_CHUNK_ROWS]))
+        for i in range(0, features.shape[0], ALPHA_CHUNK_ROWS)
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, components.num_components), np.float32)
+
+
+def _open_writer(
+    backend: Backend,
+    store: Store,
+    root: Path,
+    num_components: int,
+    fit_id: str | None,
+    extend: bool,
+) -> tuple[FitWriter, bool]:
+    """The writer, and whether it resumes an unfinished fit (whose done classes are skipped)."""
+    resuming = fit_id is not None and fit_id in store.pending_fits(backend.name, backend.digest)
+    if not extend:
+        writer = store.begin_fit(
+            backend.name,
+            backend.digest,
+            dataset_root=root,
+            num_components=num_components,
+            feature_dim=backend.feature_dim,
+            fit_id=fit_id,
+        )
+        return writer, resuming
+    if resuming:
+        return store.resume_fit(backend.name, backend.digest, fit_id), True
+    base = store.current_fit_id(backend.name, backend.digest)
+    if base is None:
+        raise FailedPrecondition(f"model {backend.name} has no fit to extend; run a fit without extend first")
+    meta = store.load_fit(backend.name, backend.digest, base).meta
+    if Path(meta.dataset_root) != root:
+        raise FailedPrecondition(
+            f"extend adds classes from the current fit's dataset {meta.dataset_root!r}, not {str(root)!r}"
+        )
+    if meta.num_components != num_components:
+        raise FailedPrecondition(
+            f"the current fit keeps {meta.num_components} components per class; extend with the same number"
+        )
+    return store.extend_fit(backend.name, backend.digest, fit_id=fit_id), False
+
+
+def run_fit(
+    backend: Backend,
+    store: Store,
+    dataset_root: str | os.PathLike[str],
+    *,
+    classes: Sequence[int] | None = None,
+    num_components: int = DEFAULT_NUM_COMPONENTS,
+    batch_size: int | None = None,
+    fit_id: str | None = None,
+    extend: bool = False,
+    progress: Callable[[FitProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> FitOutcome:
+    """Fit the classes' components over `dataset_root/<class>/<image>` and commit the fit.
+
+    Raises Cancelled when `cancel` is set; the finished classes stay for a resume with the same
+    fit_id. A class with fewer than 2 readable images has no covariance: it is skipped and named
+    in `skipped`, the others are committed.
+    """
+    started = time.monotonic()
+    if num_components < 1:
+        raise InvalidInput(f"num_components must be >= 1, got {num_components}")
+    batch_size = batch_size or backend.max_batch_size
+    if batch_size < 1:
+        raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
+    root = Path(dataset_root).resolve()
+    entries = list_image_folder(root, ClassResolver(backend.class_names, backend.class_wnids), classes)
+    selected = sorted({e.class_index for e in entries})
+    report = progress or (lambda _: None)
+    report(FitProgress("scanning", 0, len(entries), 0, len(selected)))
+
+    writer, resuming = _open_writer(backend, store, root, num_components, fit_id, extend)
+    with writer:
+        skip = set(writer.done_classes) if resuming else set()
+        todo = [e for e in entries if e.class_index not in skip]
+        images_done = len(entries) - len(todo)
+        weight, _ = backend.head()
+        fit = NeuralPCAFit(weight)
+        remaining = Counter(e.class_index for e in todo)
+        skipped: list[tuple[str, str]] = []
+        classes_done = [len(skip & set(selected))]
+        lock = threading.Lock()
+
+        def finalize(k: int, spill: _FeatureSpill) -> None:
+            features = spill.close()
+            if spill.rows < 2:
+                skipped.append((f"class {k}", f"{spill.rows} readable image(s); a fit needs at least 2"))
+                if spill.rows:
+                    fit.finalize_class(k, 1)  # frees the statistics
+            else:
+                components = fit.finalize_class(k, num_components)
+                components.image_ids = spill.image_ids
+                components.alphas = _alphas_chunked(components, weight[k], features)
+                writer.add_class(components)
+            del features
+            spill.path.unlink()
+            with lock:
+                classes_done[0] += 1
+
+        with tempfile.TemporaryDirectory(prefix="spurguard-fit-") as spill_dir, ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="spurguard-finalize"
+        ) as finalizer:
+            spills: dict[int, _FeatureSpill] = {}
+            pending: list[Future[None]] = []
+            for batch, features in iter_features(todo, backend, batch_size, cancel):
+                skipped.extend((entry.image_id, why) for entry, why in batch.skipped)
+                labels = torch.tensor([e.class_index for e in batch.entries], dtype=torch.int64)
+                if batch.entries:
+                    fit.update(features, labels)
+                for entry in batch.entries + [entry for entry, _ in batch.skipped]:
+                    remaining[entry.class_index] -= 1
+                for k in sorted({e.class_index for e in batch.entries + [s for s, _ in batch.skipped]}):
+                    rows = (labels == k).nonzero().squeeze(1)
+                    spill = spills.setdefault(k, _FeatureSpill(spill_dir, k, backend.feature_dim))
+                    spill.append(features[rows], [batch.entries[i].image_id for i in rows.tolist()])
+                    if remaining[k] == 0:
+                        pending.append(finalizer.submit(finalize, k, spills.pop(k)))
+                images_done += len(batch.entries) + len(batch.skipped)
+                with lock:
+                    done_now = classes_done[0]
+                report(FitProgress("features", images_done, len(entries), done_now, len(selected)))
+                _raise_failed(pending)
+            for future in pending:
+                future.result()
+            for spill in spills.values():  # only left over when cancelled
+                spill.close()
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(
+                f"fit {writer.fit_id} of model {backend.name} cancelled after {classes_done[0]} of "
+                f"{len(selected)} classes; fit again with job/fit id {writer.fit_id} to resume"
+            )
+        report(FitProgress("committing", images_done, len(entries), classes_done[0], len(selected)))
+        fitted = [k for k in selected if k in set(writer.done_classes)]
+        if not fitted:
+            raise InvalidInput(f"no class of {str(root)!r} had 2 readable images; nothing was fitted")
+        meta = writer.commit(expected_classes=fitted)
+    committed = store.load_fit(backend.name, backend.digest, meta.fit_id)
+    outcome_classes = [
+        FitClassOutcome(k, committed.summary(k).count, committed.summary(k).num_components)
+        for k in committed.classes
+    ]
+    return FitOutcome(meta, outcome_classes, len(todo), skipped, time.monotonic() - started)
+
+
+def _raise_failed(pending: list[Future[None]]) -> None:
+    """Surface a finalizer error now rather than after the whole pass."""
+    for future in pending:
+        if future.done():
+            future.result()

@@ -1,0 +1,233 @@
+"""A model's fitted components and human labels, ready to score production images.
+
+Why a snapshot: scoring must see one consistent (fit, labels) pair for a whole batch, while
+labels change under it. A Guard never changes; after a Label or a committed fit the server
+builds a new one and swaps the reference, so in-flight batches finish on the old one.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spurguard.server.backends.base import Backend
+from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, SPUFIX_MODES, ClassComponents, Decomposer, SpuFix
+from spurguard.server.errors import InvalidInput, NotFound
+from spurguard.server.store import UNLABELED, Store
+
+TOP_PREDICTIONS = 5
+DEFAULT_TOP_COMPONENTS = 5
+
+
+@dataclass(frozen=True)
+class Prediction:
+    class_index: int
+    name: str
+    prob: float
+    logit: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"class": self.class_index, "name": self.name, "prob": self.prob, "logit": self.logit}
+
+
+@dataclass(frozen=True)
+class ComponentAlpha:
+    index: int
+    alpha: float
+    label: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "alpha": self.alpha, "label": self.label}
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One image's result: the `score --json` line of SPEC §3.
+
+    For an analysed class without fitted components, bias_term and residual are None, no
+    components are listed, spurious_alpha is 0 and trigger false.
+    """
+
+    image_id: str
+    predictions: tuple[Prediction, ...]
+    class_index: int
+    logit: float
+    bias_term: float | None
+    residual: float | None
+    components: tuple[ComponentAlpha, ...]
+    spurious_alpha: float
+    trigger: bool
+    spufix_mode: str
+    spufix_logit: float
+    spufix_predictions: tuple[Prediction, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image_id,
+            "predictions": [p.to_json() for p in self.predictions],
+            "class": self.class_index,
+            "logit": self.logit,
+            "bias_term": self.bias_term,
+            "residual": self.residual,
+            "components": [c.to_json() for c in self.components],
+            "spurious_alpha": self.spurious_alpha,
+            "trigger": self.trigger,
+            "spufix": {
+                "mode": self.spufix_mode,
+                "logit": self.spufix_logit,
+                "predictions": [p.to_json() for p in self.spufix_predictions],
+            },
+        }
+
+
+class Guard:
+    """Decomposition plus SpuFix for one model, one fit and one set of labels."""
+
+    def __init__(
+        self,
+        *,
+        class_names: Sequence[str],
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        components: dict[int, ClassComponents],
+        labels: dict[tuple[int, int], str],
+        fit_id: str | None,
+        floor_percentile: float = DEFAULT_FLOOR_PERCENTILE,
+    ) -> None:
+        self.fit_id = fit_id
+        self.class_names = list(class_names)
+        self.labels = dict(labels)
+        self.num_components = {k: c.num_components for k, c in components.items()}
+        spurious: dict[int, list[int]] = {}
+        for (k, component), label in sorted(self.labels.items()):
+            if label == "spurious":
+                spurious.setdefault(k, []).append(component)
+        self.spurious = spurious
+        self.decomposer = Decomposer(components, weight, bias)
+        self.spufix = SpuFix(components, spurious, weight, floor_percentile=floor_percentile)
+
+    @classmethod
+    def load(cls, backend: Backend, store: Store, *, fit_id: str | None = None) -> Guard:
+        """The model's current fit (or `fit_id`) with its labels; no fit yet gives a Guard that
+        still predicts but decomposes nothing."""
+        weight, bias = backend.head()
+        fit_id = fit_id or store.current_fit_id(backend.name, backend.digest)
+        components: dict[int, ClassComponents] = {}
+        labels: dict[tuple[int, int], str] = {}
+        if fit_id is not None:
+            fit = store.load_fit(backend.name, backend.digest, fit_id)
+            components = {k: fit.components(k) for k in fit.classes}
+            for record in store.list_labels(backend.name, backend.digest, fit_id=fit_id):
+                labels[(record.class_index, record.component)] = record.label
+        return cls(
+            class_names=backend.class_names,
+            weight=weight,
+            bias=bias,
+            components=components,
+            labels=labels,
+            fit_id=fit_id,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.decomposer.num_classes
+
+    @property
+    def fitted_classes(self) -> list[int]:
+        return self.decomposer.fitted_classes
+
+    def check_class(self, class_index: int) -> None:
+        if not 0 <= class_index < self.num_classes:
+            raise NotFound(f"class {class_index} does not exist: the model has classes 0..{self.num_classes - 1}")
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits [N, C] of the head."""
+        return self.decomposer.logits(features)
+
+    def fixed_logits(self, features: torch.Tensor, mode: str) -> torch.Tensor:
+        """Logits after SpuFix in `mode` (unchanged for classes without spurious labels)."""
+        check_spufix_mode(mode)
+        return self.spufix.apply(features, self.decomposer.logits(features), mode)
+
+    def score_features(
+        self,
+        features: torch.Tensor,
+        image_ids: Sequence[str],
+        *,
+        class_index: int | None = None,
+        top: int | None = DEFAULT_TOP_COMPONENTS,
+        mode: str = "floor",
+    ) -> list[ImageScore]:
+        """Score a batch of features [N, d]; `top` components by alpha (0: all kept ones)."""
+        check_spufix_mode(mode)
+        if top is not None and top < 0:
+            raise InvalidInput(f"top must be >= 0, got {top}")
+        x = self.decomposer.features(features)
+        if x.shape[0] != len(image_ids):
+            raise InvalidInput(f"{x.shape[0]} feature rows for {len(image_ids)} image ids")
+        logits = self.decomposer.logits(x)
+        if class_index is not None:
+            self.check_class(class_index)
+            index = torch.full((x.shape[0],), class_index, dtype=torch.int64, device=logits.device)
+        else:
+            index = logits.argmax(dim=1)
+        fix = self.spufix.score(x, logits, mode, class_index=index)
+        fitted = torch.tensor([int(k) in self.num_components for k in index.tolist()], dtype=torch.bool)
+        decomposition = None
+        if fitted.any():
+            rows = fitted.nonzero().squeeze(1)
+            decomposition = self.decomposer.decompose(x[rows], index[rows], logits[rows])
+        probs, fixed_probs = logits.softmax(dim=1), fix.logits.softmax(dim=1)
+        results: list[ImageScore] = []
+        row_in_decomposition = 0
+        for i, image_id in enumerate(image_ids):
+            k = int(index[i])
+            bias_term = residual = None
+            components: tuple[ComponentAlpha, ...] = ()
+            if fitted[i]:
+                assert decomposition is not None
+                j = row_in_decomposition
+                row_in_decomposition += 1
+                bias_term = float(decomposition.bias_term[j])
+                residual = float(decomposition.residual[j])
+                components = self._top_components(k, decomposition.alphas[j], top)
+            results.append(
+                ImageScore(
+                    image_id=image_id,
+                    predictions=self._predictions(probs[i], logits[i]),
+                    class_index=k,
+                    logit=float(logits[i, k]),
+                    bias_term=bias_term,
+                    residual=residual,
+                    components=components,
+                    spurious_alpha=float(fix.spurious_alpha[i]),
+                    trigger=bool(fix.trigger[i]),
+                    spufix_mode=mode,
+                    spufix_logit=float(fix.logits[i, k]),
+                    spufix_predictions=self._predictions(fixed_probs[i], fix.logits[i]),
+                )
+            )
+        return results
+
+    def _top_components(self, k: int, alphas: torch.Tensor, top: int | None) -> tuple[ComponentAlpha, ...]:
+        kept = alphas[: self.num_components[k]]
+        count = kept.shape[0] if top == 0 else min(DEFAULT_TOP_COMPONENTS if top is None else top, kept.shape[0])
+        order = torch.argsort(kept, descending=True, stable=True)[:count].tolist()
+        return tuple(
+            ComponentAlpha(l, float(kept[l]), self.labels.get((k, l), UNLABELED)) for l in order
+        )
+
+    def _predictions(self, probs: torch.Tensor, logits: torch.Tensor) -> tuple[Prediction, ...]:
+        values, classes = probs.topk(min(TOP_PREDICTIONS, probs.shape[0]))
+        return tuple(
+            Prediction(int(c), self.class_names[int(c)], float(p), float(logits[int(c)]))
+            for p, c in zip(values.tolist(), classes.tolist())
+        )
+
+
+def check_spufix_mode(mode: str) -> None:
+    """InvalidInput for a mode that is neither paper nor floor."""
+    if mode not in SPUFIX_MODES:
+        raise InvalidInput(f"unknown SpuFix mode {mode!r}; expected one of {', '.join(SPUFIX_MODES)}")
