@@ -54,7 +54,8 @@ class FitOutcome:
     meta: FitMeta
     classes: list[FitClassOutcome]  # every class of the committed fit, ascending
     images: int  # images whose features went into this run
-    skipped: list[tuple[str, str]]  # (image id, why) of unreadable images, and of too-small classes
+    skipped: list[tuple[str, str]]  # (image id, why) of unreadable images
+    skipped_classes: list[tuple[int, str]]  # (class, why) of classes too small to fit
     elapsed_s: float
 
 
@@ -143,7 +144,7 @@ def run_fit(
 
     Raises Cancelled when `cancel` is set; the finished classes stay for a resume with the same
     fit_id. A class with fewer than 2 readable images has no covariance: it is skipped and named
-    in `skipped`, the others are committed.
+    in `skipped_classes`, the others are committed.
     """
     started = time.monotonic()
     if num_components < 1:
@@ -166,13 +167,14 @@ def run_fit(
         fit = NeuralPCAFit(weight)
         remaining = Counter(e.class_index for e in todo)
         skipped: list[tuple[str, str]] = []
+        skipped_classes: list[tuple[int, str]] = []
         classes_done = [len(skip & set(selected))]
         lock = threading.Lock()
 
         def finalize(k: int, spill: _FeatureSpill) -> None:
             features = spill.close()
             if spill.rows < 2:
-                skipped.append((f"class {k}", f"{spill.rows} readable image(s); a fit needs at least 2"))
+                skipped_classes.append((k, f"{spill.rows} readable image(s); a fit needs at least 2"))
                 if spill.rows:
                     fit.finalize_class(k, 1)  # frees the statistics
             else:
@@ -227,7 +229,7 @@ def run_fit(
         FitClassOutcome(k, committed.summary(k).count, committed.summary(k).num_components)
         for k in committed.classes
     ]
-    return FitOutcome(meta, outcome_classes, len(todo), skipped, time.monotonic() - started)
+    return FitOutcome(meta, outcome_classes, len(todo), skipped, skipped_classes, time.monotonic() - started)
 
 
 def _raise_failed(pending: list[Future[None]]) -> None:

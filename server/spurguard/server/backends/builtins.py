@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from spurguard.server.backends.base import Backend, PreprocessConfig
-from spurguard.server.backends.modeldir import MODEL_TOML, load_model_dir, model_digest, read_classes
+from spurguard.server.backends.modeldir import MODEL_TOML, load_model_dir, model_digest, read_classes, read_model_toml
 from spurguard.server.backends.torch_backend import TorchBackend
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
 
@@ -56,6 +56,22 @@ def builtin_names() -> list[str]:
     return sorted(_BUILTINS)
 
 
+def model_directory(spec: str) -> Path:
+    """The model directory a non-built-in spec names (the folder or its model.toml); NotFound else."""
+    path = Path(spec)
+    if path.name == MODEL_TOML and path.is_file():
+        path = path.parent
+    if path.is_dir():
+        return path
+    known = ", ".join(builtin_names()) or "none"
+    raise NotFound(f"model {spec!r} is neither a built-in model ({known}) nor a model directory")
+
+
+def model_name(spec: str) -> str:
+    """The name a spec will be served under, known without the (slow) load."""
+    return spec if spec in _BUILTINS else read_model_toml(model_directory(spec)).name
+
+
 def load_model(spec: str, device: str = "auto", max_batch_size: int | None = None) -> Backend:
     """A built-in by name, else a model directory (or its model.toml); NotFound for neither."""
     if spec in _BUILTINS:
@@ -65,13 +81,7 @@ def load_model(spec: str, device: str = "auto", max_batch_size: int | None = Non
                 raise InvalidInput(f"max_batch_size must be positive, got {max_batch_size}")
             backend.max_batch_size = max_batch_size
         return backend
-    path = Path(spec)
-    if path.name == MODEL_TOML and path.is_file():
-        path = path.parent
-    if path.is_dir():
-        return load_model_dir(path, device=device, max_batch_size=max_batch_size)
-    known = ", ".join(builtin_names()) or "none"
-    raise NotFound(f"model {spec!r} is neither a built-in model ({known}) nor a model directory")
+    return load_model_dir(model_directory(spec), device=device, max_batch_size=max_batch_size)
 
 
 def load_efficientnet_lite0(device: str = "auto") -> TorchBackend:

@@ -1,0 +1,376 @@
+"""Server assembly and `spurguard serve`: grpc.aio with health, reflection, metrics, limits and
+graceful shutdown.
+
+Lifecycle (KServe / Triton style): the port opens at once with every health status NOT_SERVING;
+models load and warm up in the background, each turning SERVING when ready, then the server
+("") does and one line `spurguard serving on HOST:PORT` goes to stdout. On SIGTERM / SIGINT:
+health NOT_SERVING (load balancers stop routing), running fit jobs are cancelled (their finished
+classes stay in the store, resumable), no new calls are accepted, in-flight calls get the grace
+period to finish, then the process exits 0.
+
+Public builder API (tests, the demo, notebooks):
+    config = ServerConfig(models=("path/to/model_dir",), store=Path("store"), port=0)
+    with BackgroundServer(config) as server:          # its own event-loop thread
+        Client(server.address).list_models()
+or, inside an event loop: `server = SpurguardServer(config); await server.start();
+await server.wait_ready(); ...; await server.stop()`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from spurguard.server.backends import Backend
+from spurguard.server.backends.builtins import model_name
+from spurguard.server.backends.device import available_cpus, resolve_device
+from spurguard.server.errors import InvalidInput, SpurguardError
+from spurguard.server.rpc.jobs import JobRegistry
+from spurguard.server.rpc.metrics import Metrics
+from spurguard.server.rpc.models import ModelRegistry, ServedModel
+from spurguard.server.rpc.paths import DataRoots
+from spurguard.server.rpc.servicer import SpurguardServicer
+from spurguard.server.store import Store
+from spurguard.v1 import spurguard_pb2 as pb
+from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
+
+log = logging.getLogger("spurguard.server")
+
+MIN_MESSAGE_MB = 64  # the documented limit clients rely on (spurguard.client.MAX_MESSAGE_BYTES)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Spurguard"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `spurguard serve` takes; see `build_parser` for the meaning of each."""
+
+    models: tuple[str, ...]
+    store: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    data_roots: tuple[Path, ...] = ()
+    device: str = "auto"
+    max_batch_size: int | None = None
+    max_delay_ms: float = 5.0
+    spufix_default: str = "floor"
+    max_message_mb: int = MIN_MESSAGE_MB
+    grace_s: float = 10.0
+    max_request_images: int = 1024
+    fit_workers: int = 1
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class SpurguardServer:
+    """One server: the gRPC port, its models, jobs and store, and the metrics endpoint.
+
+    `backends` are served besides `config.models`, already built (tests, the demo).
+    """
+
+    def __init__(self, config: ServerConfig, backends: Sequence[Backend] = ()) -> None:
+        self.config = config
+        self._backends = list(backends)
+        self.port: int | None = None  # set once the port is open
+        self.metrics_port: int | None = None
+        self._stopped = False
+        # The rest is built by start(), inside the event loop it will run on.
+        self.metrics: Metrics
+        self.store: Store
+        self.models: ModelRegistry
+        self.jobs: JobRegistry
+        self.health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT clients connect to (the bound port, also when `config.port` is 0)."""
+        if self.port is None:
+            raise RuntimeError("the server is not started")
+        return _address(self.config.host, self.port)
+
+    async def start(self) -> None:
+        """Open the port and start loading the models; returns before they are ready."""
+        config = self.config
+        if not config.models and not self._backends:
+            raise InvalidInput("no model to serve: give at least one --model")
+        resolve_device(config.device)  # a bad --device fails now, not after the port opened
+        self.metrics = Metrics()
+        self.store = Store(config.store)
+        self._decode_pool = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="spurguard-decode")
+        options = {
+            "device": config.device,
+            "max_batch_size": config.max_batch_size,
+            "max_delay_s": config.max_delay_ms / 1000.0,
+        }
+        served = [
+            ServedModel(model_name(spec), self.store, self.metrics, self._decode_pool, spec=spec, **options)
+            for spec in config.models
+        ] + [
+            ServedModel(backend.name, self.store, self.metrics, self._decode_pool, backend=backend, **options)
+            for backend in self._backends
+        ]
+        self.models = ModelRegistry(served)
+        self.jobs = JobRegistry(asyncio.get_running_loop(), workers=config.fit_workers)
+        self.health = health.aio.HealthServicer()
+        for name in ["", *(m.name for m in self.models)]:
+            await self.health.set(name, _NOT_SERVING)
+
+        limit = config.max_message_mb * 2**20
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            ]
+        )
+        servicer = SpurguardServicer(
+            self.models,
+            self.store,
+            self.jobs,
+            DataRoots(config.data_roots),
+            self.metrics,
+            spufix_default=config.spufix_default,
+            max_request_images=config.max_request_images,
+        )
+        pb_grpc.add_SpurguardServicer_to_server(servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        try:
+            port = self._server.add_insecure_port(_address(config.host, config.port))
+            await self._server.start()
+            if config.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        except BaseException:
+            await self._server.stop(None)
+            self._decode_pool.shutdown(wait=False)
+            raise
+        self.port = port
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s/metrics", _address(config.host, self.metrics_port))
+        self._loading = asyncio.create_task(self._load_models())
+
+    async def _load_models(self) -> None:
+        for model in self.models:
+            seconds = await model.start()
+            log.info("model %s ready (loaded and warmed up in %.1f s)", model.name, seconds)
+            await self.health.set(model.name, _SERVING)
+        await self.health.set("", _SERVING)
+
+    async def wait_ready(self) -> None:
+        """Until every model is loaded and warmed up; raises the error of a model that failed to."""
+        await asyncio.shield(self._loading)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown (idempotent): NOT_SERVING, cancel jobs, drain calls for `grace` seconds."""
+        if self._stopped or self.port is None:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self._loading.cancel()
+        jobs_done = asyncio.create_task(self.jobs.shutdown())
+        await self._server.stop(grace)
+        await jobs_done
+        for model in self.models:
+            await model.close()
+        self._decode_pool.shutdown(wait=False)
+        self.metrics.close()
+        log.info("server stopped")
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM / SIGINT; the exit code of `spurguard serve`."""
+    server = SpurguardServer(config)
+    try:
+        await server.start()
+    except (SpurguardError, RuntimeError, OSError) as error:
+        print(f"spurguard serve: {error}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    stopping = asyncio.create_task(stop.wait())
+    ready = asyncio.create_task(server.wait_ready())
+    try:
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            return 0  # stopped while loading
+        error = ready.exception()
+        if error is not None:
+            if not isinstance(error, SpurguardError):
+                log.error("model loading failed", exc_info=error)
+            print(f"spurguard serve: a model failed to load: {error}", file=sys.stderr)
+            return 1
+        print(f"spurguard serving on {server.address}", flush=True)
+        await stopping
+        log.info("shutting down (grace %.1f s)", config.grace_s)
+        return 0
+    finally:
+        ready.cancel()
+        stopping.cancel()
+        await server.stop()
+
+
+class BackgroundServer:
+    """A SpurguardServer on its own event-loop thread, so the caller can use blocking clients.
+
+    `start()` returns once every model is ready; use it as a context manager to stop it.
+    """
+
+    def __init__(self, config: ServerConfig, backends: Sequence[Backend] = ()) -> None:
+        self.server = SpurguardServer(config, backends)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_forever()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
+    def start(self, timeout: float = 300.0) -> BackgroundServer:
+        """Start the loop thread and the server; returns when every model is ready."""
+        if self._thread is not None:
+            raise RuntimeError("a BackgroundServer starts once")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, args=(self._loop,), name="spurguard-server", daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout)
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        return self
+
+    async def _start(self) -> None:
+        await self.server.start()
+        await self.server.wait_ready()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop (see SpurguardServer.stop), then end the loop thread; idempotent."""
+        if self._thread is None or self._loop is None or not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
+    return value
+
+
+def _message_mb(text: str) -> int:
+    value = int(text)
+    if value < MIN_MESSAGE_MB:
+        raise argparse.ArgumentTypeError(
+            f"must be >= {MIN_MESSAGE_MB}: clients send requests of up to {MIN_MESSAGE_MB} MiB"
+        )
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
+    """The arguments of `spurguard serve` (the CLI hands them to `main`)."""
+    p = argparse.ArgumentParser(prog=prog, description="Serve models over gRPC (spurguard.v1.Spurguard).")
+    p.add_argument("--model", action="append", required=True, metavar="SPEC",
+                   help="built-in model name or model directory; repeat for several models")
+    p.add_argument("--store", required=True, type=Path, metavar="DIR", help="fits and labels live here")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=_port, default=50051, help="gRPC port (default 50051; 0: pick a free one)")
+    p.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: pick a free one)")
+    p.add_argument("--data-root", action="append", type=Path, default=[], metavar="DIR",
+                   help="folders Fit and Evaluate may read datasets under (repeatable); none: no dataset")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--max-batch-size", type=_positive_int, metavar="N",
+                   help="images per forward pass (default: 32 on CPU, 64-256 on GPU)")
+    p.add_argument("--max-delay-ms", type=_non_negative, default=5.0, metavar="MS",
+                   help="longest an image waits for others to share its forward pass (default 5)")
+    p.add_argument("--spufix-default", choices=("paper", "floor"), default="floor",
+                   help="SpuFix mode when a request names none (default floor)")
+    p.add_argument("--max-message-mb", type=_message_mb, default=MIN_MESSAGE_MB, metavar="MB",
+                   help=f"largest gRPC message either way, MiB (default and minimum {MIN_MESSAGE_MB})")
+    p.add_argument("--max-request-images", type=_positive_int, default=1024, metavar="N",
+                   help="most images in one Score request; more is RESOURCE_EXHAUSTED (default 1024)")
+    p.add_argument("--fit-workers", type=_positive_int, default=1, metavar="N",
+                   help="fit jobs running at once; more wait QUEUED (default 1)")
+    p.add_argument("--grace-s", type=_non_negative, default=10.0, metavar="S",
+                   help="on SIGTERM, how long in-flight calls may take to finish (default 10)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`spurguard serve …`: returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        models=tuple(args.model),
+        store=args.store,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        data_roots=tuple(args.data_root),
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        spufix_default=args.spufix_default,
+        max_message_mb=args.max_message_mb,
+        grace_s=args.grace_s,
+        max_request_images=args.max_request_images,
+        fit_workers=args.fit_workers,
+    )
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

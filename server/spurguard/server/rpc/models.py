@@ -1,0 +1,231 @@
+"""The models a server serves: loading and readiness, the Guard in use, and the scoring path.
+
+Why here and not in the servicer: this is the engine side of Score (decode per image on a
+thread pool, batch forward passes per model, decompose + SpuFix in the same worker thread),
+independent of protobuf. A request captures the Guard once, so all its images, whichever
+batches they land in, are scored against one (fit, labels) snapshot and its fit_id.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spurguard.server.backends import Backend, GradientBackend, ImageInput, load_model
+from spurguard.server.errors import InvalidInput, NotFound, Unavailable
+from spurguard.server.guard import Guard, ImageScore, check_spufix_mode
+from spurguard.server.rpc.batcher import Batcher
+from spurguard.server.rpc.metrics import Metrics
+from spurguard.server.store import Store
+
+log = logging.getLogger("spurguard.server")
+
+# One image to score: its input, or why it could not even be read from the request.
+ImageSource = ImageInput | BaseException
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How to analyse each image of a request (ScoreOptions of the proto, resolved)."""
+
+    class_index: int | None  # None: each image's top-1 prediction
+    top: int | None  # None: the Guard's default; 0: every kept component
+    mode: str  # "paper" or "floor"
+
+
+@dataclass(frozen=True)
+class _Item:
+    pixels: torch.Tensor  # [1, 3, H, W]
+    image_id: str
+    guard: Guard
+    options: ScoreOptions
+
+
+def _preprocess(backend: Backend, source: ImageSource) -> torch.Tensor | BaseException:
+    """One image's model input, or the exception that says why not (never raised: per-image)."""
+    if isinstance(source, BaseException):
+        return source
+    try:
+        return backend.preprocess([source])
+    except Exception as error:  # noqa: BLE001 - becomes this image's error, mapped like any other
+        return error
+
+
+class ServedModel:
+    """One model: loaded in the background, ready after warm-up, scored through a batcher."""
+
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        metrics: Metrics,
+        decode_pool: Executor,
+        *,
+        spec: str | None = None,
+        backend: Backend | None = None,
+        device: str = "auto",
+        max_batch_size: int | None = None,
+        max_delay_s: float = 0.005,
+    ) -> None:
+        """Give a `spec` to load (built-in name or model directory) or an already built `backend`;
+        `device` and `max_batch_size` apply to loading a spec."""
+        if (spec is None) == (backend is None):
+            raise ValueError("give exactly one of spec and backend")
+        self.name = name
+        self.spec = spec
+        self.store = store
+        self._metrics = metrics
+        self._decode_pool = decode_pool
+        self._device = device
+        self._max_batch_size = max_batch_size
+        self._max_delay_s = max_delay_s
+        self._backend = backend
+        self._guard: Guard | None = None
+        self._guard_lock = threading.Lock()
+        self._batcher: Batcher[_Item, ImageScore] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._batcher is not None
+
+    @property
+    def backend(self) -> Backend:
+        """The backend; UNAVAILABLE while the model is still loading."""
+        self._require_ready()
+        assert self._backend is not None
+        return self._backend
+
+    @property
+    def guard(self) -> Guard:
+        """The current (fit, labels) snapshot; replaced, never changed."""
+        self._require_ready()
+        assert self._guard is not None
+        return self._guard
+
+    def _require_ready(self) -> None:
+        if self._batcher is None:
+            raise Unavailable(f"model {self.name} is loading; retry when its health status is SERVING")
+
+    @property
+    def supports_gradients(self) -> bool:
+        return isinstance(self._backend, GradientBackend)
+
+    async def start(self) -> float:
+        """Load (if given a spec), warm up and read the current fit; returns the seconds taken."""
+        started = time.monotonic()
+        await asyncio.to_thread(self._load)
+        backend = self._backend
+        assert backend is not None
+        self._batcher = Batcher(
+            self._process,
+            max_batch_size=backend.max_batch_size,
+            max_delay_s=self._max_delay_s,
+            name=f"model-{self.name}",
+            on_batch=lambda stats: self._metrics.observe_batch(self.name, stats),
+        )
+        return time.monotonic() - started
+
+    def _load(self) -> None:
+        if self._backend is None:
+            assert self.spec is not None
+            self._backend = load_model(self.spec, self._device, self._max_batch_size)
+            if self._backend.name != self.name:
+                raise InvalidInput(f"model {self.spec!r} loaded as {self._backend.name!r}, expected {self.name!r}")
+        self._backend.warm_up()
+        self._guard = Guard.load(self._backend, self.store)
+
+    def reload_guard(self) -> Guard:
+        """Re-read the current fit and its labels (after a Label or a committed fit) and swap it in.
+
+        Serialised, so that of two concurrent reloads the later one reads the later state.
+        """
+        backend = self.backend
+        with self._guard_lock:
+            self._guard = Guard.load(backend, self.store)
+            return self._guard
+
+    async def score(
+        self, images: Sequence[tuple[str, ImageSource]], options: ScoreOptions
+    ) -> tuple[str | None, list[ImageScore | BaseException]]:
+        """(fit id used, one result or exception per image in order); bad options fail the call."""
+        backend = self.backend
+        guard = self.guard
+        check_spufix_mode(options.mode)
+        if options.class_index is not None:
+            guard.check_class(options.class_index)
+        if options.top is not None and options.top < 0:
+            raise InvalidInput(f"top must be >= 0, got {options.top}")
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, _preprocess, backend, source) for _, source in images)
+        )
+        results: list[ImageScore | BaseException] = list(pixels)  # placeholders where decoding failed
+        decoded = [i for i, x in enumerate(pixels) if isinstance(x, torch.Tensor)]
+        assert self._batcher is not None
+        scored = await self._batcher.submit_many(
+            [_Item(pixels[i], images[i][0], guard, options) for i in decoded]  # type: ignore[arg-type]
+        )
+        for i, result in zip(decoded, scored):
+            results[i] = result
+        return guard.fit_id, results
+
+    def _process(self, items: list[_Item]) -> list[ImageScore | BaseException]:
+        """One batch in the worker thread: one forward pass, then per (guard, options) group the scores."""
+        assert self._backend is not None
+        features = self._backend.features(torch.cat([item.pixels for item in items]))
+        results: list[ImageScore | BaseException] = [None] * len(items)  # type: ignore[list-item]
+        groups: dict[tuple[Guard, ScoreOptions], list[int]] = {}
+        for row, item in enumerate(items):
+            groups.setdefault((item.guard, item.options), []).append(row)
+        for (guard, options), rows in groups.items():
+            try:
+                scores: Sequence[ImageScore | BaseException] = guard.score_features(
+                    features[rows],
+                    [items[r].image_id for r in rows],
+                    class_index=options.class_index,
+                    top=options.top,
+                    mode=options.mode,
+                )
+            except Exception as error:  # noqa: BLE001 - fails this group's images, not the batch
+                scores = [error] * len(rows)
+            for row, score in zip(rows, scores):
+                results[row] = score
+        ok = [r for r in results if isinstance(r, ImageScore)]
+        self._metrics.observe_scores(self.name, len(ok), [r.class_index for r in ok if r.trigger])
+        return results
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
+
+
+class ModelRegistry:
+    """The served models by name."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        self._models: dict[str, ServedModel] = {}
+        for model in models:
+            if model.name in self._models:
+                raise InvalidInput(f"two models are named {model.name!r}; model names must be unique")
+            self._models[model.name] = model
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(sorted(self._models.values(), key=lambda m: m.name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def get(self, name: str) -> ServedModel:
+        """NOT_FOUND for a name no model has (the message lists the loaded ones)."""
+        try:
+            return self._models[name]
+        except KeyError:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise NotFound(f"model {name!r} is not served here; models: {known}") from None

@@ -1,0 +1,592 @@
+"""The gRPC server end to end, driven through spurguard.client.Client.
+
+One in-process server (BackgroundServer, port 0) serves two models for the module: `tiny`, a
+TorchScript model directory written here, and `gated`, an in-process backend whose forward
+pass waits on a gate, so tests can hold a fit job mid-run (disconnect, cancel). A subprocess
+server checks the real entry point: the ready line, SIGTERM and graceful shutdown.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import warnings
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from spurguard.client import Client, FitProgress, FitSummary, SpurguardClientError
+from spurguard.server.backends import PreprocessConfig, TorchBackend, load_model
+from spurguard.server.evaluation import run_evaluate
+from spurguard.server.guard import Guard
+from spurguard.server.rpc import servicer as servicer_module
+from spurguard.server.rpc.app import BackgroundServer, ServerConfig, SpurguardServer, build_parser, main
+from spurguard.server.store import Store
+from spurguard.v1 import spurguard_pb2 as pb
+from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
+from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
+
+PER_CLASS = 10
+COMPONENTS = 4
+MAX_REQUEST_IMAGES = 8
+CODE = grpc.StatusCode
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _random_png(rng: np.random.Generator, size: int = 20) -> bytes:
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    pixels[: size // 2] //= int(rng.integers(1, 4))  # per-image structure beyond noise
+    return _png(pixels)
+
+
+def _huge_png() -> bytes:
+    """A valid PNG header that declares 50000 x 50000 pixels: rejected before any decoding."""
+    data = bytearray(_png(np.zeros((1, 1, 3), np.uint8)))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", 50_000, 50_000)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+class GatedCNN(TinyCNN):
+    """TinyCNN whose forward waits while `gate` is clear (holds work mid-run) and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.gate.wait(timeout=20)
+        self.calls += 1
+        return super().forward(x)
+
+
+def _gated_backend() -> tuple[TorchBackend, GatedCNN]:
+    torch.manual_seed(2)
+    module = GatedCNN().eval()
+    generator = torch.Generator().manual_seed(3)
+    backend = TorchBackend(
+        name="gated",
+        digest="1" * 64,
+        backbone=module,
+        weight=torch.randn(CLASSES, FEATURES, generator=generator),
+        bias=torch.randn(CLASSES, generator=generator),
+        preprocess_config=PreprocessConfig(SIZE, 20, "bilinear", (0.5,) * 3, (0.25,) * 3),
+        device="cpu",
+        max_batch_size=4,
+    )
+    return backend, module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: deprecated, supported
+        torch.jit.trace(TinyCNN().eval(), torch.randn(2, 3, SIZE, SIZE)).save(str(root / "backbone.pt"))
+    generator = torch.Generator().manual_seed(1)
+    head = {"weight": torch.randn(CLASSES, FEATURES, generator=generator), "bias": torch.randn(CLASSES, generator=generator)}
+    safetensors.torch.save_file(head, str(root / "head.safetensors"))
+    (root / "classes.txt").write_text("n01440764 tench\nplain name\nn01443537 goldfish\n")
+    (root / "model.toml").write_text(render_toml(default_toml()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's data root: train/<class>/ and a Spurious ImageNet folder for class 0."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for k in range(CLASSES):
+        (root / "train" / str(k)).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            (root / "train" / str(k) / f"img{i:02d}.png").write_bytes(_random_png(rng))
+    spurious = root / "spurious" / "spurious_imagenet_0_thing_1"
+    spurious.mkdir(parents=True)
+    for i in range(6):
+        (spurious / f"s{i}.png").write_bytes(_random_png(rng))
+    return root
+
+
+@pytest.fixture(scope="module")
+def gated() -> tuple[TorchBackend, GatedCNN]:
+    return _gated_backend()
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, data: Path, store_dir: Path, gated) -> Iterator[BackgroundServer]:  # noqa: ANN001
+    config = ServerConfig(
+        models=(str(model_dir),),
+        store=store_dir,
+        port=0,
+        metrics_port=0,
+        data_roots=(data,),
+        device="cpu",
+        max_delay_ms=2.0,
+        max_request_images=MAX_REQUEST_IMAGES,
+        grace_s=2.0,
+    )
+    with BackgroundServer(config, backends=[gated[0]]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Iterator[Client]:
+    with Client(server.address, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def fitted(client: Client, data: Path) -> tuple[list[Any], FitSummary]:
+    """Classes 0 and 1 of `tiny` fitted (2 stays unfitted), component 0 of class 0 labelled spurious."""
+    updates = list(client.fit("tiny", str(data / "train"), classes=[0, 1], num_components=COMPONENTS))
+    summary = updates[-1]
+    assert isinstance(summary, FitSummary)
+    client.label("tiny", 0, 0, "spurious", note="background")
+    return updates, summary
+
+
+def _code(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(SpurguardClientError) as caught:
+        call()
+    return caught.value.code, caught.value.details
+
+
+def _assert_close(got: Any, want: Any, path: str = "") -> None:
+    """Nested dicts / lists equal, floats to 1e-5."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for key in want:
+            _assert_close(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-5), f"{path}: {got} != {want}"
+    else:
+        assert got == want, path
+
+
+def _reference_scores(model_dir: Path, store_dir: Path, images: list[tuple[str, bytes]], **options: Any) -> list[dict]:
+    """What an in-process Guard says about the same images: the numbers the server must send."""
+    backend = load_model(str(model_dir), "cpu")
+    guard = Guard.load(backend, Store(store_dir))
+    features = backend.features(backend.preprocess([data for _, data in images]))
+    return [s.to_json() for s in guard.score_features(features, [i for i, _ in images], **options)]
+
+
+# ---- models, health, reflection ----
+
+
+def test_list_and_get_model(client: Client, fitted) -> None:  # noqa: ANN001
+    _, summary = fitted
+    models = {m.name: m for m in client.list_models()}
+    assert sorted(models) == ["gated", "tiny"]
+    assert models["tiny"].ready and models["tiny"].classes == ()
+    info = client.get_model("tiny")
+    assert (info.backend, info.device, info.num_classes, info.feature_dim, info.input_size) == (
+        "torch", "cpu", CLASSES, FEATURES, SIZE,
+    )
+    assert info.supports_gradients and len(info.digest) == 64
+    assert info.fit_id == summary.fit_id and info.fitted_classes == (0, 1)
+    assert [(c.index, c.name, c.wnid) for c in info.classes] == [
+        (0, "tench", "n01440764"), (1, "plain name", None), (2, "goldfish", "n01443537"),
+    ]
+
+
+def test_health_per_model_and_reflection(server: BackgroundServer) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tiny", "gated"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as caught:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert caught.value.code() == CODE.NOT_FOUND
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (reply,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=5))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"spurguard.v1.Spurguard", "grpc.health.v1.Health"} <= names
+
+
+def test_health_is_not_serving_until_the_model_is_warm(tmp_path: Path) -> None:
+    backend, module = _gated_backend()
+    module.gate.clear()  # warm-up runs a forward pass: it waits here
+
+    async def check() -> None:
+        server = SpurguardServer(ServerConfig(models=(), store=tmp_path, port=0, device="cpu"), backends=[backend])
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+
+                async def statuses() -> list[int]:
+                    return [(await health.Check(health_pb2.HealthCheckRequest(service=s))).status for s in ("", "gated")]
+
+                assert await statuses() == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+                stub = pb_grpc.SpurguardStub(channel)
+                assert not (await stub.GetModel(pb.GetModelRequest(model="gated"))).ready
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Score(pb.ScoreRequest(model="gated", images=[pb.Image(id="x", encoded=b"x")]))
+                assert caught.value.code() == CODE.UNAVAILABLE and "loading" in caught.value.details()
+                module.gate.set()
+                await asyncio.wait_for(server.wait_ready(), 20)
+                assert await statuses() == [health_pb2.HealthCheckResponse.SERVING] * 2
+        finally:
+            module.gate.set()
+            await server.stop(0)
+
+    asyncio.run(check())
+
+
+# ---- fit, components, labels ----
+
+
+def test_fit_streams_progress_then_summary(fitted) -> None:  # noqa: ANN001
+    updates, summary = fitted
+    progress = updates[:-1]
+    assert progress and all(isinstance(u, FitProgress) for u in progress)
+    assert {u.job_id for u in updates} == {summary.job_id} and summary.fit_id == summary.job_id
+    assert progress[-1].images_done == progress[-1].images_total == 2 * PER_CLASS
+    assert [(c.class_index, c.images, c.num_components) for c in summary.classes] == [
+        (0, PER_CLASS, COMPONENTS), (1, PER_CLASS, COMPONENTS),
+    ]
+    assert summary.model == "tiny" and summary.images == 2 * PER_CLASS and summary.skipped_images == 0
+
+
+def test_get_components_matches_the_store(client: Client, fitted, store_dir: Path) -> None:  # noqa: ANN001
+    _, summary = fitted
+    got = client.get_components("tiny", 0, include_vectors=True)
+    info = client.get_model("tiny")
+    stored = Store(store_dir).load_fit("tiny", info.digest, summary.fit_id).components(0)
+    assert (got.fit_id, got.images, got.num_components, got.floor_percentile) == (summary.fit_id, PER_CLASS, COMPONENTS, 5.0)
+    np.testing.assert_allclose([c.eigenvalue for c in got.components], stored.eigenvalues, rtol=1e-12)
+    np.testing.assert_allclose([c.alpha_floor for c in got.components], stored.alpha_floor(), rtol=1e-12)
+    np.testing.assert_allclose(got.vectors, stored.vectors, atol=1e-6)
+    assert [(c.label, c.note) for c in got.components][:2] == [("spurious", "background"), ("unlabeled", "")]
+    top = client.get_components("tiny", 0, top=2)
+    assert [c.index for c in top.components] == [0, 1] and top.num_components == COMPONENTS and top.vectors is None
+
+
+def test_label_and_list_labels(client: Client, fitted) -> None:  # noqa: ANN001
+    _, summary = fitted
+    record = client.label("tiny", 1, 2, "inconsistent", note="mixed")
+    assert (record.fit_id, record.class_index, record.component, record.label, record.note) == (
+        summary.fit_id, 1, 2, "inconsistent", "mixed",
+    )
+    assert record.updated is not None
+    labelled = {(r.class_index, r.component): r.label for r in client.list_labels("tiny")}
+    assert labelled[(0, 0)] == "spurious" and labelled[(1, 2)] == "inconsistent"
+    unlabelled = client.list_labels("tiny", class_index=1, label="unlabeled")
+    assert [r.component for r in unlabelled] == [0, 1, 3]
+    cleared = client.label("tiny", 1, 2, "unlabeled")
+    assert cleared.label == "unlabeled" and cleared.updated is None
+    assert (1, 2) not in {(r.class_index, r.component) for r in client.list_labels("tiny")}
+
+
+# ---- score ----
+
+
+def _images(seed: int, count: int) -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(seed)
+    return [(f"img-{seed}-{i}", _random_png(rng)) for i in range(count)]
+
+
+def test_score_equals_the_in_process_guard(client: Client, fitted, model_dir: Path, store_dir: Path) -> None:  # noqa: ANN001
+    _, summary = fitted
+    images = _images(1, 6)
+    for options in ({}, {"class_index": 0, "top": 0, "spufix": "paper"}):
+        results = client.score("tiny", images, **options)
+        assert all(r.error is None and r.fit_id == summary.fit_id for r in results)
+        reference = _reference_scores(
+            model_dir, store_dir, images,
+            class_index=options.get("class_index"), top=options.get("top", 5), mode=options.get("spufix", "floor"),
+        )
+        _assert_close([r.to_dict() for r in results], reference)
+    analysed = client.score("tiny", images, class_index=0, top=0)
+    assert all(r.components[0].label in ("spurious", "unlabeled") for r in analysed)
+    assert any(r.spufix.logit < r.logit for r in analysed)  # the spurious label acts
+
+
+def test_score_of_an_unfitted_class_reports_no_decomposition(client: Client, fitted) -> None:  # noqa: ANN001
+    (result,) = client.score("tiny", _images(2, 1), class_index=2)
+    assert result.class_index == 2 and result.bias_term is None and result.residual is None
+    assert result.components == () and result.spurious_alpha == 0.0 and not result.trigger
+
+
+def test_bad_images_fail_alone(client: Client, fitted) -> None:  # noqa: ANN001
+    good = _images(3, 2)
+    pixels = np.random.default_rng(4).integers(0, 256, (24, 18, 3), dtype=np.uint8)
+    batch = [good[0], ("corrupt", b"\x89PNG\r\n\x1a\nnot really"), ("empty", b""), ("huge", _huge_png()),
+             ("raw", pixels), good[1]]
+    results = client.score("tiny", batch)
+    assert [r.image for r in results] == ["img-3-0", "corrupt", "empty", "huge", "raw", "img-3-1"]
+    errors = {r.image: r.error for r in results if r.error is not None}
+    assert sorted(errors) == ["corrupt", "empty", "huge"]
+    assert errors["corrupt"].code == "INVALID_ARGUMENT" and "image" in errors["corrupt"].message
+    assert errors["empty"].code == "INVALID_ARGUMENT" and "empty" in errors["empty"].message
+    assert errors["huge"].code == "RESOURCE_EXHAUSTED" and "pixels" in errors["huge"].message
+    raw_alone = client.score("tiny", [("raw", _png(pixels))])[0]  # raw pixels score like their PNG
+    _assert_close(results[4].to_dict(), raw_alone.to_dict())
+
+
+def test_score_stream_serves_concurrent_clients_in_order(server: BackgroundServer, fitted, model_dir: Path, store_dir: Path) -> None:  # noqa: ANN001
+    batches = {seed: _images(seed, 12) for seed in range(10, 14)}
+
+    def stream(seed: int) -> list[dict]:
+        with Client(server.address) as own:
+            return [r.to_dict() for r in own.score_stream("tiny", batches[seed], top=0)]
+
+    with ThreadPoolExecutor(len(batches)) as pool:
+        got = dict(zip(batches, pool.map(stream, batches)))
+    everything = [image for seed in batches for image in batches[seed]]
+    reference = iter(_reference_scores(model_dir, store_dir, everything, top=0))
+    for seed in batches:
+        _assert_close(got[seed], [next(reference) for _ in batches[seed]])
+
+
+def test_score_stream_with_a_small_window_still_answers_everything(
+    server: BackgroundServer, fitted, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setattr(servicer_module, "STREAM_WINDOW", 2)
+    images = _images(15, 10)
+    with Client(server.address, stream_timeout=30) as own:
+        assert [r.image for r in own.score_stream("tiny", images)] == [i for i, _ in images]
+
+
+def test_score_stream_reports_bad_messages_per_message(client: Client, fitted) -> None:  # noqa: ANN001
+    bad, good = client.score_stream("tiny", [("bad", b"junk"), *_images(5, 1)])
+    assert bad.error.code == "INVALID_ARGUMENT" and good.error is None and good.predictions
+    (out_of_range,) = client.score_stream("tiny", _images(5, 1), class_index=7)
+    assert out_of_range.error.code == "NOT_FOUND" and "0..2" in out_of_range.error.message
+    (unknown,) = client.score_stream("nope", _images(6, 1))
+    assert unknown.error.code == "NOT_FOUND" and "nope" in unknown.error.message
+
+
+# ---- evaluate ----
+
+
+def test_evaluate_streams_progress_then_the_in_process_table(client: Client, fitted, data: Path, model_dir: Path, store_dir: Path) -> None:  # noqa: ANN001
+    updates = list(client.evaluate("tiny", str(data / "train"), str(data / "spurious")))
+    *progress, result = updates
+    assert progress and progress[-1].images_done == progress[-1].images_total == 3 * PER_CLASS + 6
+    backend = load_model(str(model_dir), "cpu")
+    want = run_evaluate(backend, Guard.load(backend, Store(store_dir)), data / "train", data / "spurious").to_json()
+    got = {**result.baseline.to_dict(), "spufix": {"mode": result.spufix_mode, **result.spufix.to_dict()}}
+    _assert_close(got, {k: want[k] for k in got})
+    assert (result.clean_images, result.spurious_images, result.fit_id) == (3 * PER_CLASS, 6, want["fit_id"])
+
+
+def test_evaluate_stops_when_its_client_goes_away(client: Client, gated, data: Path) -> None:  # noqa: ANN001
+    module = gated[1]
+    module.gate.clear()
+    try:
+        stream = client.evaluate("gated", str(data / "train"), str(data / "spurious"), batch_size=2)
+        assert next(stream).phase == "scanning"  # the first forward pass now waits at the gate
+        stream.close()
+        time.sleep(0.3)
+        calls = module.calls
+    finally:
+        module.gate.set()
+    time.sleep(0.5)
+    assert module.calls - calls <= 2  # 18 batches without the cancel
+
+
+# ---- errors ----
+
+
+def test_error_cases_have_their_status_and_a_clear_message(client: Client, fitted, data: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    cases = {
+        "unknown model": (lambda: client.get_model("nope"), CODE.NOT_FOUND, "nope"),
+        "class out of range": (lambda: client.score("tiny", _images(7, 1), class_index=3), CODE.NOT_FOUND, "0..2"),
+        "negative class": (lambda: client.get_components("tiny", -1), CODE.NOT_FOUND, "0..2"),
+        "unfitted class": (lambda: client.get_components("tiny", 2), CODE.FAILED_PRECONDITION, "not fitted"),
+        "unknown component": (lambda: client.label("tiny", 0, 9, "spurious"), CODE.NOT_FOUND, "0..3"),
+        "unknown fit": (lambda: client.get_components("tiny", 0, fit_id="nofit"), CODE.NOT_FOUND, "nofit"),
+        "batch over the limit": (
+            lambda: client.score("tiny", _images(8, MAX_REQUEST_IMAGES + 1), batch_size=MAX_REQUEST_IMAGES + 1),
+            CODE.RESOURCE_EXHAUSTED, str(MAX_REQUEST_IMAGES),
+        ),
+        "dataset outside the roots": (lambda: list(client.fit("tiny", str(tmp_path))), CODE.PERMISSION_DENIED, "data roots"),
+        "dataset missing": (lambda: list(client.fit("tiny", str(data / "absent"))), CODE.NOT_FOUND, "absent"),
+        "escape by ..": (lambda: list(client.fit("tiny", "train/../..")), CODE.PERMISSION_DENIED, "data roots"),
+        "bad job id": (lambda: list(client.fit("tiny", "train", job_id="no/slash")), CODE.INVALID_ARGUMENT, "job id"),
+        "unknown job": (lambda: client.get_job("nojob"), CODE.NOT_FOUND, "nojob"),
+        "visualize": (lambda: list(client.visualize("tiny", 0, [0])), CODE.UNIMPLEMENTED, "Visualize"),
+        "evaluate outside the roots": (
+            lambda: list(client.evaluate("tiny", str(tmp_path), str(data / "spurious"))), CODE.PERMISSION_DENIED, "clean",
+        ),
+    }
+    for name, (call, code, fragment) in cases.items():
+        got_code, message = _code(call)
+        assert got_code == code, f"{name}: {got_code} {message}"
+        assert fragment in message and "\n" not in message and "Traceback" not in message, f"{name}: {message}"
+
+
+# ---- jobs: disconnect, cancel, resume ----
+
+
+def test_a_fit_survives_its_client_going_away(client: Client, gated, data: Path) -> None:  # noqa: ANN001
+    gate = gated[1].gate
+    gate.clear()
+    try:
+        stream = client.fit("gated", str(data / "train"), classes=[0, 1], num_components=3, batch_size=2, job_id="survivor")
+        assert isinstance(next(stream), FitProgress)
+        stream.close()  # the client cancels its call
+        time.sleep(0.3)
+        assert client.get_job("survivor").state == "running"
+    finally:
+        gate.set()
+    *_, summary = client.fit("gated", str(data / "train"), classes=[0, 1], num_components=3, batch_size=2,
+                             job_id="survivor")  # the same request again re-attaches
+    assert isinstance(summary, FitSummary) and summary.fit_id == "survivor"
+    assert client.get_job("survivor").state == "succeeded"
+    assert list(client.watch_job("survivor"))[-1] == summary  # a finished job answers at once
+    assert client.get_model("gated").fit_id == "survivor"
+    assert client.get_components("gated", 1).num_components == 3  # the store is consistent
+
+
+def test_cancel_job_then_resume_with_the_same_id(client: Client, gated, data: Path) -> None:  # noqa: ANN001
+    gate = gated[1].gate
+    args = dict(classes=[0, 2], num_components=2, batch_size=2, job_id="stop-me")
+    gate.clear()
+    try:
+        stream = client.fit("gated", str(data / "train"), **args)
+        next(stream)
+        assert client.cancel_job("stop-me").state in ("running", "cancelled")
+    finally:
+        gate.set()
+    code, message = _code(lambda: list(stream))
+    assert code == CODE.CANCELLED and "stop-me" in message
+    job = client.get_job("stop-me")
+    assert job.state == "cancelled" and job.error.code == "CANCELLED"
+    assert "stop-me" in [j.job_id for j in client.list_jobs("gated")]
+    *_, summary = client.fit("gated", str(data / "train"), **args)
+    assert summary.fit_id == "stop-me" and [c.class_index for c in summary.classes] == [0, 2]
+    assert client.cancel_job("stop-me").state == "succeeded"  # a finished job stays finished
+
+
+# ---- metrics ----
+
+
+def test_metrics_endpoint_exposes_the_named_series(server: BackgroundServer, client: Client, fitted) -> None:  # noqa: ANN001
+    client.score("tiny", _images(9, 3))
+    _code(lambda: client.get_model("nope"))
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert samples['spurguard_requests_total{code="OK",model="tiny",rpc="Score"}'] >= 1
+    assert samples['spurguard_requests_total{code="NOT_FOUND",model="",rpc="GetModel"}'] >= 1
+    assert samples['spurguard_request_duration_seconds_count{model="tiny",rpc="Score"}'] >= 1
+    assert samples['spurguard_images_scored_total{model="tiny"}'] >= 3
+    for series in ("spurguard_batch_size_count", "spurguard_queue_duration_seconds_count",
+                   "spurguard_compute_duration_seconds_count"):
+        assert samples[f'{series}{{model="tiny"}}'] >= 1
+    assert "# TYPE spurguard_spurious_triggers_total counter" in text
+
+
+# ---- the entry point ----
+
+
+def test_bad_arguments_and_models_fail_fast(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["--model", "m", "--store", "s", "--max-message-mb", "16"])
+    assert caught.value.code == 2 and "64" in capsys.readouterr().err
+    store = ["--store", str(tmp_path / "store"), "--port", "0"]
+    assert main(["--model", str(tmp_path / "missing"), *store]) == 2
+    assert "neither a built-in model" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for part in model_dir.iterdir():
+        (broken / part.name).write_bytes(part.read_bytes())
+    (broken / "backbone.pt").write_bytes(b"not a torchscript archive")
+    assert main(["--model", str(broken), *store]) == 1  # fails while loading, after the port opened
+    err = capsys.readouterr().err
+    assert "failed to load" in err and "backbone.pt" in err
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_0(model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # a 1.5 s batching delay keeps a lone Score call in flight while SIGTERM arrives
+    command = [sys.executable, "-m", "spurguard.server.rpc.app", "--model", str(model_dir), "--store",
+               str(tmp_path / "store"), "--port", "0", "--device", "cpu", "--max-delay-ms", "1500", "--grace-s", "10"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("spurguard serving on 127.0.0.1:"), line + process.stderr.read()
+        address = line.split()[-1]
+        with Client(address) as c, ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(c.score, "tiny", _images(11, 1))
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            (result,) = in_flight.result(timeout=20)
+        assert result.error is None and result.predictions
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "server stopped" in process.stderr.read()
+
+
+def test_stop_cancels_running_jobs_and_leaves_a_resumable_fit(data: Path, tmp_path: Path) -> None:
+    backend, module = _gated_backend()
+    config = ServerConfig(models=(), store=tmp_path / "store", port=0, data_roots=(data,), device="cpu")
+    args = dict(classes=[0, 1], num_components=2, batch_size=2, job_id="interrupted")
+    running = BackgroundServer(config, backends=[backend]).start()
+    module.gate.clear()
+    try:
+        with Client(running.address) as c:
+            stream = c.fit("gated", str(data / "train"), **args)
+            next(stream)
+            stopping = threading.Thread(target=running.stop, kwargs={"grace": 10})
+            stopping.start()
+            time.sleep(0.3)
+            module.gate.set()
+            code, message = _code(lambda: list(stream))
+            stopping.join(timeout=20)
+    finally:
+        module.gate.set()
+        running.stop()
+    assert code == CODE.CANCELLED and "interrupted" in message
+    assert Store(tmp_path / "store").pending_fits("gated", backend.digest) == ["interrupted"]
+    with BackgroundServer(config, backends=[backend]) as again, Client(again.address) as c:
+        *_, summary = c.fit("gated", str(data / "train"), **args)
+        assert summary.fit_id == "interrupted" and c.get_model("gated").fitted_classes == (0, 1)

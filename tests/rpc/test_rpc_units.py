@@ -1,0 +1,66 @@
+"""Small pieces of the rpc layer on their own: the status mapping and the data-root checks."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from spurguard.server.errors import Cancelled, InvalidInput, NotFound, PermissionDenied, ResourceExhausted
+from spurguard.server.rpc.paths import DataRoots
+from spurguard.server.rpc.status import status_of
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [(InvalidInput("bad"), grpc.StatusCode.INVALID_ARGUMENT), (NotFound("x"), grpc.StatusCode.NOT_FOUND),
+     (ResourceExhausted("big"), grpc.StatusCode.RESOURCE_EXHAUSTED), (Cancelled("stop"), grpc.StatusCode.CANCELLED)],
+)
+def test_typed_errors_keep_their_code(error: Exception, code: grpc.StatusCode) -> None:
+    status = status_of(error, "Test")
+    assert status.code == code and status.message == str(error) and status.number == code.value[0]
+
+
+def test_messages_are_one_line() -> None:
+    assert status_of(InvalidInput("\n  first line\nsecond line"), "Test").message == "first line"
+    assert len(status_of(InvalidInput("x" * 5000), "Test").message) == 1000
+
+
+def test_unexpected_errors_are_internal_and_logged_not_sent(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="spurguard.server"):
+        status = status_of(KeyError("secret detail"), "Score")
+    assert status.code == grpc.StatusCode.INTERNAL
+    assert "secret" not in status.message and "Score" in status.message and "\n" not in status.message
+    assert "secret detail" in caplog.text
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> tuple[Path, Path]:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "train" / "0").mkdir(parents=True)
+    outside.mkdir()
+    os.symlink(outside, root / "link")
+    return root, outside
+
+
+def test_paths_resolve_under_a_root(layout: tuple[Path, Path]) -> None:
+    root, _ = layout
+    roots = DataRoots([root])
+    assert roots.resolve("train") == roots.resolve(str(root / "train")) == root.resolve() / "train"
+    with pytest.raises(NotFound):
+        roots.resolve("missing")
+
+
+@pytest.mark.parametrize("path", ["link", "train/../..", "/"])
+def test_paths_may_not_leave_the_roots(layout: tuple[Path, Path], path: str) -> None:
+    with pytest.raises(PermissionDenied):
+        DataRoots([layout[0]]).resolve(path)
+
+
+def test_no_roots_means_no_datasets(layout: tuple[Path, Path]) -> None:
+    with pytest.raises(PermissionDenied, match="--data-root"):
+        DataRoots([]).resolve(str(layout[0] / "train"))
+    with pytest.raises(InvalidInput):
+        DataRoots([layout[0]]).resolve("")
