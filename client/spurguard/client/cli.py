@@ -1,0 +1,660 @@
+"""The `spurguard` command line: a front over the thin client (SPEC section 3).
+
+Only grpcio, protobuf, numpy and the standard library are imported here, so the CLI works from
+`pip install spurguard` without the server extra; `serve` and `demo` import the server lazily.
+Each command is one small function of (parsed args, client); the client comes from a factory
+that tests replace, and every output shape is built by the pure functions of `cli_format`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing
+from pathlib import Path
+
+import grpc
+
+from spurguard.client import cli_format as fmt
+from spurguard.client import types as t
+from spurguard.client.cli_progress import Progress, evaluate_line, fit_line, score_line, visualize_line
+from spurguard.client.cli_visualize import VisualizeWriter
+from spurguard.client.client import DEFAULT_SCORE_BATCH, DEFAULT_TIMEOUT_S, Client, SpurguardClientError
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+SERVER_ENV = "SPURGUARD_SERVER"
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")  # what the server decodes (SPEC section 2)
+LABELS = ("spurious", "not_spurious", "inconsistent", "unlabeled")
+SPUFIX_MODES = ("paper", "floor")
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # a call failed: the server's status code is printed
+EXIT_USAGE = 2  # bad arguments (argparse), or the server extra missing for serve/demo
+EXIT_PARTIAL = 3  # score: some images failed, the others were printed
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+# Commands whose arguments belong to another program: everything after the name is passed on.
+FORWARDED = {
+    "serve": "spurguard.server.rpc.app",
+    "demo": "spurguard.server.demo.__main__",
+}
+
+ClientFactory = Callable[[str, float | None], Client]
+Handler = Callable[[argparse.Namespace, Client], int]
+
+
+class CliError(Exception):
+    """A failure on the client's side (not a server status): printed as one line, exit 1."""
+
+
+class UsageError(Exception):
+    """Arguments that argparse cannot check alone (e.g. an empty image folder): exit 2."""
+
+
+def connect(target: str, timeout: float | None) -> Client:
+    return Client(target, timeout=timeout)
+
+
+# ---- argument types ----
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_index = _int_at_least(0)
+_count = _int_at_least(1)
+
+
+def _index_list(text: str) -> list[int]:
+    """Comma-separated non-negative indices: "0,3,7"."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated indices like 0,3,7; got {text!r}")
+    return [_index(part) for part in parts]
+
+
+def _float_at_least_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float_at_least_zero(text)
+    if value == 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+# ---- parser ----
+
+_EPILOG = f"""\
+The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_SERVER}. --server,
+--json and --timeout may be given before or after the command name.
+
+exit status:
+  {EXIT_OK}    success
+  {EXIT_ERROR}    a call failed; "spurguard: error: CODE: message" names the gRPC status
+  {EXIT_USAGE}    usage error (or serve/demo without the spurguard[server] extra)
+  {EXIT_PARTIAL}    score: some images failed (their lines carry the error); the rest were scored
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); a fit job keeps running on the server
+"""
+
+
+def _global_options(parser: argparse.ArgumentParser, server_default: str | None, for_command: bool) -> None:
+    """--server/--json/--timeout; on a command they default to SUPPRESS so the top level's stand."""
+    suppress = argparse.SUPPRESS
+
+    def default(value: object) -> object:
+        return suppress if for_command else value
+
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        default=default(server_default),
+        help=f"server address (default: ${SERVER_ENV}, else {DEFAULT_SERVER}; now {server_default})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="machine-readable output on stdout (one JSON document, or JSON lines for score); "
+        "progress still goes to stderr",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_float_at_least_zero,
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"deadline of each request/response call, retries included (default {DEFAULT_TIMEOUT_S:g}; "
+        "0: none); streams (fit, watch, visualize, evaluate) have none",
+    )
+
+
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    """The whole command line; `environ` supplies the SPURGUARD_SERVER default."""
+    server_default = environ.get(SERVER_ENV) or DEFAULT_SERVER
+    parser = argparse.ArgumentParser(
+        prog="spurguard",
+        description="Find and guard against harmful spurious features in image classifiers\n"
+        "(Neuhaus et al., ICCV 2023), through a spurguard gRPC server.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _global_options(parser, server_default, for_command=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, server_default, for_command=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Handler, summary: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=summary, description=description)
+        sub.set_defaults(handler=handler, command_parser=sub)
+        return sub
+
+    for name, summary in (
+        ("serve", "run the gRPC server (needs spurguard[server]); see `spurguard serve --help`"),
+        ("demo", "run the whole method on the planted-spurious demo data (needs spurguard[server])"),
+    ):
+        # No options of ours: every argument after the name goes to the server's own parser.
+        sub = commands.add_parser(name, add_help=False, help=summary)
+        sub.set_defaults(command_parser=sub)
+
+    command(
+        "models",
+        cmd_models,
+        "list the server's models",
+        "List the loaded models: classes, feature dimension, input size, backend, device and the "
+        "classes the current fit covers.",
+    )
+
+    fit = command(
+        "fit",
+        cmd_fit,
+        "fit class-wise neural PCA components on a dataset",
+        "Start a fit job on the server and follow its progress; prints the committed fit. The job "
+        "runs on the server: Ctrl-C stops watching, not the job (unless --cancel-on-interrupt); "
+        "follow it again with `spurguard watch JOB`.",
+    )
+    fit.add_argument("--model", required=True, metavar="NAME", help="model name (see `spurguard models`)")
+    fit.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="image folder ON THE SERVER, laid out DIR/<class>/<image>: absolute, or relative to one "
+        "of the server's --data-root folders",
+    )
+    fit.add_argument("--classes", type=_index_list, default=[], metavar="K,K,…", help="classes to fit (default: every class with images)")
+    fit.add_argument("--components", type=_count, metavar="N", help="components kept per class (server default: 50)")
+    fit.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
+    fit.add_argument(
+        "--job-id",
+        metavar="ID",
+        help="name the job (letters, digits, - and _); an existing id re-attaches, an unfinished "
+        "cancelled one with the same settings resumes",
+    )
+    fit.add_argument("--extend", action="store_true", help="add these classes to the current fit instead of starting a new one")
+    fit.add_argument("--detach", action="store_true", help="print the job once the server has accepted it and return at once")
+    fit.add_argument("--cancel-on-interrupt", action="store_true", help="Ctrl-C cancels the job instead of leaving it running")
+
+    watch = command(
+        "watch",
+        cmd_watch,
+        "follow a running fit job",
+        "Re-attach to a fit job: its progress, then the committed fit (at once if it has finished).",
+    )
+    watch.add_argument("job_id", metavar="JOB", help="job id (see `spurguard jobs`)")
+    watch.add_argument("--cancel-on-interrupt", action="store_true", help="Ctrl-C cancels the job instead of leaving it running")
+
+    jobs = command("jobs", cmd_jobs, "list fit jobs", "List running and recently finished fit jobs, newest first.")
+    jobs.add_argument("--model", metavar="NAME", help="only this model's jobs")
+
+    cancel = command(
+        "cancel",
+        cmd_cancel,
+        "cancel a fit job",
+        "Ask a fit job to stop and print its state. Classes it finished are kept, so a later fit "
+        "with the same --job-id resumes; no fit is committed.",
+    )
+    cancel.add_argument("job_id", metavar="JOB", help="job id")
+
+    components = command(
+        "components",
+        cmd_components,
+        "show one class's components",
+        "One class's neural PCA components in the current fit: eigenvalue, explained variance, alpha "
+        "over the fit images (mean, floor = the q-th percentile, max) and the label.",
+    )
+    components.add_argument("--model", required=True, metavar="NAME", help="model name")
+    components.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    components.add_argument("--top", type=_index, metavar="N", help="only the first N components (default and 0: all kept)")
+
+    label = command(
+        "label",
+        cmd_label,
+        "label a component",
+        "Record a human verdict on one component of the current fit. SpuFix and score's "
+        "spurious evidence use the components labelled spurious; unlabeled clears a label.",
+    )
+    label.add_argument("--model", required=True, metavar="NAME", help="model name")
+    label.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    label.add_argument("--component", required=True, type=_index, metavar="L", help="component index (0 = largest eigenvalue)")
+    label.add_argument("--as", dest="label", required=True, choices=LABELS, help="the verdict")
+    label.add_argument("--note", default="", metavar="TEXT", help="why (kept with the label)")
+
+    visualize = command(
+        "visualize",
+        cmd_visualize,
+        "render what a component responds to",
+        "Stream a component's top fit images, their heatmaps, the feature attack (from gray, L2 "
+        "bounded) and its final image, writing the PNGs under --out as "
+        "class_<K>/component_<L>/{top_<rank>,heatmap_<rank>,frame_<step>,attack}.png.",
+    )
+    visualize.add_argument("--model", required=True, metavar="NAME", help="model name")
+    visualize.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    visualize.add_argument(
+        "--component",
+        required=True,
+        type=_index_list,
+        action="extend",
+        metavar="L[,L…]",
+        help="component index; repeat or comma-separate for several",
+    )
+    visualize.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the PNGs (created)")
+    visualize.add_argument("--steps", type=_count, metavar="N", help="attack steps (server default: 200)")
+    visualize.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px)")
+    visualize.add_argument("--top-k", type=_count, metavar="N", help="top fit images per component (server default: 8)")
+    visualize.add_argument("--frame-every", type=_index, metavar="N", help="an attack frame every N steps (default steps/10; 0: none)")
+    visualize.add_argument("--heatmap", choices=("grad_cam", "input_gradient", "none"), help="heatmap method (server default: grad_cam)")
+    visualize.add_argument("--seed", type=_index, metavar="S", help="attack randomness (default 0: deterministic)")
+
+    score = command(
+        "score",
+        cmd_score,
+        "score images: predictions, spurious evidence, SpuFix",
+        "Score local images (read here, sent to the server) with a model: top-5 predictions, the "
+        "analysed class's decomposition into components, spurious evidence (spurious_alpha, "
+        "trigger) and the prediction after SpuFix. "
+        f"A folder stands for its image files ({', '.join(IMAGE_SUFFIXES)}, recursively, sorted, "
+        f"hidden ones skipped). An image that fails gets an error line and the exit status is "
+        f"{EXIT_PARTIAL}; the others are still scored.",
+    )
+    score.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    score.add_argument("--model", required=True, metavar="NAME", help="model name")
+    score.add_argument("--class", dest="class_index", type=_index, metavar="K", help="class to analyse (default: each image's top-1)")
+    score.add_argument("--top", type=_index, metavar="N", help="components reported, largest alpha first (server default: 5; 0: every kept one)")
+    score.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode for spufix and trigger (default: the server's)")
+    score.add_argument(
+        "--batch-size",
+        type=_count,
+        default=DEFAULT_SCORE_BATCH,
+        metavar="N",
+        help=f"images per request (default {DEFAULT_SCORE_BATCH}); results are printed per request",
+    )
+
+    evaluate = command(
+        "evaluate",
+        cmd_evaluate,
+        "spurious score benchmark, without and with SpuFix",
+        "Per class: ROC AUC and average precision of p(k|x), clean images of k against images "
+        "with k's spurious feature only, mean p(k|x) and the share predicted k on both sets; "
+        "without and with SpuFix.",
+    )
+    evaluate.add_argument("--model", required=True, metavar="NAME", help="model name")
+    evaluate.add_argument("--clean", required=True, metavar="DIR", help="clean image folder ON THE SERVER (DIR/<class>/<image>)")
+    evaluate.add_argument(
+        "--spurious",
+        required=True,
+        metavar="DIR",
+        help="spurious folder ON THE SERVER in the Spurious ImageNet layout (spurious_imagenet_<class>_…_<component>)",
+    )
+    evaluate.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode (default: the server's)")
+    evaluate.add_argument("--classes", type=_index_list, default=[], metavar="K,K,…", help="classes to evaluate (default: every class with spurious images)")
+    evaluate.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
+    return parser
+
+
+# ---- helpers ----
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    """A redrawn line on a terminal; plain periodic lines otherwise, none of those with --json."""
+    if sys.stderr.isatty():
+        mode = "tty"
+    else:
+        mode = "off" if args.json else "plain"
+    return Progress(sys.stderr, mode)
+
+
+def _server_option(args: argparse.Namespace) -> str:
+    """`--server X ` for hints, when the server is not the default one."""
+    return "" if args.server == DEFAULT_SERVER else f"--server {args.server} "
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---- commands ----
+
+
+def cmd_models(args: argparse.Namespace, client: Client) -> int:
+    models = client.list_models()
+    _print(fmt.json_document([fmt.model_to_dict(m) for m in models]) if args.json else fmt.models_table(models))
+    return EXIT_OK
+
+
+def _interrupted(args: argparse.Namespace, client: Client, job_id: str | None) -> int:
+    """Ctrl-C while following a job: say where the job stands, cancel it only if asked to."""
+    server = _server_option(args)
+    if job_id is None:
+        message = (
+            "interrupted before the server named the job; if it started, it keeps running "
+            f"(see `spurguard {server}jobs`)"
+        )
+    elif args.cancel_on_interrupt:
+        job = client.cancel_job(job_id)
+        message = f"interrupted; cancel requested for fit job {job_id} (state: {job.state})"
+    else:
+        message = (
+            f"interrupted; fit job {job_id} continues on the server. Follow it with "
+            f"`spurguard {server}watch {job_id}`, cancel it with `spurguard {server}cancel {job_id}`"
+        )
+    print(f"spurguard: {message}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _follow(args: argparse.Namespace, client: Client, updates: Iterator[t.FitUpdate], job_id: str | None) -> int:
+    """Show a fit stream's progress, then print its summary."""
+    progress = _progress(args)
+    summary: t.FitSummary | None = None
+    after = "cancels the job" if args.cancel_on_interrupt else "stops watching; the job keeps running"
+    try:
+        for number, update in enumerate(updates):
+            job_id = update.job_id
+            if number == 0:
+                progress.message(f"following fit job {job_id} on {args.server} (Ctrl-C {after})")
+            if isinstance(update, t.FitSummary):
+                summary = update
+            else:
+                progress.update(fit_line(update), key=update.phase)
+    except KeyboardInterrupt:
+        progress.close()  # before the message, so it starts on its own line
+        return _interrupted(args, client, job_id)
+    finally:
+        progress.close()
+    if summary is None:
+        raise CliError(f"the server ended fit job {job_id}'s stream without a summary")
+    _print(fmt.json_document(fmt.fit_summary_to_dict(summary)) if args.json else fmt.fit_summary_table(summary))
+    return EXIT_OK
+
+
+def cmd_fit(args: argparse.Namespace, client: Client) -> int:
+    updates = client.fit(
+        args.model,
+        args.data,
+        classes=args.classes,
+        num_components=args.components,
+        batch_size=args.batch_size,
+        job_id=args.job_id,
+        extend=args.extend,
+    )
+    if not args.detach:
+        return _follow(args, client, updates, args.job_id)
+    first = next(updates, None)  # the first update names the job; leaving the stream does not stop it
+    if first is None:
+        raise CliError("the server ended the fit stream before naming the job")
+    job = client.get_job(first.job_id)
+    if args.json:
+        _print(fmt.json_document(fmt.job_to_dict(job)))
+    else:
+        _print(f"fit job {job.job_id}: {job.state}; follow it with `spurguard {_server_option(args)}watch {job.job_id}`")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, client: Client) -> int:
+    return _follow(args, client, client.watch_job(args.job_id), args.job_id)
+
+
+def cmd_jobs(args: argparse.Namespace, client: Client) -> int:
+    jobs = client.list_jobs(args.model)
+    _print(fmt.json_document([fmt.job_to_dict(job) for job in jobs]) if args.json else fmt.jobs_table(jobs))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
+    job = client.cancel_job(args.job_id)
+    _print(fmt.json_document(fmt.job_to_dict(job)) if args.json else fmt.jobs_table([job]))
+    return EXIT_OK
+
+
+def cmd_components(args: argparse.Namespace, client: Client) -> int:
+    components = client.get_components(args.model, args.class_index, top=args.top)
+    _print(fmt.json_document(fmt.components_to_dict(components)) if args.json else fmt.components_table(components))
+    return EXIT_OK
+
+
+def cmd_label(args: argparse.Namespace, client: Client) -> int:
+    record = client.label(args.model, args.class_index, args.component, args.label, note=args.note)
+    _print(fmt.json_document(fmt.label_to_dict(record)) if args.json else fmt.label_line(record))
+    return EXIT_OK
+
+
+def cmd_visualize(args: argparse.Namespace, client: Client) -> int:
+    writer = VisualizeWriter(args.out, args.class_index)
+    progress = _progress(args)
+    updates = client.visualize(
+        args.model,
+        args.class_index,
+        args.component,
+        steps=args.steps,
+        eps=args.eps,
+        frame_every=args.frame_every,
+        top_k=args.top_k,
+        seed=args.seed,
+        heatmap=args.heatmap,
+    )
+    try:
+        for update in updates:
+            writer.add(update)
+            progress.update(visualize_line(update), key=f"{update.component}:{type(update).__name__}")
+    finally:
+        progress.close()
+    summary = writer.summary(args.model)
+    _print(fmt.json_document(summary) if args.json else fmt.visualize_table(summary))
+    return EXIT_OK
+
+
+def expand_images(arguments: Sequence[str]) -> list[str]:
+    """Image paths from the command line: a folder becomes its image files, recursively, sorted.
+
+    Files and folders whose names start with "." below a given folder are skipped. A path that
+    does not exist is kept: it fails on its own line, not the whole call.
+    """
+    paths: list[str] = []
+    for argument in arguments:
+        if not os.path.isdir(argument):
+            paths.append(argument)
+            continue
+        root = Path(argument)
+        found = sorted(
+            path
+            for path in root.rglob("*")
+            if path.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in path.relative_to(root).parts)
+            and path.is_file()
+        )
+        if not found:
+            raise UsageError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {argument}")
+        paths.extend(str(path) for path in found)
+    return paths
+
+
+def _unreadable(path: str, error: OSError) -> t.ScoreResult:
+    """A result line for a file the CLI itself could not read."""
+    if isinstance(error, FileNotFoundError):
+        code = grpc.StatusCode.NOT_FOUND
+    elif isinstance(error, PermissionError):
+        code = grpc.StatusCode.PERMISSION_DENIED
+    else:
+        code = grpc.StatusCode.UNKNOWN
+    reason = error.strerror or str(error)
+    return t.ScoreResult(
+        image=path,
+        error=t.ErrorInfo(code.name, f"cannot read {path}: {reason}"),
+        predictions=(),
+        class_index=-1,
+        logit=0.0,
+        bias_term=None,
+        residual=None,
+        components=(),
+        spurious_alpha=0.0,
+        trigger=False,
+        spufix=None,
+        fit_id="",
+    )
+
+
+def _score_batch(args: argparse.Namespace, client: Client, paths: Sequence[str]) -> list[t.ScoreResult]:
+    """Read and score one batch of files, keeping input order; unreadable files fail alone."""
+    local: dict[int, t.ScoreResult] = {}
+    items: list[tuple[str, bytes]] = []
+    for position, path in enumerate(paths):
+        try:
+            items.append((path, Path(path).read_bytes()))
+        except OSError as error:
+            local[position] = _unreadable(path, error)
+    scored = iter(
+        client.score(
+            args.model,
+            items,
+            class_index=args.class_index,
+            top=args.top,
+            spufix=args.spufix,
+            batch_size=args.batch_size,
+        )
+        if items
+        else ()
+    )
+    return [local[position] if position in local else next(scored) for position in range(len(paths))]
+
+
+def cmd_score(args: argparse.Namespace, client: Client) -> int:
+    paths = expand_images(args.images)
+    progress = _progress(args)
+    results: list[t.ScoreResult] = []
+    failed = 0
+    started = time.monotonic()
+    try:
+        for start in range(0, len(paths), args.batch_size):
+            batch = _score_batch(args, client, paths[start : start + args.batch_size])
+            failed += sum(result.error is not None for result in batch)
+            if args.json:
+                _print("\n".join(fmt.json_line(result.to_dict()) for result in batch))
+            else:
+                results.extend(batch)
+            progress.update(score_line(start + len(batch), len(paths), time.monotonic() - started))
+    finally:
+        progress.close()
+    if not args.json:
+        _print(fmt.score_table(results))
+        for result in results:
+            if result.error is not None:
+                print(f"spurguard: {result.image}: {result.error.code}: {result.error.message}", file=sys.stderr)
+    if failed:
+        print(f"spurguard: {failed} of {len(paths)} images failed", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace, client: Client) -> int:
+    progress = _progress(args)
+    updates = client.evaluate(
+        args.model,
+        args.clean,
+        args.spurious,
+        spufix=args.spufix,
+        classes=args.classes,
+        batch_size=args.batch_size,
+    )
+    result: t.EvaluateResult | None = None
+    try:
+        for update in updates:
+            if isinstance(update, t.EvaluateResult):
+                result = update
+            else:
+                progress.update(evaluate_line(update), key=update.phase)
+    finally:
+        progress.close()
+    if result is None:
+        raise CliError("the server ended the evaluate stream without a result")
+    _print(fmt.json_document(fmt.evaluate_to_dict(result)) if args.json else fmt.evaluate_table(result))
+    return EXIT_OK
+
+
+# ---- entry point ----
+
+
+def _forward(command: str, argv: list[str]) -> int:
+    """Run a server-side program (serve, demo) with the remaining arguments."""
+    try:
+        module = importlib.import_module(FORWARDED[command])
+    except ImportError as error:
+        print(
+            f"spurguard: error: `spurguard {command}` needs the server ({error}); "
+            "install it with: pip install 'spurguard[server]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    status = module.main(argv)
+    return EXIT_OK if status is None else int(status)
+
+
+def _error(message: str) -> None:
+    print(f"spurguard: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = connect) -> int:
+    """Parse `argv` (default sys.argv[1:]), run the command and return the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in FORWARDED:
+        return _forward(args.command, extra)
+    if extra:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        with closing(client_factory(args.server, args.timeout or None)) as client:
+            return int(args.handler(args, client))
+    except SpurguardClientError as error:
+        where = f" (server {args.server})" if error.code == grpc.StatusCode.UNAVAILABLE else ""
+        _error(f"{error.code.name}: {' '.join(error.details.split())}{where}")
+    except UsageError as error:
+        args.command_parser.error(str(error))
+    except KeyboardInterrupt:
+        print("spurguard: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `spurguard score --json … | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (CliError, OSError) as error:
+        _error(str(error))
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Argument parsing: global options on both sides of the command, env default, types, help, forwarding."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from cli_fakes import FakeClient, RunCli, model
+from spurguard.client import cli
+
+
+def parse(*argv: str, environ: dict[str, str] | None = None) -> object:
+    args, extra = cli.build_parser(environ or {}).parse_known_args(list(argv))
+    assert extra == []
+    return args
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--server", "h:1", "--json", "--timeout", "5", "models"],
+        ["models", "--server", "h:1", "--json", "--timeout", "5"],
+        ["--server", "h:1", "models", "--json", "--timeout", "5"],
+        ["--json", "score", "--model", "m", "a.png", "--server", "h:1", "--timeout", "5"],
+    ],
+)
+def test_global_options_before_or_after_the_command(argv: list[str]) -> None:
+    args = parse(*argv)
+    assert (args.server, args.json, args.timeout) == ("h:1", True, 5.0)
+
+
+def test_global_defaults_and_the_later_option_wins() -> None:
+    args = parse("models")
+    assert (args.server, args.json, args.timeout) == (cli.DEFAULT_SERVER, False, 60.0)
+    assert parse("--server", "a:1", "models", "--server", "b:2").server == "b:2"
+
+
+def test_server_default_comes_from_the_environment() -> None:
+    assert parse("models", environ={cli.SERVER_ENV: "env:7"}).server == "env:7"
+    assert parse("--server", "flag:1", "models", environ={cli.SERVER_ENV: "env:7"}).server == "flag:1"
+    assert parse("models", environ={cli.SERVER_ENV: ""}).server == cli.DEFAULT_SERVER
+
+
+def test_main_connects_to_the_env_server_with_the_timeout(cli_run: RunCli, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeClient(list_models=[model()])
+    monkeypatch.setenv(cli.SERVER_ENV, "env:7")
+    assert cli_run(fake, "models", "--timeout", "2.5").connects == [("env:7", 2.5)]
+    assert cli_run(fake, "--timeout", "0", "models").connects == [("env:7", None)]  # 0: no deadline
+    assert fake.closed
+
+
+def test_index_lists_and_repeatable_components() -> None:
+    assert parse("fit", "--model", "m", "--data", "d", "--classes", "0, 3,7").classes == [0, 3, 7]
+    assert parse("fit", "--model", "m", "--data", "d").classes == []
+    args = parse("visualize", "--model", "m", "--class", "1", "--component", "1,2", "--component", "5", "--out", "o")
+    assert args.component == [1, 2, 5]
+    assert parse("evaluate", "--model", "m", "--clean", "c", "--spurious", "s", "--classes", "4").classes == [4]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fit", "--model", "m", "--data", "d", "--classes", "0,,3"], "comma-separated"),
+        (["fit", "--model", "m", "--data", "d", "--classes", "0,-1"], "must be >= 0"),
+        (["fit", "--model", "m", "--data", "d", "--components", "0"], "must be >= 1"),
+        (["components", "--model", "m", "--class", "x"], "not an integer"),
+        (["label", "--model", "m", "--class", "1", "--component", "0", "--as", "bad"], "invalid choice"),
+        (["score", "--model", "m", "--spufix", "other", "a.png"], "invalid choice"),
+        (["score", "--model", "m"], "required: IMAGE"),
+        (["visualize", "--model", "m", "--class", "1", "--component", "0", "--out", "o", "--eps", "0"], "positive"),
+        (["models", "--timeout", "-1"], "must be >= 0"),
+        (["models", "extra"], "unrecognized arguments: extra"),
+        (["report", "--model", "m", "--out", "o"], "invalid choice: 'report'"),
+    ],
+)
+def test_usage_errors_exit_2(cli_run: RunCli, argv: list[str], message: str) -> None:
+    outcome = cli_run(FakeClient(), *argv)
+    assert outcome.code == cli.EXIT_USAGE
+    assert message in outcome.err
+    assert outcome.connects == []  # nothing was called
+
+
+# The flags SPEC section 3 names per command (plus the global ones every client command takes).
+SPEC_FLAGS = {
+    "models": [],
+    "fit": ["--model", "--data", "--classes", "--components", "--batch-size", "--job-id", "--extend", "--detach"],
+    "components": ["--model", "--class", "--top"],
+    "label": ["--model", "--class", "--component", "--as", "spurious", "not_spurious", "inconsistent", "unlabeled", "--note"],
+    "visualize": ["--model", "--class", "--component", "--out", "--steps", "--eps"],
+    "score": ["--model", "--class", "--top", "--spufix", "paper", "floor", "IMAGE"],
+    "evaluate": ["--model", "--clean", "--spurious", "--spufix", "--classes"],
+    "watch": ["JOB", "--cancel-on-interrupt"],
+    "jobs": ["--model"],
+    "cancel": ["JOB"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(SPEC_FLAGS))
+def test_help_of_each_client_command(cli_run: RunCli, command: str) -> None:
+    outcome = cli_run(FakeClient(), command, "--help")
+    assert outcome.code == 0
+    assert outcome.out.startswith(f"usage: spurguard {command} ")
+    for flag in SPEC_FLAGS[command] + ["--server", "--json", "--timeout"]:
+        assert flag in outcome.out, flag
+
+
+def test_top_level_help_lists_every_command_and_the_exit_codes(cli_run: RunCli) -> None:
+    out = cli_run(FakeClient(), "--help").out
+    for command in [*SPEC_FLAGS, "serve", "demo"]:
+        assert f"\n    {command} " in out, command
+    assert "report" not in out  # a later issue: not offered until it exists
+    assert cli.SERVER_ENV in out
+    for code in (cli.EXIT_ERROR, cli.EXIT_USAGE, cli.EXIT_PARTIAL, cli.EXIT_INTERRUPTED):
+        assert f"\n  {code} " in out
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_serve_and_demo_forward_every_argument(cli_run: RunCli, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    received: list[list[str]] = []
+    fake_module = types.ModuleType(cli.FORWARDED[command])
+    fake_module.main = lambda argv: received.append(argv) or 4  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, cli.FORWARDED[command], fake_module)
+    argv = ["--model", "a", "--server", "x:1", "--json", "--help", "pos", "--port=0"]
+    outcome = cli_run(FakeClient(), "--server", "ignored:1", command, *argv)
+    assert received == [argv]
+    assert outcome.code == 4  # the forwarded program's status
+    assert outcome.connects == []
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_serve_without_the_server_extra_says_what_to_install(
+    cli_run: RunCli, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.setitem(sys.modules, cli.FORWARDED[command], None)  # makes the import fail
+    outcome = cli_run(FakeClient(), command, "--port", "1")
+    assert outcome.code == cli.EXIT_USAGE
+    assert outcome.err.startswith("spurguard: error: ")
+    assert "pip install 'spurguard[server]'" in outcome.err
+    assert outcome.err.count("\n") == 1
