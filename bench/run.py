@@ -6,6 +6,10 @@
    d = 2048): streaming statistics + top-50 eigensolver vs the reference approach (store every
    activation, np.cov + full eigh per class), on a few classes, extrapolated to 1000, with the
    peak memory of each measured in its own subprocess.
+3. Score over gRPC: a server process, ScoreStream at batch 32 with efficientnet_lite0 on the
+   CPU (fitted, with spurious labels, so decomposition and SpuFix run) vs the bare in-process
+   forward of the same images at the same batch size: target >= 0.9x; plus p50/p99 latency of
+   single-image unary Score.
 
 Run: `make bench` (or `.venv/bin/python bench/run.py [--quick]`).
 """
@@ -26,15 +30,16 @@ import numpy as np
 IMAGENET_CLASSES, IMAGES_PER_CLASS, DIM, TOP = 1000, 1300, 2048, 50
 
 
-def _photo_dataset(root: Path, classes: int, per_class: int) -> None:
-    """JPEGs cut from the photos that ship with scikit-image (no downloads)."""
+def _photo_dataset(root: Path, classes: int, per_class: int, folders: list[str] | None = None) -> None:
+    """JPEGs cut from the photos that ship with scikit-image (no downloads); class k's folder is
+    `folders[k]` (default: k)."""
     from PIL import Image
     from skimage import data
 
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
     rng = np.random.default_rng(0)
     for k in range(classes):
-        folder = root / str(k)
+        folder = root / (folders[k] if folders else str(k))
         folder.mkdir(parents=True)
         photo = photos[k % len(photos)]
         for i in range(per_class):
@@ -167,6 +172,79 @@ def bench_npca_scale(quick: bool) -> dict[str, float]:
     }
 
 
+GRPC_BATCH = 32
+
+
+def _percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(np.array(seconds) * 1000, q))
+
+
+def bench_grpc_score(quick: bool) -> dict[str, float]:
+    import torch
+
+    from spurguard.client import Client
+    from spurguard.server.backends import load_model
+    from spurguard.server.rpc.process import ServerProcess
+
+    backend = load_model("efficientnet_lite0", device="cpu")
+    backend.warm_up()
+    per_class = 32 if quick else 64
+    with tempfile.TemporaryDirectory() as tmp:
+        crops = Path(tmp) / "crops"
+        _photo_dataset(crops, 2, per_class)
+        paths = sorted(crops.rglob("*.jpg"))
+        images = [p.read_bytes() for p in paths]
+        pixels = backend.preprocess(images)
+        bare_s: list[float] = []
+
+        def bare_forward() -> list[torch.Tensor]:
+            start = time.perf_counter()
+            top1 = [
+                backend.logits(backend.features(pixels[i : i + GRPC_BATCH])).argmax(1)
+                for i in range(0, len(images), GRPC_BATCH)
+            ]
+            bare_s.append(time.perf_counter() - start)
+            return top1
+
+        predicted = bare_forward()
+        # file each image under the class the model predicts for it: the fit then covers the
+        # classes that scoring analyses, so the decomposition and SpuFix really run
+        root = Path(tmp) / "photos"
+        for path, k in zip(paths, torch.cat(predicted).tolist()):
+            (root / str(k)).mkdir(parents=True, exist_ok=True)
+            path.rename(root / str(k) / f"{path.parent.name}-{path.name}")
+        store = Path(tmp) / "store"
+        args = ["--model", "efficientnet_lite0", "--store", str(store), "--data-root", str(root),
+                "--max-batch-size", str(GRPC_BATCH), "--device", "cpu"]
+        with ServerProcess(args, stderr=subprocess.DEVNULL) as server, Client(server.target) as client:
+            for _ in client.fit("efficientnet_lite0", str(root), num_components=TOP):
+                pass
+            for folder in root.iterdir():
+                client.label("efficientnet_lite0", int(folder.name), 0, "spurious")
+            stream_s = []
+            for _ in range(2):
+                start = time.perf_counter()
+                results = list(client.score_stream("efficientnet_lite0", images))
+                stream_s.append(time.perf_counter() - start)
+            decomposed = sum(r.error is None and r.bias_term is not None for r in results)
+            bare_forward()  # again, between the server's runs: the best of each is compared
+            latencies = []
+            for image in images[:20 if quick else 50]:
+                start = time.perf_counter()
+                client.score("efficientnet_lite0", [image])
+                latencies.append(time.perf_counter() - start)
+    n = len(images)
+    return {
+        "images": n,
+        "bare_images_per_s": n / min(bare_s),
+        "grpc_images_per_s": n / min(stream_s),
+        "grpc_vs_bare": min(bare_s) / min(stream_s),
+        "p50_ms": _percentile_ms(latencies, 50),
+        "p99_ms": _percentile_ms(latencies, 99),
+        "decomposed": decomposed / n,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
@@ -191,6 +269,13 @@ def main() -> int:
     print(f"  speedup {scale['speedup']:.2f}x; the reference must also hold all activations of the "
           f"dataset: {scale['reference_imagenet_activation_gib']:.1f} GiB at ImageNet scale (ours: one batch)")
     print(f"  same subspace: max |P_ours - P_ref| = {scale['max_subspace_difference']:.2e}")
+    grpc_score = bench_grpc_score(args.quick)
+    print(f"\n[score over gRPC] {grpc_score['images']} images, efficientnet_lite0 on the CPU, batch {GRPC_BATCH}, "
+          f"fitted classes with spurious labels ({grpc_score['decomposed']:.0%} of results decomposed)")
+    print(f"  bare in-process forward (pre-decoded) {grpc_score['bare_images_per_s']:8.1f} images/s")
+    print(f"  ScoreStream over gRPC (JPEG bytes)    {grpc_score['grpc_images_per_s']:8.1f} images/s")
+    print(f"  gRPC / bare                           {grpc_score['grpc_vs_bare']:8.3f}   (target >= 0.9)")
+    print(f"  unary Score, one image: p50 {grpc_score['p50_ms']:.1f} ms, p99 {grpc_score['p99_ms']:.1f} ms")
     return 0
 
 
