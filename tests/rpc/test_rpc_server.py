@@ -208,7 +208,7 @@ def _reference_scores(model_dir: Path, store_dir: Path, images: list[tuple[str, 
     backend = load_model(str(model_dir), "cpu")
     guard = Guard.load(backend, Store(store_dir))
     features = backend.features(backend.preprocess([data for _, data in images]))
-    return [s.to_json() for s in guard.score_features(features, [i for i, _ in images], **options)]
+    return [s.to_dict() for s in guard.score_features(features, [i for i, _ in images], **options)]
 
 
 # ---- models, health, reflection ----

@@ -212,9 +212,10 @@ def run_fit(
                 _raise_failed(pending)
             for future in pending:
                 future.result()
-            for spill in spills.values():  # only left over when cancelled
+            unfinished = bool(spills) or any(remaining.values())  # the pass stopped early
+            for spill in spills.values():
                 spill.close()
-        if cancel is not None and cancel.is_set():
+        if unfinished:
             raise Cancelled(
                 f"fit {writer.fit_id} of model {backend.name} cancelled after {classes_done[0]} of "
                 f"{len(selected)} classes; fit again with job/fit id {writer.fit_id} to resume"

@@ -1,5 +1,8 @@
 """A model's fitted components and human labels, ready to score production images.
 
+Results are the thin client's own dataclasses (`spurguard.client.types`), so the server, the
+client and the CLI share one definition of a result and of its `score --json` line.
+
 Why a snapshot: scoring must see one consistent (fit, labels) pair for a whole batch, while
 labels change under it. A Guard never changes; after a Label or a committed fit the server
 builds a new one and swaps the reference, so in-flight batches finish on the old one.
@@ -7,11 +10,10 @@ builds a new one and swaps the reference, so in-flight batches finish on the old
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from spurguard.client.types import ComponentAlpha, Prediction, ScoreResult, SpufixOutcome
 from spurguard.server.backends.base import Backend
 from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, SPUFIX_MODES, ClassComponents, Decomposer, SpuFix
 from spurguard.server.errors import InvalidInput, NotFound
@@ -19,67 +21,6 @@ from spurguard.server.store import UNLABELED, Store
 
 TOP_PREDICTIONS = 5
 DEFAULT_TOP_COMPONENTS = 5
-
-
-@dataclass(frozen=True)
-class Prediction:
-    class_index: int
-    name: str
-    prob: float
-    logit: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {"class": self.class_index, "name": self.name, "prob": self.prob, "logit": self.logit}
-
-
-@dataclass(frozen=True)
-class ComponentAlpha:
-    index: int
-    alpha: float
-    label: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "alpha": self.alpha, "label": self.label}
-
-
-@dataclass(frozen=True)
-class ImageScore:
-    """One image's result: the `score --json` line of SPEC §3.
-
-    For an analysed class without fitted components, bias_term and residual are None, no
-    components are listed, spurious_alpha is 0 and trigger false.
-    """
-
-    image_id: str
-    predictions: tuple[Prediction, ...]
-    class_index: int
-    logit: float
-    bias_term: float | None
-    residual: float | None
-    components: tuple[ComponentAlpha, ...]
-    spurious_alpha: float
-    trigger: bool
-    spufix_mode: str
-    spufix_logit: float
-    spufix_predictions: tuple[Prediction, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "image": self.image_id,
-            "predictions": [p.to_json() for p in self.predictions],
-            "class": self.class_index,
-            "logit": self.logit,
-            "bias_term": self.bias_term,
-            "residual": self.residual,
-            "components": [c.to_json() for c in self.components],
-            "spurious_alpha": self.spurious_alpha,
-            "trigger": self.trigger,
-            "spufix": {
-                "mode": self.spufix_mode,
-                "logit": self.spufix_logit,
-                "predictions": [p.to_json() for p in self.spufix_predictions],
-            },
-        }
 
 
 class Guard:
@@ -159,7 +100,7 @@ class Guard:
         class_index: int | None = None,
         top: int | None = DEFAULT_TOP_COMPONENTS,
         mode: str = "floor",
-    ) -> list[ImageScore]:
+    ) -> list[ScoreResult]:
         """Score a batch of features [N, d]; `top` components by alpha (0: all kept ones)."""
         check_spufix_mode(mode)
         if top is not None and top < 0:
@@ -180,7 +121,7 @@ class Guard:
             rows = fitted.nonzero().squeeze(1)
             decomposition = self.decomposer.decompose(x[rows], index[rows], logits[rows])
         probs, fixed_probs = logits.softmax(dim=1), fix.logits.softmax(dim=1)
-        results: list[ImageScore] = []
+        results: list[ScoreResult] = []
         row_in_decomposition = 0
         for i, image_id in enumerate(image_ids):
             k = int(index[i])
@@ -194,8 +135,9 @@ class Guard:
                 residual = float(decomposition.residual[j])
                 components = self._top_components(k, decomposition.alphas[j], top)
             results.append(
-                ImageScore(
-                    image_id=image_id,
+                ScoreResult(
+                    image=image_id,
+                    error=None,
                     predictions=self._predictions(probs[i], logits[i]),
                     class_index=k,
                     logit=float(logits[i, k]),
@@ -204,9 +146,10 @@ class Guard:
                     components=components,
                     spurious_alpha=float(fix.spurious_alpha[i]),
                     trigger=bool(fix.trigger[i]),
-                    spufix_mode=mode,
-                    spufix_logit=float(fix.logits[i, k]),
-                    spufix_predictions=self._predictions(fixed_probs[i], fix.logits[i]),
+                    spufix=SpufixOutcome(
+                        mode, float(fix.logits[i, k]), self._predictions(fixed_probs[i], fix.logits[i])
+                    ),
+                    fit_id=self.fit_id or "",
                 )
             )
         return results

@@ -19,7 +19,8 @@ import torch
 
 from spurguard.server.backends import Backend, GradientBackend, ImageInput, load_model
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
-from spurguard.server.guard import Guard, ImageScore, check_spufix_mode
+from spurguard.client.types import ScoreResult
+from spurguard.server.guard import Guard, check_spufix_mode
 from spurguard.server.rpc.batcher import Batcher
 from spurguard.server.rpc.metrics import Metrics
 from spurguard.server.store import Store
@@ -88,7 +89,7 @@ class ServedModel:
         self._backend = backend
         self._guard: Guard | None = None
         self._guard_lock = threading.Lock()
-        self._batcher: Batcher[_Item, ImageScore] | None = None
+        self._batcher: Batcher[_Item, ScoreResult] | None = None
 
     @property
     def ready(self) -> bool:
@@ -152,7 +153,7 @@ class ServedModel:
 
     async def score(
         self, images: Sequence[tuple[str, ImageSource]], options: ScoreOptions
-    ) -> tuple[str | None, list[ImageScore | BaseException]]:
+    ) -> tuple[str | None, list[ScoreResult | BaseException]]:
         """(fit id used, one result or exception per image in order); bad options fail the call."""
         backend = self.backend
         guard = self.guard
@@ -165,7 +166,7 @@ class ServedModel:
         pixels = await asyncio.gather(
             *(loop.run_in_executor(self._decode_pool, _preprocess, backend, source) for _, source in images)
         )
-        results: list[ImageScore | BaseException] = list(pixels)  # placeholders where decoding failed
+        results: list[ScoreResult | BaseException] = list(pixels)  # placeholders where decoding failed
         decoded = [i for i, x in enumerate(pixels) if isinstance(x, torch.Tensor)]
         assert self._batcher is not None
         scored = await self._batcher.submit_many(
@@ -175,17 +176,17 @@ class ServedModel:
             results[i] = result
         return guard.fit_id, results
 
-    def _process(self, items: list[_Item]) -> list[ImageScore | BaseException]:
+    def _process(self, items: list[_Item]) -> list[ScoreResult | BaseException]:
         """One batch in the worker thread: one forward pass, then per (guard, options) group the scores."""
         assert self._backend is not None
         features = self._backend.features(torch.cat([item.pixels for item in items]))
-        results: list[ImageScore | BaseException] = [None] * len(items)  # type: ignore[list-item]
+        results: list[ScoreResult | BaseException] = [None] * len(items)  # type: ignore[list-item]
         groups: dict[tuple[Guard, ScoreOptions], list[int]] = {}
         for row, item in enumerate(items):
             groups.setdefault((item.guard, item.options), []).append(row)
         for (guard, options), rows in groups.items():
             try:
-                scores: Sequence[ImageScore | BaseException] = guard.score_features(
+                scores: Sequence[ScoreResult | BaseException] = guard.score_features(
                     features[rows],
                     [items[r].image_id for r in rows],
                     class_index=options.class_index,
@@ -196,7 +197,7 @@ class ServedModel:
                 scores = [error] * len(rows)
             for row, score in zip(rows, scores):
                 results[row] = score
-        ok = [r for r in results if isinstance(r, ImageScore)]
+        ok = [r for r in results if isinstance(r, ScoreResult)]
         self._metrics.observe_scores(self.name, len(ok), [r.class_index for r in ok if r.trigger])
         return results
 

@@ -25,7 +25,7 @@ from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, DEFAULT_NUM_COMPON
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, SpurguardError
 from spurguard.server.evaluation import EvaluationOutcome, TableSummary, run_evaluate
 from spurguard.server.fitting import FitProgress, run_fit
-from spurguard.server.guard import ImageScore, Prediction
+from spurguard.client.types import Prediction, ScoreResult
 from spurguard.server.rpc.jobs import JobRegistry
 from spurguard.server.rpc.metrics import Metrics
 from spurguard.server.rpc.models import ImageSource, ModelRegistry, ScoreOptions, ServedModel
@@ -161,13 +161,13 @@ def _predictions(predictions: Iterable[Prediction]) -> list[pb.Prediction]:
     return [pb.Prediction(class_index=p.class_index, name=p.name, prob=p.prob, logit=p.logit) for p in predictions]
 
 
-def score_result(image_id: str, result: ImageScore | BaseException, where: str) -> pb.ScoreResult:
+def score_result(image_id: str, result: ScoreResult | BaseException, where: str) -> pb.ScoreResult:
     """One image's ScoreResult; an exception becomes its `error`."""
     if isinstance(result, BaseException):
         status = status_of(result, where)
         return pb.ScoreResult(image_id=image_id, error=pb.ErrorStatus(code=status.number, message=status.message))
     return pb.ScoreResult(
-        image_id=result.image_id,
+        image_id=result.image,
         predictions=_predictions(result.predictions),
         class_index=result.class_index,
         logit=result.logit,
@@ -179,9 +179,9 @@ def score_result(image_id: str, result: ImageScore | BaseException, where: str) 
         spurious_alpha=result.spurious_alpha,
         trigger=result.trigger,
         spufix=pb.SpufixResult(
-            mode=_MODE_VALUES[result.spufix_mode],
-            logit=result.spufix_logit,
-            predictions=_predictions(result.spufix_predictions),
+            mode=_MODE_VALUES[result.spufix.mode],
+            logit=result.spufix.logit,
+            predictions=_predictions(result.spufix.predictions),
         ),
     )
 
@@ -537,7 +537,7 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
     async def _stream_reply(self, message: pb.ScoreStreamRequest) -> pb.ScoreStreamResponse:
         """One stream message's reply; anything wrong with it, even the model, is its error."""
         fit_id: str | None = None
-        result: ImageScore | BaseException
+        result: ScoreResult | BaseException
         try:
             served = self.models.get(message.model)
             fit_id, (result,) = await served.score(
