@@ -157,6 +157,9 @@ class FakeClient:
     def list_models(self) -> list[t.ModelInfo]:
         return self._call("list_models")
 
+    def get_model(self, model: str) -> t.ModelInfo:
+        return self._call("get_model", model)
+
     def get_job(self, job_id: str) -> t.Job:
         return self._call("get_job", job_id)
 
@@ -172,6 +175,9 @@ class FakeClient:
     def label(self, model: str, class_index: int, component: int, label: str, **kwargs: Any) -> t.LabelRecord:
         self._call("label", model, class_index, component, label, **kwargs)
         return t.LabelRecord(model, "fit-1", class_index, component, label, kwargs.get("note", ""), WHEN)
+
+    def list_labels(self, model: str, **kwargs: Any) -> list[t.LabelRecord]:
+        return self._call("list_labels", model, **kwargs)
 
     def fit(self, model: str, dataset: str, **kwargs: Any) -> Iterator[t.FitUpdate]:
         return self._stream("fit", model, dataset, **kwargs)

@@ -180,18 +180,22 @@ def test_evaluate_json(server: str, fitted: dict) -> None:
     assert (doc["clean_images"], doc["spurious_images"]) == (CLASSES * PER_CLASS, 5)
 
 
-def test_visualize_writes_pngs_or_reports_the_status(server: str, fitted: dict, tmp_path: Path) -> None:
-    """Visualize's server side is a later issue: until then the CLI must report UNIMPLEMENTED in one line."""
-    argv = ("visualize", "--model", "tiny", "--class", "0", "--component", "0", "--out", str(tmp_path), "--steps", "2",
-            "--json")
-    done = subprocess.run([str(SCRIPT), *argv, "--server", server], capture_output=True, text=True, env=ENV, timeout=120)
-    if done.returncode == 1:
-        assert done.stderr.startswith("spurguard: error: UNIMPLEMENTED: ") and done.stderr.count("\n") == 1
-        return
-    assert done.returncode == 0, done.stderr
-    (component,) = json.loads(done.stdout)["components"]
-    assert Path(component["attack_image"]).is_file()
-    assert all(Path(top["png"]).is_file() for top in component["top_images"])
+def test_visualize_writes_pngs_and_the_spec_json(server: str, fitted: dict, root: Path, tmp_path: Path) -> None:
+    done = spurguard(server, "visualize", "--model", "tiny", "--class", "0", "--component", "0,1", "--out", str(tmp_path),
+                     "--steps", "4", "--top-k", "3", "--json")
+    doc = json.loads(done.stdout)
+    assert (doc["model"], doc["class"]) == ("tiny", 0) and [c["index"] for c in doc["components"]] == [0, 1]
+    for component in doc["components"]:
+        assert {"index", "start_alpha", "final_alpha", "final_prob", "attack_image", "top_images"} <= set(component)
+        assert component["final_alpha"] >= component["start_alpha"] and 0.0 < component["final_prob"] < 1.0
+        tops = component["top_images"]
+        assert [{"image", "alpha", "heatmap"} <= set(top) for top in tops] == [True] * 3
+        assert [top["alpha"] for top in tops] == sorted((top["alpha"] for top in tops), reverse=True)
+        assert all((root / "data" / "train" / top["image"]).is_file() for top in tops)  # the fit image's path
+        for png in [component["attack_image"], *(top["heatmap"] for top in tops)]:
+            assert Path(png).is_relative_to(tmp_path) and Path(png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    frames = sorted(p.name for p in (tmp_path / "class_0" / "component_1").glob("frame_*.png"))
+    assert frames == [f"frame_{step:04d}.png" for step in range(5)]  # frame_every defaults to steps / 10, at least 1
 
 
 def test_connection_refused_is_one_line() -> None:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -43,6 +42,8 @@ from spurguard.server.rpc.app import BackgroundServer, ServerConfig, SpurguardSe
 from spurguard.server.store import Store
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
+
+from rpc_support import Gated, scrape_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
 from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
@@ -75,19 +76,8 @@ def _huge_png() -> bytes:
     return bytes(data)
 
 
-class GatedCNN(TinyCNN):
+class GatedCNN(Gated, TinyCNN):
     """TinyCNN whose forward waits while `gate` is clear (holds work mid-run) and counts its calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = threading.Event()
-        self.gate.set()
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.gate.wait(timeout=20)
-        self.calls += 1
-        return super().forward(x)
 
 
 def _gated_backend() -> tuple[TorchBackend, GatedCNN]:
@@ -449,7 +439,7 @@ def test_error_cases_have_their_status_and_a_clear_message(client: Client, fitte
         "escape by ..": (lambda: list(client.fit("tiny", "train/../..")), CODE.PERMISSION_DENIED, "data roots"),
         "bad job id": (lambda: list(client.fit("tiny", "train", job_id="no/slash")), CODE.INVALID_ARGUMENT, "job id"),
         "unknown job": (lambda: client.get_job("nojob"), CODE.NOT_FOUND, "nojob"),
-        "visualize": (lambda: list(client.visualize("tiny", 0, [0])), CODE.UNIMPLEMENTED, "Visualize"),
+        "visualize an unfitted class": (lambda: list(client.visualize("tiny", 2, [0])), CODE.FAILED_PRECONDITION, "not fitted"),
         "evaluate outside the roots": (
             lambda: list(client.evaluate("tiny", str(tmp_path), str(data / "spurious"))), CODE.PERMISSION_DENIED, "clean",
         ),
@@ -509,9 +499,7 @@ def test_cancel_job_then_resume_with_the_same_id(client: Client, gated, data: Pa
 def test_metrics_endpoint_exposes_the_named_series(server: BackgroundServer, client: Client, fitted) -> None:  # noqa: ANN001
     client.score("tiny", _images(9, 3))
     _code(lambda: client.get_model("nope"))
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    text, samples = scrape_metrics(server.metrics_port)
     assert samples['spurguard_requests_total{code="OK",model="tiny",rpc="Score"}'] >= 1
     assert samples['spurguard_requests_total{code="NOT_FOUND",model="",rpc="GetModel"}'] >= 1
     assert samples['spurguard_request_duration_seconds_count{model="tiny",rpc="Score"}'] >= 1

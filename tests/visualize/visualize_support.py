@@ -7,13 +7,21 @@ distractors active elsewhere (green, brightness, edges), one is dead on gray (bl
 two per-pixel ramps ReLU(R - 0.4), ReLU(R - 0.6) make a component whose alpha is a tent in the
 red level, peaking at R = 0.6 inside the attack's ball: an ascent must stop there, not at the
 boundary. Weights are written in [0, 1] pixel units and converted to the normalised input.
+
+The same model also ships as a model directory (`write_model_dir`) with a generated dataset
+whose class-0 images partly carry the red square (`write_dataset`), for the rpc and cli tests
+that serve, fit and visualise it.
 """
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
+from PIL import Image
 from torch import nn
 
 from spurguard.server.backends import PreprocessConfig, TorchBackend
@@ -69,24 +77,65 @@ class PlantedCNN(nn.Module):
         return self.flatten(self.pool(self.down(self.act(self.detect(x)))))
 
 
-def make_backend(backbone: nn.Module) -> TorchBackend:
-    weight = torch.tensor(
-        [
-            [2.0, 0.5, 1.0, 0.3, 0.2, 1.0, 3.0],
-            [-1.0, 1.0, 0.0, 0.5, 0.1, 0.2, -0.3],
-            [0.0, -0.5, 1.0, 0.2, 0.3, -0.4, 0.1],
-        ]
-    )
+HEAD_WEIGHT = (
+    (2.0, 0.5, 1.0, 0.3, 0.2, 1.0, 3.0),
+    (-1.0, 1.0, 0.0, 0.5, 0.1, 0.2, -0.3),
+    (0.0, -0.5, 1.0, 0.2, 0.3, -0.4, 0.1),
+)
+HEAD_BIAS = (0.1, -0.2, 0.3)
+
+
+def make_backend(backbone: nn.Module, name: str = "planted", digest: str = "0" * 64) -> TorchBackend:
     return TorchBackend(
-        name="planted",
-        digest="0" * 64,
+        name=name,
+        digest=digest,
         backbone=backbone,
-        weight=weight,
-        bias=torch.tensor([0.1, -0.2, 0.3]),
+        weight=torch.tensor(HEAD_WEIGHT),
+        bias=torch.tensor(HEAD_BIAS),
         preprocess_config=PreprocessConfig(size=SIZE, resize=SIZE, interpolation="bilinear", mean=MEAN, std=STD),
         device="cpu",
         max_batch_size=4,
     )
+
+
+def write_model_dir(root: Path, name: str = "planted") -> Path:
+    """The planted CNN as a SPEC §2 model directory (TorchScript backbone by torch.jit.trace)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: deprecated, supported
+        torch.jit.trace(PlantedCNN().eval(), torch.zeros(2, 3, SIZE, SIZE)).save(str(root / "backbone.pt"))
+    safetensors.torch.save_file(
+        {"weight": torch.tensor(HEAD_WEIGHT), "bias": torch.tensor(HEAD_BIAS)}, str(root / "head.safetensors")
+    )
+    (root / "classes.txt").write_text("red thing\ngreen <thing>\nblue & thing\n")  # HTML-hostile on purpose
+    (root / "model.toml").write_text(
+        f'name = "{name}"\nbackbone = "backbone.pt"\nhead = "head.safetensors"\nclasses = "classes.txt"\n'
+        f'[preprocess]\nsize = {SIZE}\nresize = {SIZE}\ninterpolation = "bilinear"\n'
+        f"mean = {list(MEAN)}\nstd = {list(STD)}\n"
+    )
+    return root
+
+
+def write_dataset(root: Path, per_class: int = 8, patched: int = 4, seed: int = 0) -> list[str]:
+    """root/<class>/<image>.png; in class PLANTED_CLASS the first `patched` images carry the red
+    square at a random place (the planted feature), the others of every class do not.
+    Returns the patched images' ids (paths relative to root)."""
+    rng = np.random.default_rng(seed)
+    backgrounds = {PLANTED_CLASS: BACKGROUND, 1: (0.2, 0.8, 0.3), 2: (0.3, 0.3, 0.8)}
+    ids = []
+    for k in range(CLASSES):
+        (root / str(k)).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.array(backgrounds[k]) + rng.uniform(-0.08, 0.08, size=(SIZE, SIZE, 3))
+            name = f"{k}/plain_{i:02d}.png"
+            if k == PLANTED_CLASS and i < patched:
+                top, left = rng.integers(0, SIZE - 8, size=2)
+                pixels[top : top + 8, left : left + 8] = RED
+                name = f"{k}/patched_{i:02d}.png"
+                ids.append(name)
+            image = np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+            Image.fromarray(image).save(root / name)
+    return ids
 
 
 def planted_components() -> ClassComponents:

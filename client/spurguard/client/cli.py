@@ -23,6 +23,7 @@ from spurguard.client import types as t
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line, score_line, visualize_line
 from spurguard.client.cli_visualize import VisualizeWriter
 from spurguard.client.client import DEFAULT_SCORE_BATCH, DEFAULT_TIMEOUT_S, Client, SpurguardClientError
+from spurguard.client.report import DEFAULT_TOP, write_report
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "SPURGUARD_SERVER"
@@ -284,6 +285,27 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     visualize.add_argument("--heatmap", choices=("grad_cam", "input_gradient", "none"), help="heatmap method (server default: grad_cam)")
     visualize.add_argument("--seed", type=_index, metavar="S", help="attack randomness (default 0: deterministic)")
 
+    report = command(
+        "report",
+        cmd_report,
+        "write HTML pages to label components from",
+        "For each fitted class (or only --class K): the first --top components of the current fit, "
+        "each with its statistics (explained variance, alpha mean/floor/max), top fit images with "
+        "their heatmaps, the feature attack's image (alpha start -> final, p(k|x)), its current label "
+        "and the `spurguard label` command to set one. Writes DIR/index.html (the classes, with label "
+        "counts) and DIR/class_<K>.html, with the PNGs under DIR/class_<K>/component_<L>/ (relative "
+        "links, inline CSS: the folder can be moved and opened offline). One Visualize call per class "
+        "(per 16 components); progress goes to stderr; --json prints {index, classes: [{class, page, "
+        "components}]}.",
+    )
+    report.add_argument("--model", required=True, metavar="NAME", help="model name")
+    report.add_argument("--class", dest="class_index", type=_index, metavar="K", help="only this class (default: every fitted class)")
+    report.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the pages and PNGs (created)")
+    report.add_argument("--top", type=_count, default=DEFAULT_TOP, metavar="N", help=f"components per class, from index 0 (default {DEFAULT_TOP})")
+    report.add_argument("--steps", type=_count, metavar="N", help="attack steps (server default: 200)")
+    report.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px)")
+    report.add_argument("--top-k", type=_count, metavar="N", help="top fit images per component (server default: 8)")
+
     score = command(
         "score",
         cmd_score,
@@ -478,6 +500,32 @@ def cmd_visualize(args: argparse.Namespace, client: Client) -> int:
         progress.close()
     summary = writer.summary(args.model)
     _print(fmt.json_document(summary) if args.json else fmt.visualize_table(summary))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, client: Client) -> int:
+    info = client.get_model(args.model)
+    if info.fit_id is None:
+        raise CliError(f"model {args.model} has no fit to report; run `spurguard fit` first")
+    classes = list(info.fitted_classes) if args.class_index is None else [args.class_index]
+    progress = _progress(args)
+    try:
+        document = write_report(
+            client,
+            info,
+            args.out,
+            classes,
+            top=args.top,
+            steps=args.steps,
+            eps=args.eps,
+            top_k=args.top_k,
+            server_option=_server_option(args),
+            progress=progress.update,
+        )
+    finally:
+        progress.close()
+    pages = len(document["classes"])
+    _print(fmt.json_document(document) if args.json else f"report of model {args.model}: {document['index']} ({pages} class pages)")
     return EXIT_OK
 
 

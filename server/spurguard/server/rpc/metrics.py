@@ -57,6 +57,14 @@ class Metrics:
             "spurguard_images_scored", "Images scored successfully by Score and ScoreStream",
             ["model"], registry=r,
         )
+        self.attack_steps = Counter(
+            "spurguard_attack_steps", "Feature-attack steps run by Visualize (one forward and backward pass each)",
+            ["model"], registry=r,
+        )
+        self.attack_duration = Histogram(
+            "spurguard_attack_duration_seconds", "Compute time of one Visualize feature attack (all its components)",
+            ["model"], buckets=_DURATION_BUCKETS, registry=r,
+        )
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -76,6 +84,10 @@ class Metrics:
         self.images_scored.labels(model).inc(scored)
         for k in trigger_classes:
             self.triggers.labels(model, str(k)).inc()
+
+    def observe_attack(self, model: str, steps: int, seconds: float) -> None:
+        self.attack_steps.labels(model).inc(steps)
+        self.attack_duration.labels(model).observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the bound port (`port` 0 picks a free one)."""

@@ -1,4 +1,5 @@
-"""The models a server serves: loading and readiness, the Guard in use, and the scoring path.
+"""The models a server serves: loading and readiness, the Guard in use, the scoring path and
+the entry to Visualize (its work is in visualizing.py).
 
 Why here and not in the servicer: this is the engine side of Score (decode per image on a
 thread pool, batch forward passes per model, decompose + SpuFix in the same worker thread),
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from spurguard.server.backends import Backend, GradientBackend, ImageInput, load_model
+from spurguard.server.engine import ClassComponents
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
-from spurguard.client.types import ScoreResult
+from spurguard.client.types import ScoreResult, VisualizeUpdate
 from spurguard.server.guard import Guard, check_spufix_mode
 from spurguard.server.rpc.batcher import Batcher
 from spurguard.server.rpc.metrics import Metrics
+from spurguard.server.rpc.visualizing import VisualizeOptions, default_gradcam_layer, visualize
 from spurguard.server.store import Store
 
 log = logging.getLogger("spurguard.server")
@@ -88,6 +91,7 @@ class ServedModel:
         self._max_delay_s = max_delay_s
         self._backend = backend
         self._guard: Guard | None = None
+        self._gradcam_layer: str | None = None
         self._guard_lock = threading.Lock()
         self._batcher: Batcher[_Item, ScoreResult] | None = None
 
@@ -139,6 +143,10 @@ class ServedModel:
             if self._backend.name != self.name:
                 raise InvalidInput(f"model {self.spec!r} loaded as {self._backend.name!r}, expected {self.name!r}")
         self._backend.warm_up()
+        self._gradcam_layer = default_gradcam_layer(self._backend)  # before traffic: it hooks every layer
+        if self.supports_gradients:
+            how = f"Grad-CAM on layer {self._gradcam_layer!r}" if self._gradcam_layer else "input gradients"
+            log.info("model %s: heatmaps use %s", self.name, how)
         self._guard = Guard.load(self._backend, self.store)
 
     def reload_guard(self) -> Guard:
@@ -200,6 +208,21 @@ class ServedModel:
         ok = [r for r in results if isinstance(r, ScoreResult)]
         self._metrics.observe_scores(self.name, len(ok), [r.class_index for r in ok if r.trigger])
         return results
+
+    def visualize(
+        self, components: ClassComponents, dataset_root: str, options: VisualizeOptions, cancel: threading.Event
+    ) -> Iterator[VisualizeUpdate]:
+        """Top images, heatmaps and the feature attack of one class's components (see
+        visualizing.visualize); blocking, checks the request before it returns."""
+        return visualize(
+            self.backend,
+            components,
+            dataset_root,
+            options,
+            gradcam_layer=self._gradcam_layer,
+            cancel=cancel,
+            on_attack=lambda steps, seconds: self._metrics.observe_attack(self.name, steps, seconds),
+        )
 
     async def close(self) -> None:
         if self._batcher is not None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -22,19 +23,22 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, DEFAULT_NUM_COMPONENTS
-from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, SpurguardError
+from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 from spurguard.server.evaluation import EvaluationOutcome, TableSummary, run_evaluate
 from spurguard.server.fitting import FitProgress, run_fit
-from spurguard.client.types import Prediction, ScoreResult
+from spurguard.client.types import AttackFrame, AttackResult, Heatmap, Prediction, ScoreResult, TopImage, VisualizeUpdate
 from spurguard.server.rpc.jobs import JobRegistry
 from spurguard.server.rpc.metrics import Metrics
 from spurguard.server.rpc.models import ImageSource, ModelRegistry, ScoreOptions, ServedModel
 from spurguard.server.rpc.paths import DataRoots
 from spurguard.server.rpc.status import status_of
+from spurguard.server.rpc.visualizing import VisualizeOptions, visualize_options
 from spurguard.server.store import Fit, Label, Store
 from spurguard.server.store.store import new_fit_id
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
+
+log = logging.getLogger("spurguard.server")
 
 STREAM_WINDOW = 256  # ScoreStream messages of one stream in flight before its reading pauses
 _MODES = {pb.PAPER: "paper", pb.FLOOR: "floor"}
@@ -46,15 +50,16 @@ _LABELS = {
     pb.INCONSISTENT: "inconsistent",
 }
 _LABEL_VALUES = {name: value for value, name in _LABELS.items()}
+_HEATMAPS = {
+    pb.HEATMAP_DEFAULT: "grad_cam",
+    pb.GRAD_CAM: "grad_cam",
+    pb.INPUT_GRADIENT: "input_gradient",
+    pb.HEATMAP_NONE: "none",
+}
+_HEATMAP_VALUES = {"grad_cam": pb.GRAD_CAM, "input_gradient": pb.INPUT_GRADIENT}  # methods a Heatmap reports
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
-
-
-class Unimplemented(SpurguardError):
-    """A method this server does not offer (yet)."""
-
-    code = "UNIMPLEMENTED"
 
 
 # ---- the two decorators (coroutine and async-generator handlers): status codes and metrics ----
@@ -184,6 +189,31 @@ def score_result(image_id: str, result: ScoreResult | BaseException, where: str)
             predictions=_predictions(result.spufix.predictions),
         ),
     )
+
+
+def _heatmap_method(value: int) -> str:
+    if value not in _HEATMAPS:
+        raise InvalidInput(f"unknown heatmap method {value}; use GRAD_CAM, INPUT_GRADIENT, HEATMAP_NONE or leave it unset")
+    return _HEATMAPS[value]
+
+
+def _visualize_update(update: VisualizeUpdate, size: int) -> pb.VisualizeUpdate:
+    """One item of the visualize work as a message; every PNG is size x size (the model input)."""
+    png = pb.PngImage(data=update.png, width=size, height=size)
+    if isinstance(update, TopImage):
+        top = pb.TopImage(rank=update.rank, image_id=update.image, alpha=update.alpha, png=png)
+        return pb.VisualizeUpdate(component=update.component, top_image=top)
+    if isinstance(update, Heatmap):
+        method = _HEATMAP_VALUES[update.method]
+        heatmap = pb.Heatmap(rank=update.rank, image_id=update.image, alpha=update.alpha, method=method, png=png)
+        return pb.VisualizeUpdate(component=update.component, heatmap=heatmap)
+    if isinstance(update, AttackFrame):
+        frame = pb.AttackFrame(step=update.step, alpha=update.alpha, prob=update.prob, png=png)
+        return pb.VisualizeUpdate(component=update.component, frame=frame)
+    assert isinstance(update, AttackResult)
+    result = pb.AttackResult(start_alpha=update.start_alpha, final_alpha=update.final_alpha,
+                             final_prob=update.final_prob, steps=update.steps, png=png)
+    return pb.VisualizeUpdate(component=update.component, result=result)
 
 
 def _label_record(record: Label) -> pb.LabelRecord:
@@ -477,10 +507,40 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
 
     # ---- visualize ----
 
-    @_rpc  # a coroutine, not a generator: grpc then lets it answer with a status only
-    async def Visualize(self, request: pb.VisualizeRequest, context: grpc.aio.ServicerContext) -> None:
-        self.models.get(request.model)
-        raise Unimplemented("Visualize is not implemented by this server yet; use GetComponents for the statistics")
+    @_rpc_stream
+    async def Visualize(
+        self, request: pb.VisualizeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.VisualizeUpdate]:
+        served = self.models.get(request.model)
+        options = visualize_options(
+            list(request.components),
+            steps=_optional(request, "steps"),
+            eps=_optional(request, "eps"),
+            frame_every=_optional(request, "frame_every"),
+            top_k=_optional(request, "top_k"),
+            seed=request.seed,
+            heatmap=_heatmap_method(request.heatmap),
+        )
+        cancel = threading.Event()
+        updates = await asyncio.to_thread(self._visualization, served, request, options, cancel)
+        size = served.backend.input_size
+        loop = asyncio.get_running_loop()
+        try:
+            # Pulled item by item on a worker thread: the work advances only as the stream is sent.
+            while (update := await loop.run_in_executor(None, next, updates, None)) is not None:
+                yield _visualize_update(update, size)
+        except (asyncio.CancelledError, GeneratorExit):
+            cancel.set()  # the attack, if running, stops at its next step
+            log.info("Visualize %s class %d: the call ended early (client gone or server stopping); attack cancelled",
+                     served.name, request.class_index)
+            raise
+
+    def _visualization(
+        self, served: ServedModel, request: pb.VisualizeRequest, options: VisualizeOptions, cancel: threading.Event
+    ) -> Iterator[VisualizeUpdate]:
+        k = request.class_index
+        fit = self._fitted(served, _optional(request, "fit_id"), k)
+        return served.visualize(fit.components(k), fit.meta.dataset_root, options, cancel)
 
     # ---- score ----
 

@@ -1,0 +1,231 @@
+"""The engine side of Visualize: top fit images, heatmaps and the feature attack, as client items.
+
+Why here and not in the servicer: like models.py for Score, this is the work (reading fit images
+from the store's dataset root, gradients, PNG encoding), independent of protobuf. `visualize`
+checks everything it can before it returns, so a bad request fails before the first message;
+what it returns is a generator, so the attack advances only as fast as the stream is read (no
+unbounded buffer of frames) and the cancel event stops it at its next step.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from spurguard.client import types as t
+from spurguard.server.backends import Backend, GradientBackend
+from spurguard.server.backends.images import encode_png
+from spurguard.server.engine import ClassComponents
+from spurguard.server.errors import InvalidInput, SpurguardError
+from spurguard.server.visualize import (
+    DEFAULT_STEPS,
+    AttackFrame,
+    AttackResult,
+    component_heatmaps,
+    feature_attack,
+    overlay_pngs,
+    read_fit_image,
+    thumbnail_pngs,
+    top_images,
+)
+from spurguard.server.visualize.heatmap import is_plain_module
+
+log = logging.getLogger("spurguard.server")
+
+MAX_COMPONENTS = 16  # per request: one attack batch, so gradient memory grows with it
+MAX_STEPS = 5000  # 25x the paper's 200
+MAX_TOP_K = 64
+MAX_FRAMES = 1000  # attack frames per component and request
+DEFAULT_TOP_K = 8
+FRAMES_PER_ATTACK = 10  # frame_every unset: steps / 10
+HEATMAPS = ("grad_cam", "input_gradient", "none")
+_METHOD_NAMES = {"gradcam": "grad_cam", "saliency": "input_gradient"}  # engine name -> client name
+
+# Called after each attack: (model steps run, seconds of computing them).
+AttackObserver = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class VisualizeOptions:
+    """A Visualize request's settings, checked and with defaults filled in (eps None: the engine's)."""
+
+    components: tuple[int, ...]
+    steps: int
+    eps: float | None
+    frame_every: int  # 0: no frames
+    top_k: int
+    seed: int
+    heatmap: str  # one of HEATMAPS
+
+
+def visualize_options(
+    components: Sequence[int],
+    *,
+    steps: int | None,
+    eps: float | None,
+    frame_every: int | None,
+    top_k: int | None,
+    seed: int,
+    heatmap: str,
+) -> VisualizeOptions:
+    """Check the request's limits (INVALID_ARGUMENT); eps and component indices are left to the engine."""
+    if not components:
+        raise InvalidInput("no components given; name at least one component index")
+    if len(components) > MAX_COMPONENTS:
+        raise InvalidInput(f"{len(components)} components in one request, over the limit of {MAX_COMPONENTS}; split it")
+    repeated = [c for c, n in Counter(components).items() if n > 1]
+    if repeated:
+        raise InvalidInput(f"component {repeated[0]} is given more than once")
+    steps = DEFAULT_STEPS if steps is None else steps
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidInput(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    frame_every = max(1, steps // FRAMES_PER_ATTACK) if frame_every is None else frame_every
+    if frame_every and steps // frame_every + 1 > MAX_FRAMES:
+        raise InvalidInput(
+            f"frame_every {frame_every} gives {steps // frame_every + 1} frames for {steps} steps, over the limit "
+            f"of {MAX_FRAMES}; use frame_every >= {math.ceil(steps / (MAX_FRAMES - 1))}"
+        )
+    top_k = DEFAULT_TOP_K if top_k is None else top_k
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
+    if heatmap not in HEATMAPS:
+        raise InvalidInput(f"unknown heatmap method {heatmap!r}; use one of {', '.join(HEATMAPS)}")
+    return VisualizeOptions(tuple(components), steps, eps, frame_every, top_k, seed, heatmap)
+
+
+def default_gradcam_layer(backend: Backend) -> str | None:
+    """The layer Grad-CAM uses: the last one whose output is a spatial feature map [N,C,H,W]
+    (H*W > 1) and that runs once per forward pass (a ResNet's layer4, EfficientNet's head).
+
+    None where layers cannot be hooked by name (no gradients here, TorchScript, torch.export)
+    or none qualifies: heatmaps are then input gradients. Runs one forward pass, so call it
+    before the model serves traffic (concurrent passes would fire the hooks too).
+    """
+    if not isinstance(backend, GradientBackend) or not is_plain_module(backend.module):
+        return None
+    calls: dict[str, int] = {}
+    spatial: dict[str, bool] = {}
+    finished: list[str] = []  # in the order the layers return
+
+    def record(name: str, _module: torch.nn.Module, _inputs: object, output: object) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        spatial[name] = isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[2] * output.shape[3] > 1
+        finished.append(name)
+
+    handles = [
+        module.register_forward_hook(functools.partial(record, name))
+        for name, module in backend.module.named_modules()
+        if name
+    ]
+    try:
+        backend.features(torch.zeros(1, 3, backend.input_size, backend.input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = [name for name in finished if calls[name] == 1 and spatial[name]]
+    return candidates[-1] if candidates else None
+
+
+def visualize(
+    backend: Backend,
+    components: ClassComponents,
+    dataset_root: str,
+    options: VisualizeOptions,
+    *,
+    gradcam_layer: str | None,
+    cancel: threading.Event,
+    on_attack: AttackObserver | None = None,
+) -> Iterator[t.VisualizeUpdate]:
+    """Per component its top fit images and their heatmaps, then the attack of all components as
+    one batch: frames, then one result per component (its last item).
+
+    Raises before returning for a backend without gradients (FailedPrecondition), an unknown
+    component (NotFound) or a bad eps (InvalidInput). Grad-CAM runs on `gradcam_layer`; without
+    one, heatmaps are input gradients, and each Heatmap says which it is.
+    """
+    attack = feature_attack(
+        backend,
+        components,
+        options.components,
+        eps=options.eps,
+        steps=options.steps,
+        frame_every=options.frame_every,
+        seed=options.seed,
+        cancel=cancel,
+    )
+    return _updates(backend, components, dataset_root, options, gradcam_layer, attack, on_attack)
+
+
+def _updates(
+    backend: Backend,
+    components: ClassComponents,
+    dataset_root: str,
+    options: VisualizeOptions,
+    gradcam_layer: str | None,
+    attack: Iterator[AttackFrame | AttackResult],
+    on_attack: AttackObserver | None,
+) -> Iterator[t.VisualizeUpdate]:
+    config = backend.preprocess_config
+    for index in options.components:
+        ranks, ids, alphas, inputs = _top_inputs(backend, components, index, dataset_root, options.top_k)
+        if not ranks:
+            continue
+        for rank, image_id, alpha, png in zip(ranks, ids, alphas, thumbnail_pngs(inputs, config)):
+            yield t.TopImage(index, rank, image_id, alpha, png)
+        if options.heatmap == "none":
+            continue
+        layer = gradcam_layer if options.heatmap == "grad_cam" else None
+        heatmaps = component_heatmaps(backend, components, index, inputs, layer=layer)
+        method = _METHOD_NAMES[heatmaps.method]
+        for rank, image_id, alpha, png in zip(ranks, ids, alphas, overlay_pngs(inputs, heatmaps, config)):
+            yield t.Heatmap(index, rank, image_id, alpha, method, png)
+
+    computing = 0.0  # seconds inside the attack, not waiting for the stream's reader
+    while True:
+        started = time.perf_counter()
+        item = next(attack, None)
+        computing += time.perf_counter() - started
+        if item is None:
+            break
+        if isinstance(item, AttackResult):
+            if on_attack is not None:
+                on_attack(item.steps, computing)
+            for index, start, final, prob, image in zip(
+                item.components, item.start_alphas, item.final_alphas, item.final_probs, item.images
+            ):
+                yield t.AttackResult(index, float(start), float(final), float(prob), item.steps, encode_png(image))
+        else:  # an AttackFrame: one image per component, in request order
+            for index, alpha, prob, image in zip(options.components, item.alphas, item.probs, item.images):
+                yield t.AttackFrame(index, item.step, float(alpha), float(prob), encode_png(image))
+
+
+def _top_inputs(
+    backend: Backend, components: ClassComponents, index: int, root: str, k: int
+) -> tuple[list[int], list[str], list[float], torch.Tensor]:
+    """Ranks, ids, alphas and model inputs of the top-k fit images that can still be read.
+
+    An image that vanished or changed since the fit is skipped with a log line (its rank stays
+    unused): one missing file must not sink the whole visualisation.
+    """
+    ranks, ids, alphas, inputs = [], [], [], []
+    for rank, top in enumerate(top_images(components, index, k)):
+        try:
+            pixels = backend.preprocess([read_fit_image(root, top.image_id, backend.limits)])
+        except (SpurguardError, OSError) as error:
+            log.warning(
+                "Visualize %s class %d component %d: skipping fit image %r: %s",
+                backend.name, components.class_index, index, top.image_id, error,
+            )
+            continue
+        ranks.append(rank)
+        ids.append(top.image_id)
+        alphas.append(top.alpha)
+        inputs.append(pixels)
+    return ranks, ids, alphas, torch.cat(inputs) if inputs else torch.empty(0)

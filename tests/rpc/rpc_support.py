@@ -1,0 +1,32 @@
+"""Shared by the rpc tests: a gate that holds a backbone's forward pass mid-run (disconnect,
+cancel) and counts the passes, and a scrape of the metrics endpoint."""
+from __future__ import annotations
+
+import threading
+import urllib.request
+
+import torch
+from torch import nn
+
+
+class Gated(nn.Module):
+    """Mix in before a backbone class: its forward waits while `gate` is clear and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.gate.wait(timeout=20)
+        self.calls += 1
+        return super().forward(x)
+
+
+def scrape_metrics(port: int) -> tuple[str, dict[str, float]]:
+    """The metrics endpoint's text and its samples by series name with labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    return text, samples
