@@ -26,7 +26,8 @@ from PIL import Image
 from spurguard.client import AttackFrame, AttackResult, Client, Heatmap, SpurguardClientError, TopImage
 from spurguard.server.backends import TorchBackend
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
-from spurguard.server.rpc.visualizing import MAX_COMPONENTS, MAX_STEPS, default_gradcam_layer
+from spurguard.server.rpc.visualizing import MAX_COMPONENTS, MAX_STEPS
+from spurguard.server.visualize.heatmap import default_gradcam_layer
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 from rpc_support import Gated, scrape_metrics

@@ -3,6 +3,8 @@ and away from it for a distractor; hooks never outlive Grad-CAM; backbones that 
 hooked fall back to saliency with the same numbers; overlays are well-formed PNGs."""
 from __future__ import annotations
 
+import threading
+
 import dataclasses
 import io
 from types import SimpleNamespace
@@ -148,6 +150,17 @@ def test_gradcam_removes_its_hook_even_on_error(
     with pytest.raises(InvalidInput, match=r"layer 'flatten' gives \[3, 7\]"):  # features, not a map
         component_heatmaps(backend, components, RED_COMPONENT, probes, layer="flatten")
     assert hooks_left(backend.module) == 0
+
+
+def test_gradcam_ignores_forward_passes_of_other_threads(backend: TorchBackend, probes: torch.Tensor) -> None:
+    """A served model runs Score passes on other threads while a heatmap is being made."""
+    with capture_layer(backend.module, "down", "planted") as capture:
+        other = threading.Thread(target=backend.module, args=(probes,))
+        other.start()
+        other.join()
+        assert capture.outputs == []
+        backend.module(probes)
+        assert capture.output().shape[0] == probes.shape[0]
 
 
 def test_an_unknown_layer_lists_the_valid_ones(backend: TorchBackend, components: ClassComponents, probes: torch.Tensor) -> None:

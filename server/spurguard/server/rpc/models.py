@@ -25,7 +25,8 @@ from spurguard.client.types import ScoreResult, VisualizeUpdate
 from spurguard.server.guard import Guard, check_spufix_mode
 from spurguard.server.rpc.batcher import Batcher
 from spurguard.server.rpc.metrics import Metrics
-from spurguard.server.rpc.visualizing import VisualizeOptions, default_gradcam_layer, visualize
+from spurguard.server.rpc.visualizing import VisualizeOptions, visualize
+from spurguard.server.visualize.heatmap import default_gradcam_layer
 from spurguard.server.store import Store
 
 log = logging.getLogger("spurguard.server")

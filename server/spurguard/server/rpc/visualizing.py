@@ -8,7 +8,6 @@ unbounded buffer of frames) and the cancel event stops it at its next step.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from spurguard.client import types as t
-from spurguard.server.backends import Backend, GradientBackend
+from spurguard.server.backends import Backend
 from spurguard.server.backends.images import encode_png
 from spurguard.server.engine import ClassComponents
 from spurguard.server.errors import InvalidInput, SpurguardError
@@ -35,7 +34,6 @@ from spurguard.server.visualize import (
     thumbnail_pngs,
     top_images,
 )
-from spurguard.server.visualize.heatmap import is_plain_module
 
 log = logging.getLogger("spurguard.server")
 
@@ -98,39 +96,6 @@ def visualize_options(
     if heatmap not in HEATMAPS:
         raise InvalidInput(f"unknown heatmap method {heatmap!r}; use one of {', '.join(HEATMAPS)}")
     return VisualizeOptions(tuple(components), steps, eps, frame_every, top_k, seed, heatmap)
-
-
-def default_gradcam_layer(backend: Backend) -> str | None:
-    """The layer Grad-CAM uses: the last one whose output is a spatial feature map [N,C,H,W]
-    (H*W > 1) and that runs once per forward pass (a ResNet's layer4, EfficientNet's head).
-
-    None where layers cannot be hooked by name (no gradients here, TorchScript, torch.export)
-    or none qualifies: heatmaps are then input gradients. Runs one forward pass, so call it
-    before the model serves traffic (concurrent passes would fire the hooks too).
-    """
-    if not isinstance(backend, GradientBackend) or not is_plain_module(backend.module):
-        return None
-    calls: dict[str, int] = {}
-    spatial: dict[str, bool] = {}
-    finished: list[str] = []  # in the order the layers return
-
-    def record(name: str, _module: torch.nn.Module, _inputs: object, output: object) -> None:
-        calls[name] = calls.get(name, 0) + 1
-        spatial[name] = isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[2] * output.shape[3] > 1
-        finished.append(name)
-
-    handles = [
-        module.register_forward_hook(functools.partial(record, name))
-        for name, module in backend.module.named_modules()
-        if name
-    ]
-    try:
-        backend.features(torch.zeros(1, 3, backend.input_size, backend.input_size))
-    finally:
-        for handle in handles:
-            handle.remove()
-    candidates = [name for name in finished if calls[name] == 1 and spatial[name]]
-    return candidates[-1] if candidates else None
 
 
 def visualize(

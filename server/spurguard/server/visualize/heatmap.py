@@ -11,7 +11,9 @@ Every map is scaled to [0, 1] per image (its maximum is 1 unless it is all zero)
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spurguard.server.backends.base import Backend, PreprocessConfig
+from spurguard.server.backends.base import Backend, GradientBackend, PreprocessConfig
 from spurguard.server.backends.images import denormalize, encode_png
 from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import InvalidInput
@@ -86,15 +88,56 @@ class _Capture:
 
 @contextmanager
 def capture_layer(module: nn.Module, layer: str, model: str) -> Iterator[_Capture]:
-    """Record what `layer` outputs while the block runs; the hook is removed whatever happens."""
+    """Record what `layer` outputs while the block runs; the hook is removed whatever happens.
+
+    Only this thread's forward passes are recorded: a served model runs Score and Fit passes
+    on other threads at the same time, and their outputs are not this heatmap's.
+    """
     capture = _Capture(layer)
-    handle = find_layer(module, layer, model).register_forward_hook(
-        lambda _module, _inputs, output: capture.outputs.append(output)
-    )
+    owner = threading.get_ident()
+
+    def record(_module: nn.Module, _inputs: object, output: object) -> None:
+        if threading.get_ident() == owner:
+            capture.outputs.append(output)
+
+    handle = find_layer(module, layer, model).register_forward_hook(record)
     try:
         yield capture
     finally:
         handle.remove()
+
+
+def default_gradcam_layer(backend: Backend) -> str | None:
+    """The layer Grad-CAM uses: the last one whose output is a spatial feature map [N,C,H,W]
+    (H*W > 1) and that runs once per forward pass (a ResNet's layer4, EfficientNet's head).
+
+    None where layers cannot be hooked by name (no gradients here, TorchScript, torch.export)
+    or none qualifies: heatmaps are then input gradients. Runs one forward pass, so call it
+    before the model serves traffic (concurrent passes would fire the hooks too).
+    """
+    if not isinstance(backend, GradientBackend) or not is_plain_module(backend.module):
+        return None
+    calls: dict[str, int] = {}
+    spatial: dict[str, bool] = {}
+    finished: list[str] = []  # in the order the layers return
+
+    def record(name: str, _module: torch.nn.Module, _inputs: object, output: object) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        spatial[name] = isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[2] * output.shape[3] > 1
+        finished.append(name)
+
+    handles = [
+        module.register_forward_hook(functools.partial(record, name))
+        for name, module in backend.module.named_modules()
+        if name
+    ]
+    try:
+        backend.features(torch.zeros(1, 3, backend.input_size, backend.input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = [name for name in finished if calls[name] == 1 and spatial[name]]
+    return candidates[-1] if candidates else None
 
 
 def component_heatmaps(
