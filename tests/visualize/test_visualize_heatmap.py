@@ -3,10 +3,9 @@ and away from it for a distractor; hooks never outlive Grad-CAM; backbones that 
 hooked fall back to saliency with the same numbers; overlays are well-formed PNGs."""
 from __future__ import annotations
 
-import threading
-
 import dataclasses
 import io
+import threading
 from types import SimpleNamespace
 
 import numpy as np
