@@ -67,7 +67,7 @@ class _FeatureSpill:
         self.dim = dim
         self.rows = 0
         self.image_ids: list[str] = []
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb", buffering=0)  # one write per batch: nothing to gain from a buffer
 
     def append(self, features: torch.Tensor, image_ids: Sequence[str]) -> None:
         self._file.write(features.to(torch.float32).contiguous().numpy().tobytes())
@@ -201,7 +201,9 @@ def run_fit(
                     remaining[entry.class_index] -= 1
                 for k in sorted({e.class_index for e in batch.entries + [s for s, _ in batch.skipped]}):
                     rows = (labels == k).nonzero().squeeze(1)
-                    spill = spills.setdefault(k, _FeatureSpill(spill_dir, k, backend.feature_dim))
+                    if k not in spills:
+                        spills[k] = _FeatureSpill(spill_dir, k, backend.feature_dim)
+                    spill = spills[k]
                     spill.append(features[rows], [batch.entries[i].image_id for i in rows.tolist()])
                     if remaining[k] == 0:
                         pending.append(finalizer.submit(finalize, k, spills.pop(k)))
