@@ -122,3 +122,13 @@ def load_efficientnet_lite0(device: str = "auto") -> TorchBackend:
 
 
 register_builtin("efficientnet_lite0", load_efficientnet_lite0)
+
+
+def load_demo(device: str = "auto") -> TorchBackend:
+    """The demo CNN of SPEC §4, shipped in spurguard/server/demo/model/ with the script that trained it."""
+    from spurguard.server.demo import DEMO_MODEL_DIR  # imported here: the demo package is not needed to load others
+
+    return load_model_dir(DEMO_MODEL_DIR, device=device)
+
+
+register_builtin("demo", load_demo)

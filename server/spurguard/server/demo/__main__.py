@@ -1,0 +1,201 @@
+"""`make demo` / `spurguard demo`: the main job end to end on the embedded demo.
+
+Generates the planted-spurious data, starts a real server process with the demo model, fits
+every class, plays the human labeller from the generator's ground truth (through the same
+Label API a person would use), scores a mixed batch of "production" images, and evaluates the
+spurious score without and with SpuFix in both modes. Everything goes over gRPC.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from spurguard.client import Client, ScoreResult
+from spurguard.client.cli_format import render_table
+from spurguard.client.cli_progress import Progress, evaluate_line, fit_line
+from spurguard.client.types import EvaluateResult, FitSummary
+from spurguard.server.demo.generator import GroundTruth, generate, load_ground_truth
+from spurguard.server.engine import roc_auc
+from spurguard.server.rpc.process import ServerProcess
+
+MODEL = "demo"
+LABEL_SEARCH = 10  # the labeller looks at the top 10 components of a class, as the paper's did
+
+
+def _progress() -> Progress:
+    return Progress(sys.stderr, "tty" if sys.stderr.isatty() else "plain", interval_s=5.0)
+
+
+def _dataset(workdir: Path, seed: int) -> tuple[Path, GroundTruth]:
+    """The generated data; regenerated only when missing or made with another seed."""
+    root = workdir / "data"
+    try:
+        truth = load_ground_truth(root)
+        if truth.config.seed == seed:
+            return root, truth
+    except (OSError, ValueError, KeyError):
+        pass
+    shutil.rmtree(root, ignore_errors=True)
+    started = time.monotonic()
+    generate(root, seed)
+    print(f"generated the planted-spurious dataset in {time.monotonic() - started:.1f}s: {root}")
+    return root, load_ground_truth(root)
+
+
+def fit_all(client: Client, train: Path) -> FitSummary:
+    progress = _progress()
+    summary = None
+    for update in client.fit(MODEL, str(train)):
+        if isinstance(update, FitSummary):
+            summary = update
+        else:
+            progress.update(fit_line(update), update.phase)
+    progress.close()
+    assert summary is not None, "the fit stream ended without a summary"
+    print(f"fitted {len(summary.classes)} classes on {summary.images} images in {summary.elapsed_s:.1f}s "
+          f"(fit {summary.fit_id})")
+    return summary
+
+
+def label_from_ground_truth(client: Client, data: Path, truth: GroundTruth) -> list[tuple[str, int, int, float]]:
+    """For each planted feature, the component of its class whose alphas best separate the
+    class's training images with the feature from those without it: labelled spurious."""
+    chosen = []
+    for feature in truth.features:
+        k = feature.class_index
+        ids = sorted(i for i, t in truth.images.items() if t.split == "train" and t.class_index == k)
+        results = client.score(MODEL, [str(data / i) for i in ids], class_index=k, top=0)
+        alphas = np.array([[c.alpha for c in sorted(r.components, key=lambda c: c.index)] for r in results])
+        has = np.array([truth.images[i].has(feature.name) for i in ids])
+        aucs = [roc_auc(has, alphas[:, l]) for l in range(min(LABEL_SEARCH, alphas.shape[1]))]
+        best = int(np.argmax(aucs))
+        client.label(MODEL, k, best, "spurious", note=f"planted {feature.name} ({feature.kind}); AUC {aucs[best]:.3f}")
+        chosen.append((feature.name, k, best, aucs[best]))
+    print("\nlabelled from ground truth (the labeller's choice among the top 10 components):")
+    print(render_table(
+        ["feature", "class", "component", "AUC feature vs not"],
+        [[name, truth.classes[k], str(c), f"{auc:.3f}"] for name, k, c, auc in chosen],
+        right=[2, 3],
+    ))
+    return chosen
+
+
+def production_batch(truth: GroundTruth, per_class: int, per_feature: int) -> list[str]:
+    """A deterministic mix of clean test images and spurious-only images (no class object)."""
+    picked: list[str] = []
+    for k in range(len(truth.classes)):
+        picked += sorted(i for i, t in truth.images.items() if t.split == "clean_test" and t.class_index == k)[:per_class]
+    for feature in truth.features:
+        picked += sorted(i for i, t in truth.images.items() if t.split == "spurious_test" and t.has(feature.name))[:per_feature]
+    return picked
+
+
+def _shows(truth: GroundTruth, image_id: str) -> str:
+    image = truth.images[image_id]
+    if image.class_index is not None:
+        return truth.classes[image.class_index]
+    return "(" + "+".join(f.name for f in image.features) + " only)"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def score_production(client: Client, data: Path, truth: GroundTruth, images: Sequence[str]) -> dict[str, float | None]:
+    results: list[ScoreResult] = client.score(MODEL, [str(data / i) for i in images], spufix="floor")
+    rows = []
+    for image_id, r in zip(images, results):
+        rows.append([
+            image_id.split("/", 1)[1], _shows(truth, image_id), r.predictions[0].name,
+            f"{r.predictions[0].prob:.2f}", "TRIGGER" if r.trigger else "-", f"{r.spurious_alpha:.3f}",
+            r.spufix.predictions[0].name if r.spufix else "-",
+        ])
+    print("\nproduction batch (SpuFix floor mode):")
+    print(render_table(["image", "shows", "predicted", "prob", "trigger", "spurious_alpha", "SpuFix predicts"],
+                       rows, right=[3, 5]))
+    # Ground truth: a trigger should fire exactly where the prediction stands on a planted
+    # feature alone, i.e. on spurious-only images predicted as the feature's class.
+    tied = {f.name: f.class_index for f in truth.features}
+    should = np.array([
+        truth.images[i].class_index is None
+        and any(r.predictions[0].class_index == tied[f.name] for f in truth.images[i].features)
+        for i, r in zip(images, results)
+    ])
+    fired = np.array([r.trigger for r in results])
+    hits = int((should & fired).sum())
+    precision = hits / fired.sum() if fired.any() else None  # undefined without any trigger
+    recall = hits / should.sum() if should.any() else None
+    print(f"\ntriggers: {int(fired.sum())} fired; {int(should.sum())} images are predicted as a class only "
+          f"because of its planted feature; precision {_share(precision)}, recall {_share(recall)}")
+    return {"images": len(images), "fired": int(fired.sum()), "should_fire": int(should.sum()),
+            "precision": precision, "recall": recall}
+
+
+def evaluate_both(client: Client, data: Path, truth: GroundTruth) -> dict[str, EvaluateResult]:
+    results = {}
+    for mode in ("paper", "floor"):
+        progress = _progress()
+        for update in client.evaluate(MODEL, str(data / "clean_test"), str(data / "spurious_test"), spufix=mode):
+            if isinstance(update, EvaluateResult):
+                results[mode] = update
+            else:
+                progress.update(evaluate_line(update), update.phase)
+        progress.close()
+    base = results["floor"].baseline
+    rows = []
+    for i, row in enumerate(base.classes):
+        paper, floor = results["paper"].spufix.classes[i], results["floor"].spufix.classes[i]
+        rows.append([truth.classes[row.class_index], f"{row.auc:.3f}", f"{paper.auc:.3f}", f"{floor.auc:.3f}",
+                     f"{row.ap:.3f}", f"{paper.ap:.3f}", f"{floor.ap:.3f}",
+                     f"{row.spurious_frac_predicted:.2f}", f"{floor.spurious_frac_predicted:.2f}"])
+    paper_t, floor_t = results["paper"].spufix, results["floor"].spufix
+    rows.append(["mean", f"{base.mean_auc:.3f}", f"{paper_t.mean_auc:.3f}", f"{floor_t.mean_auc:.3f}",
+                 f"{base.mean_ap:.3f}", f"{paper_t.mean_ap:.3f}", f"{floor_t.mean_ap:.3f}",
+                 f"{base.spurious_frac_predicted:.2f}", f"{floor_t.spurious_frac_predicted:.2f}"])
+    print("\nspurious score (clean test vs spurious-only images; AUC / AP of p(k|x)), without -> with SpuFix:")
+    print(render_table(
+        ["class", "AUC", "AUC paper", "AUC floor", "AP", "AP paper", "AP floor", "fooled", "fooled floor"],
+        rows, right=range(1, 9),
+    ))
+    print(f"clean accuracy: {base.clean_accuracy:.3f} without SpuFix, {paper_t.clean_accuracy:.3f} paper, "
+          f"{floor_t.clean_accuracy:.3f} floor")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spurguard demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where data and store go (default .demo)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    parser.add_argument("--summary", type=Path, help="also write the numbers as JSON to this file")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    data, truth = _dataset(workdir, args.seed)
+    store = workdir / "store"
+    shutil.rmtree(store, ignore_errors=True)  # a fresh fit each run: the demo shows the whole job
+    with ServerProcess(["--model", MODEL, "--store", str(store), "--data-root", str(data)]) as server:
+        print(f"server with the demo model on {server.target} (store {store})")
+        with Client(server.target) as client:
+            fit = fit_all(client, data / "train")
+            labels = label_from_ground_truth(client, data, truth)
+            triggers = score_production(client, data, truth, production_batch(truth, per_class=3, per_feature=6))
+            evaluation = evaluate_both(client, data, truth)
+    if args.summary:
+        summary = {
+            "fit": {"fit_id": fit.fit_id, "images": fit.images, "classes": len(fit.classes)},
+            "labels": [{"feature": n, "class": k, "component": c, "auc": a} for n, k, c, a in labels],
+            "triggers": triggers,
+            "evaluate": {mode: result.to_dict() for mode, result in evaluation.items()},
+        }
+        args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Train the demo CNN on a generated demo dataset and export it as a model directory.
+
+    python -m spurguard.server.demo.train --data DATA --out DIR [--seed S] [--epochs E] [--data-seed S]
+
+The export is a SPEC §2 model directory (model.toml, a traced TorchScript backbone, a safetensors
+head, classes.txt) plus train_report.json, whose numbers come from the exported files through
+the backend the server uses: clean accuracy, how much the model relies on each planted feature,
+whether class-wise neural PCA finds it, and what SpuFix does about it (`evaluate_demo_model`).
+DATA is a dataset written by `generate`; when it does not exist yet, the default-size dataset
+is generated there first (from --data-seed). The shipped model in spurguard/server/demo/model/
+was made by this command with the defaults (seeds and settings in its report).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from spurguard.server.backends import Backend, PreprocessConfig, load_model_dir, preprocess_images
+from spurguard.server.datasets import ClassResolver, ImageEntry, list_image_folder, list_spurious_folder
+from spurguard.server.demo.generator import GROUND_TRUTH, generate, load_ground_truth
+from spurguard.server.demo.model import DemoCNN
+from spurguard.server.engine import (
+    SPUFIX_MODES,
+    ScoreTable,
+    SpuFix,
+    fit_alphas,
+    fit_components,
+    roc_auc,
+    spurious_score_table,
+)
+
+DEMO_PREPROCESS = PreprocessConfig(size=64, resize=64, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+MODEL_NAME = "demo"
+REPORT = "train_report.json"
+NUM_COMPONENTS = 10  # the planted feature must show up among the top 10 components of its class
+EPOCHS = 20
+BATCH_SIZE = 64
+LEARNING_RATE = 3e-3
+# L1 weight on the mean feature: sparser, more selective units. Without it, in some runs a
+# planted feature and its class's shape share units, and no component is the feature alone.
+SPARSITY = 0.3
+_CHUNK = 256  # images decoded and preprocessed at a time
+_THREADS = 2
+
+
+def _images(entries: Sequence[ImageEntry], config: PreprocessConfig) -> torch.Tensor:
+    """Normalised inputs [N,3,H,W], through the backends' own preprocessing."""
+    return torch.cat([
+        preprocess_images([e.path.read_bytes() for e in entries[i:i + _CHUNK]], config)
+        for i in range(0, len(entries), _CHUNK)
+    ])
+
+
+def _labels(entries: Sequence[ImageEntry]) -> torch.Tensor:
+    return torch.tensor([e.class_index for e in entries], dtype=torch.int64)
+
+
+def _dihedral(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image randomly flipped and turned by a multiple of 90 degrees, and the new row order.
+
+    The classes are shapes at any rotation, so this gives eight views of every image for free;
+    the planted features survive it (the stamp stays in a corner, the stripes diagonal).
+    """
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    turns = torch.randint(4, (len(x),), generator=generator)
+    groups = [(turns == k).nonzero().squeeze(1) for k in range(4)]
+    return torch.cat([x[rows].rot90(k, (2, 3)) for k, rows in enumerate(groups)]), torch.cat(groups)
+
+
+def train_model(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, *, seed: int, epochs: int = EPOCHS
+) -> tuple[DemoCNN, list[float]]:
+    """AdamW with a one-cycle schedule on inputs x [N,3,H,W] and labels y [N]; deterministic for a
+    seed on one machine. Returns the model in eval mode and each epoch's mean cross-entropy."""
+    torch.manual_seed(seed)
+    model = DemoCNN(num_classes)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
+    steps = epochs * -(-len(x) // BATCH_SIZE)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=LEARNING_RATE, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        total = 0.0
+        for batch in torch.randperm(len(x), generator=generator).split(BATCH_SIZE):
+            inputs, rows = _dihedral(x[batch], generator)
+            phi = model.backbone(inputs)
+            cross_entropy = F.cross_entropy(model.head(phi), y[batch][rows])
+            optimiser.zero_grad()
+            (cross_entropy + SPARSITY * phi.mean()).backward()
+            optimiser.step()
+            schedule.step()
+            total += cross_entropy.item() * len(batch)
+        losses.append(total / len(x))
+    return model.eval(), losses
+
+
+def export_model_dir(model: DemoCNN, out: Path, class_names: Sequence[str], config: PreprocessConfig) -> None:
+    """Write a SPEC §2 model directory: traced backbone, safetensors head, classes, model.toml."""
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(model.backbone.eval(), torch.zeros(1, 3, config.size, config.size))
+    traced.save(str(out / "backbone.pt"))
+    head = {"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()}
+    safetensors.torch.save_file(head, str(out / "head.safetensors"))
+    (out / "classes.txt").write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    mean, std = (", ".join(repr(v) for v in values) for values in (config.mean, config.std))
+    (out / "model.toml").write_text(
+        f'name = "{MODEL_NAME}"\nbackbone = "backbone.pt"\nhead = "head.safetensors"\nclasses = "classes.txt"\n\n'
+        f'[preprocess]\nsize = {config.size}\nresize = {config.resize}\ninterpolation = "{config.interpolation}"\n'
+        f"mean = [{mean}]\nstd = [{std}]\n",
+        encoding="utf-8",
+    )
+
+
+def backend_features(backend: Backend, entries: Sequence[ImageEntry]) -> torch.Tensor:
+    """phi(x) [N,d] of image files, through the backend's preprocessing and backbone."""
+    return torch.cat([
+        backend.features(backend.preprocess([e.path.read_bytes() for e in entries[i:i + _CHUNK]]))
+        for i in range(0, len(entries), _CHUNK)
+    ])
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).double().mean())
+
+
+def evaluate_demo_model(backend: Backend, data: Path, num_components: int = NUM_COMPONENTS) -> dict[str, Any]:
+    """The science of SPEC §4 on a generated dataset, with the engine in memory.
+
+    Per planted feature of class k: its reliance (share of its spurious-test images predicted k);
+    class k's top components, fitted on the training set, each scored by the ROC AUC of its alpha
+    at telling k's training images with the feature from those without; the best one labelled
+    spurious. Then the spurious score (clean test of k against the feature's spurious test) and
+    the clean accuracy, without SpuFix and with it in both modes.
+    """
+    data = Path(data)
+    truth = load_ground_truth(data)
+    resolver = ClassResolver(truth.classes)
+    train = list_image_folder(data / "train", resolver)
+    clean = list_image_folder(data / "clean_test", resolver)
+    spurious = list_spurious_folder(data / "spurious_test", len(truth.classes))
+    weight, _ = backend.head()
+    phi_train, phi_clean, phi_spur = (backend_features(backend, e) for e in (train, clean, spurious))
+    y_train, y_clean, y_spur = (_labels(e) for e in (train, clean, spurious))
+    clean_logits, spur_logits = backend.logits(phi_clean), backend.logits(phi_spur)
+
+    components = fit_components(weight, phi_train, y_train, num_components)
+    for k, comp in components.items():
+        rows = (y_train == k).nonzero().squeeze(1)
+        comp.image_ids = [train[i].image_id for i in rows.tolist()]
+        comp.alphas = fit_alphas(comp, weight[k], phi_train[rows])
+
+    features, spurious_labels = [], {}
+    spur_folders = np.array([e.image_id.split("/", 1)[0] for e in spurious])
+    spur_predicted = spur_logits.argmax(dim=1).numpy()
+    for feature in truth.features:
+        k = feature.class_index
+        comp = components[k]
+        has = np.array([truth.images[f"train/{image_id}"].has(feature.name) for image_id in comp.image_ids])
+        aucs = [roc_auc(has, comp.alphas[:, l]) for l in range(comp.num_components)]
+        best = int(np.argmax(aucs))
+        spurious_labels[k] = [best]
+        shown = spur_folders == Path(feature.spurious_folder).name
+        features.append({
+            "name": feature.name,
+            "kind": feature.kind,
+            "class_index": k,
+            "class_name": truth.classes[k],
+            "reliance": float((spur_predicted[shown] == k).mean()),
+            "best_component": best,
+            "best_auc": aucs[best],
+            "component_aucs": aucs,
+        })
+
+    def table(clean_z: torch.Tensor, spur_z: torch.Tensor) -> ScoreTable:
+        return spurious_score_table(clean_z, y_clean, spur_z, y_spur)
+
+    accuracy = _accuracy(clean_logits, y_clean)
+    baseline = table(clean_logits, spur_logits)
+    scores: dict[str, Any] = {"baseline": baseline.to_dict()}
+    fix = SpuFix(components, spurious_labels, weight)
+    for mode in SPUFIX_MODES:
+        fixed_clean, fixed_spur = fix.apply(phi_clean, clean_logits, mode), fix.apply(phi_spur, spur_logits, mode)
+        fixed = table(fixed_clean, fixed_spur)
+        fixed_accuracy = _accuracy(fixed_clean, y_clean)
+        scores[mode] = {
+            **fixed.to_dict(),
+            "mean_auc_gain": fixed.mean_auc - baseline.mean_auc,
+            "clean_accuracy": fixed_accuracy,
+            "accuracy_drop": accuracy - fixed_accuracy,
+        }
+    return {"clean_accuracy": accuracy, "num_components": num_components, "features": features, "spurious_score": scores}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train, export, evaluate the export; writes and returns the report."""
+    parser = argparse.ArgumentParser(description="Train the demo CNN and export a model directory.")
+    parser.add_argument("--data", type=Path, required=True, help="a demo dataset; generated when absent")
+    parser.add_argument("--out", type=Path, required=True, help="model directory to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--data-seed", type=int, default=0, help="generator seed when DATA is generated")
+    args = parser.parse_args(argv)
+    if not (args.data / GROUND_TRUTH).is_file():
+        print(f"generating the demo dataset in {args.data}", file=sys.stderr)
+        generate(args.data, args.data_seed)
+
+    torch.set_num_threads(_THREADS)
+    torch.use_deterministic_algorithms(True)
+    truth = load_ground_truth(args.data)
+    entries = list_image_folder(args.data / "train", ClassResolver(truth.classes))
+    start = time.perf_counter()
+    model, losses = train_model(
+        _images(entries, DEMO_PREPROCESS), _labels(entries), len(truth.classes), seed=args.seed, epochs=args.epochs
+    )
+    seconds = time.perf_counter() - start
+    export_model_dir(model, args.out, truth.classes, DEMO_PREPROCESS)
+    report = {
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": BATCH_SIZE,
+        "learning_rate": LEARNING_RATE,
+        "sparsity": SPARSITY,
+        "threads": _THREADS,
+        "torch": torch.__version__,
+        "generator": asdict(truth.config),
+        "train_seconds": round(seconds, 1),
+        "epoch_losses": losses,
+        **evaluate_demo_model(load_model_dir(args.out, device="cpu"), args.data),
+    }
+    (args.out / REPORT).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in report.items() if k != "epoch_losses"}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
