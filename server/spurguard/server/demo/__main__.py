@@ -20,12 +20,15 @@ import numpy as np
 from spurguard.client import Client, ScoreResult
 from spurguard.client.cli_format import render_table
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line
+from spurguard.client.report import write_report
 from spurguard.client.types import EvaluateResult, FitSummary
 from spurguard.server.demo.generator import GroundTruth, generate, load_ground_truth
 from spurguard.server.engine import roc_auc
 from spurguard.server.rpc.process import ServerProcess
 
 MODEL = "demo"
+REPORT_COMPONENTS = 5  # per planted class, in the HTML report
+REPORT_STEPS = 50  # attack steps per component: enough at 64x64 to show the feature
 LABEL_SEARCH = 10  # the labeller looks at the top 10 components of a class, as the paper's did
 
 
@@ -186,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             labels = label_from_ground_truth(client, data, truth)
             triggers = score_production(client, data, truth, production_batch(truth, per_class=3, per_feature=6))
             evaluation = evaluate_both(client, data, truth)
+            report = write_report(
+                client, client.get_model(MODEL), workdir / "report", [f.class_index for f in truth.features],
+                top=REPORT_COMPONENTS, steps=REPORT_STEPS,
+            )
+    print(f"\nreport for the labeller (components, attacks, heatmaps): {report['index']}")
     if args.summary:
         summary = {
             "fit": {"fit_id": fit.fit_id, "images": fit.images, "classes": len(fit.classes)},
