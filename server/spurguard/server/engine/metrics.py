@@ -4,6 +4,7 @@ Per class k: positives = clean images of class k, negatives = images showing k's
 feature without the class object, score = softmax p(k|x). ROC AUC is what the paper's text
 reports; average precision is what its published evaluation code computes, so both are here,
 implemented in numpy (the server does not depend on scikit-learn) and tested against it.
+A class's row is the thin client's own ClassScore, so its `evaluate --json` entry has one definition.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from spurguard.client.types import ClassScore
 from spurguard.server.errors import InvalidInput
 
 
@@ -72,31 +74,6 @@ def softmax(logits: Any) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    """One class's row of the spurious score table."""
-
-    class_index: int
-    auc: float
-    ap: float
-    clean_mean_prob: float
-    spurious_mean_prob: float
-    clean_frac_predicted: float
-    spurious_frac_predicted: float
-
-    def to_dict(self) -> dict[str, float | int]:
-        """The `evaluate --json` class entry (SPEC section 3)."""
-        return {
-            "class": self.class_index,
-            "auc": self.auc,
-            "ap": self.ap,
-            "clean_mean_prob": self.clean_mean_prob,
-            "spurious_mean_prob": self.spurious_mean_prob,
-            "clean_frac_predicted": self.clean_frac_predicted,
-            "spurious_frac_predicted": self.spurious_frac_predicted,
-        }
 
 
 @dataclass(frozen=True)
