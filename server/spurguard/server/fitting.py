@@ -168,8 +168,7 @@ def run_fit(
         remaining = Counter(e.class_index for e in todo)
         skipped: list[tuple[str, str]] = []
         skipped_classes: list[tuple[int, str]] = []
-        classes_done = [len(skip & set(selected))]
-        lock = threading.Lock()
+        already_done = len(skip & set(selected))
 
         def finalize(k: int, spill: _FeatureSpill) -> None:
             features = spill.close()
@@ -184,8 +183,6 @@ def run_fit(
                 writer.add_class(components)
             del features
             spill.path.unlink()
-            with lock:
-                classes_done[0] += 1
 
         with tempfile.TemporaryDirectory(prefix="spurguard-fit-") as spill_dir, ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="spurguard-finalize"
@@ -197,9 +194,10 @@ def run_fit(
                 labels = torch.tensor([e.class_index for e in batch.entries], dtype=torch.int64)
                 if batch.entries:
                     fit.update(features, labels)
-                for entry in batch.entries + [entry for entry, _ in batch.skipped]:
+                seen = batch.entries + [entry for entry, _ in batch.skipped]
+                for entry in seen:
                     remaining[entry.class_index] -= 1
-                for k in sorted({e.class_index for e in batch.entries + [s for s, _ in batch.skipped]}):
+                for k in sorted({entry.class_index for entry in seen}):
                     rows = (labels == k).nonzero().squeeze(1)
                     if k not in spills:
                         spills[k] = _FeatureSpill(spill_dir, k, backend.feature_dim)
@@ -207,10 +205,9 @@ def run_fit(
                     spill.append(features[rows], [batch.entries[i].image_id for i in rows.tolist()])
                     if remaining[k] == 0:
                         pending.append(finalizer.submit(finalize, k, spills.pop(k)))
-                images_done += len(batch.entries) + len(batch.skipped)
-                with lock:
-                    done_now = classes_done[0]
-                report(FitProgress("features", images_done, len(entries), done_now, len(selected)))
+                images_done += len(seen)
+                classes_done = already_done + sum(future.done() for future in pending)
+                report(FitProgress("features", images_done, len(entries), classes_done, len(selected)))
                 _raise_failed(pending)
             for future in pending:
                 future.result()
@@ -219,11 +216,12 @@ def run_fit(
                 spill.close()
         if unfinished:
             raise Cancelled(
-                f"fit {writer.fit_id} of model {backend.name} cancelled after {classes_done[0]} of "
+                f"fit {writer.fit_id} of model {backend.name} cancelled after {already_done + len(pending)} of "
                 f"{len(selected)} classes; fit again with job/fit id {writer.fit_id} to resume"
             )
-        report(FitProgress("committing", images_done, len(entries), classes_done[0], len(selected)))
-        fitted = [k for k in selected if k in set(writer.done_classes)]
+        report(FitProgress("committing", images_done, len(entries), already_done + len(pending), len(selected)))
+        written = set(writer.done_classes)
+        fitted = [k for k in selected if k in written]
         if not fitted:
             raise InvalidInput(f"no class of {str(root)!r} had 2 readable images; nothing was fitted")
         meta = writer.commit(expected_classes=fitted)
