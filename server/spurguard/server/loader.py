@@ -1,8 +1,9 @@
 """Batches of decoded, preprocessed images, prepared one batch ahead of the forward pass.
 
 Decoding runs in a background thread so that it overlaps the model's forward pass (PIL releases
-the GIL while it decodes and resizes). An unreadable image is skipped and reported, not fatal:
-one corrupt file must not throw away an hour-long fit.
+the GIL while it decodes and resizes). It stops at uint8 crops; the thread that runs the model
+normalises them, so that no torch op competes with the forward pass for the cores. An unreadable
+image is skipped and reported, not fatal: one corrupt file must not throw away an hour-long fit.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from spurguard.server.datasets import ImageEntry
@@ -18,7 +20,9 @@ from spurguard.server.errors import SpurguardError
 
 
 class Preprocessor(Protocol):
-    def preprocess(self, images: Sequence[bytes]) -> torch.Tensor: ...
+    def decode_crop(self, image: bytes) -> np.ndarray: ...
+
+    def stack_crops(self, crops: Sequence[np.ndarray]) -> torch.Tensor: ...
 
 
 class FeatureExtractor(Preprocessor, Protocol):
@@ -32,22 +36,21 @@ class Batch:
     """Images of one forward pass; `skipped` are those of its slice that could not be read."""
 
     entries: list[ImageEntry]
-    pixels: torch.Tensor
+    crops: list[np.ndarray]  # uint8 [H, W, 3] per entry; normalised by the thread that runs the model
     skipped: list[tuple[ImageEntry, str]] = field(default_factory=list)
 
 
 def _prepare(entries: Sequence[ImageEntry], backend: Preprocessor) -> Batch:
     good: list[ImageEntry] = []
-    tensors: list[torch.Tensor] = []
+    crops: list[np.ndarray] = []
     skipped: list[tuple[ImageEntry, str]] = []
     for entry in entries:
         try:
-            tensors.append(backend.preprocess([entry.path.read_bytes()]))
+            crops.append(backend.decode_crop(entry.path.read_bytes()))
             good.append(entry)
         except (OSError, SpurguardError) as error:
             skipped.append((entry, str(error)))
-    pixels = torch.cat(tensors) if tensors else torch.empty(0)
-    return Batch(good, pixels, skipped)
+    return Batch(good, crops, skipped)
 
 
 def iter_batches(
@@ -80,6 +83,6 @@ def iter_features(
     """(batch, phi of its readable images [n, d]) for `entries` in order; decoding overlaps the forward."""
     for batch in iter_batches(entries, backend, batch_size, cancel):
         if batch.entries:
-            yield batch, backend.features(batch.pixels)
+            yield batch, backend.features(backend.stack_crops(batch.crops))
         else:
             yield batch, torch.empty(0, backend.feature_dim)

@@ -99,6 +99,15 @@ class Backend(Protocol):
         """Encoded bytes / uint8 arrays / PIL images to float32 [N,3,size,size] on the CPU."""
         ...
 
+    def decode_crop(self, image: ImageInput) -> np.ndarray:
+        """preprocess's per-image half: one image to its uint8 [size,size,3] crop, without torch
+        (runs in decode threads next to the forward pass)."""
+        ...
+
+    def stack_crops(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        """preprocess's batch half: uint8 crops to float32 [N,3,size,size] on the CPU."""
+        ...
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x): float32 [N,d] on the CPU, no autograd graph; batched internally."""
         ...

@@ -167,6 +167,23 @@ def normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     return x.sub_(mean).div_(std).contiguous()
 
 
+def decode_crop(image: ImageInput, config: PreprocessConfig, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """One image to its uint8 [size,size,3] model crop: the per-image half of preprocessing.
+
+    Torch-free on purpose: it runs in decode threads while the model computes, and a torch op
+    there starts an OpenMP team of its own that competes with the forward pass for the cores.
+    """
+    return np.asarray(resize_and_crop(load_rgb(image, limits), config))
+
+
+def stack_crops(crops: Sequence[np.ndarray], config: PreprocessConfig) -> torch.Tensor:
+    """uint8 crops to the model's float32 input batch [N,3,size,size]: the batch half, on the
+    thread that runs the model."""
+    if not crops:
+        return torch.empty(0, 3, config.size, config.size)
+    return normalize(torch.from_numpy(np.stack(crops)), config)
+
+
 def preprocess_images(
     images: Sequence[ImageInput], config: PreprocessConfig, limits: ImageLimits = DEFAULT_LIMITS
 ) -> torch.Tensor:
@@ -174,14 +191,12 @@ def preprocess_images(
     crops = []
     for index, image in enumerate(images):
         try:
-            crops.append(np.asarray(resize_and_crop(load_rgb(image, limits), config)))
+            crops.append(decode_crop(image, config, limits))
         except SpurguardError as error:
             if len(images) == 1:
                 raise
             raise type(error)(f"image {index}: {error}") from None
-    if not crops:
-        return torch.empty(0, 3, config.size, config.size)
-    return normalize(torch.from_numpy(np.stack(crops)), config)
+    return stack_crops(crops, config)
 
 
 def denormalize(x: torch.Tensor, config: PreprocessConfig) -> np.ndarray:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig, one_line
 from spurguard.server.backends.device import configure_cpu_threads, default_batch_size, resolve_device
-from spurguard.server.backends.images import preprocess_images
+from spurguard.server.backends.images import decode_crop, preprocess_images, stack_crops
 from spurguard.server.errors import InvalidInput, ResourceExhausted
 
 
@@ -121,6 +122,14 @@ class TorchBackend:
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images to float32 [N,3,size,size] on the CPU, per the model's preprocessing."""
         return preprocess_images(images, self.preprocess_config, self.limits)
+
+    def decode_crop(self, image: ImageInput) -> np.ndarray:
+        """One image to its uint8 [size,size,3] crop; torch-free, for decode threads."""
+        return decode_crop(image, self.preprocess_config, self.limits)
+
+    def stack_crops(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 crops to the normalised float32 input batch [N,3,size,size]."""
+        return stack_crops(crops, self.preprocess_config)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) as float32 [N,d] on the CPU, in chunks of max_batch_size, without autograd."""

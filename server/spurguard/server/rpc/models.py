@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from spurguard.server.backends import Backend, GradientBackend, ImageInput, load_model
 from spurguard.server.engine import ClassComponents
@@ -46,18 +46,18 @@ class ScoreOptions:
 
 @dataclass(frozen=True)
 class _Item:
-    pixels: torch.Tensor  # [1, 3, H, W]
+    crop: np.ndarray  # uint8 [H, W, 3]: normalised with its batch on the model's thread
     image_id: str
     guard: Guard
     options: ScoreOptions
 
 
-def _preprocess(backend: Backend, source: ImageSource) -> torch.Tensor | BaseException:
-    """One image's model input, or the exception that says why not (never raised: per-image)."""
+def _decode_crop(backend: Backend, source: ImageSource) -> np.ndarray | BaseException:
+    """One image's uint8 crop, or the exception that says why not (never raised: per-image)."""
     if isinstance(source, BaseException):
         return source
     try:
-        return backend.preprocess([source])
+        return backend.decode_crop(source)
     except Exception as error:  # noqa: BLE001 - becomes this image's error, mapped like any other
         return error
 
@@ -146,7 +146,7 @@ class ServedModel:
         self._backend.warm_up()
         self._gradcam_layer = default_gradcam_layer(self._backend)  # before traffic: it hooks every layer
         if self.supports_gradients:
-            how = f"Grad-CAM on layer {self._gradcam_layer!r}" if self._gradcam_layer else "input gradients"
+            how = f"Grad-CAM on layer {self._gradcam_layer!r}" if self._gradcam_layer else "integrated gradients"
             log.info("model %s: heatmaps use %s", self.name, how)
         self._guard = Guard.load(self._backend, self.store)
 
@@ -172,14 +172,14 @@ class ServedModel:
         if options.top is not None and options.top < 0:
             raise InvalidInput(f"top must be >= 0, got {options.top}")
         loop = asyncio.get_running_loop()
-        pixels = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, _preprocess, backend, source) for _, source in images)
+        crops = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, _decode_crop, backend, source) for _, source in images)
         )
-        results: list[ScoreResult | BaseException] = list(pixels)  # placeholders where decoding failed
-        decoded = [i for i, x in enumerate(pixels) if isinstance(x, torch.Tensor)]
+        results: list[ScoreResult | BaseException] = list(crops)  # placeholders where decoding failed
+        decoded = [i for i, x in enumerate(crops) if isinstance(x, np.ndarray)]
         assert self._batcher is not None
         scored = await self._batcher.submit_many(
-            [_Item(pixels[i], images[i][0], guard, options) for i in decoded]  # type: ignore[arg-type]
+            [_Item(crops[i], images[i][0], guard, options) for i in decoded]  # type: ignore[arg-type]
         )
         for i, result in zip(decoded, scored):
             results[i] = result
@@ -188,7 +188,7 @@ class ServedModel:
     def _process(self, items: list[_Item]) -> list[ScoreResult | BaseException]:
         """One batch in the worker thread: one forward pass, then per (guard, options) group the scores."""
         assert self._backend is not None
-        features = self._backend.features(torch.cat([item.pixels for item in items]))
+        features = self._backend.features(self._backend.stack_crops([item.crop for item in items]))
         results: list[ScoreResult | BaseException] = [None] * len(items)  # type: ignore[list-item]
         groups: dict[tuple[Guard, ScoreOptions], list[int]] = {}
         for row, item in enumerate(items):
