@@ -151,7 +151,7 @@ def test_top_images_heatmaps_frames_and_the_attack_of_the_planted_component(
 
     heatmaps = kinds[Heatmap]
     assert [(h.rank, h.image, h.alpha) for h in heatmaps] == [(t.rank, t.image, t.alpha) for t in tops]
-    assert {h.method for h in heatmaps} == {"input_gradient"}  # TorchScript: no layer to hook
+    assert {h.method for h in heatmaps} == {"integrated_gradients"}  # TorchScript: no layer to hook
     assert all(_pixels(h.png).shape == (SIZE, SIZE, 3) for h in heatmaps)
 
     frames, (result,) = kinds[AttackFrame], kinds[AttackResult]
@@ -188,7 +188,8 @@ def test_the_same_seed_gives_the_same_stream_and_pngs_carry_their_size(server: B
 
 
 def test_grad_cam_on_a_plain_module_and_the_requested_method(client: Client) -> None:
-    for method, want in ((None, "grad_cam"), ("grad_cam", "grad_cam"), ("input_gradient", "input_gradient")):
+    requested = (None, "grad_cam", "integrated_gradients", "input_gradient")
+    for method, want in zip(requested, ("grad_cam", "grad_cam", "integrated_gradients", "input_gradient")):
         heatmaps = [u for u in client.visualize("eager", 0, [0], steps=1, top_k=2, heatmap=method)
                     if isinstance(u, Heatmap)]
         assert [h.method for h in heatmaps] == [want, want], method

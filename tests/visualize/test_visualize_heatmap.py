@@ -1,8 +1,10 @@
 """Heatmaps on the planted backbone: they must point at the red square for the red component
-and away from it for a distractor; hooks never outlive Grad-CAM; backbones that cannot be
-hooked fall back to saliency with the same numbers; overlays are well-formed PNGs."""
+and away from it for a distractor; each method equals its float64 reference; hooks never
+outlive Grad-CAM; backbones that cannot be hooked fall back to integrated gradients with the
+same numbers; overlays are well-formed PNGs."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import threading
@@ -19,6 +21,8 @@ from spurguard.server.engine import ClassComponents
 from spurguard.server.engine.decompose import class_projection
 from spurguard.server.errors import FailedPrecondition, InvalidInput, ResourceExhausted
 from spurguard.server.visualize import capture_layer, component_heatmaps, overlay, overlay_pngs
+from spurguard.server.visualize._objective import ComponentObjective
+from spurguard.server.visualize.heatmap import INTEGRATED_GRADIENTS_STEPS, integrated_gradients
 from visualize_support import (
     GREEN_COMPONENT,
     MEAN,
@@ -54,24 +58,26 @@ def hooks_left(module: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
-@pytest.mark.parametrize("layer", [None, "down", "act"])
+METHODS = [("saliency", None), ("integrated_gradients", None), ("gradcam", "down"), ("gradcam", "act")]
+
+
+@pytest.mark.parametrize(("method", "layer"), METHODS)
 def test_red_heatmaps_point_at_the_red_square(
-    backend: TorchBackend, components: ClassComponents, probes: torch.Tensor, layer: str | None
+    backend: TorchBackend, components: ClassComponents, probes: torch.Tensor, method: str, layer: str | None
 ) -> None:
-    heatmaps = component_heatmaps(backend, components, RED_COMPONENT, probes, layer=layer)
-    assert heatmaps.method == ("saliency" if layer is None else "gradcam")
-    assert heatmaps.layer == layer
+    heatmaps = component_heatmaps(backend, components, RED_COMPONENT, probes, method=method, layer=layer)
+    assert (heatmaps.method, heatmaps.layer) == (method, layer)
     assert heatmaps.maps.shape == (3, SIZE, SIZE) and heatmaps.maps.dtype == np.float32
     assert np.allclose(heatmaps.maps.max(axis=(1, 2)), 1.0) and heatmaps.maps.min() >= 0.0
     for heatmap in heatmaps.maps:
         assert mass_in_square(heatmap) >= MIN_MASS_IN_SQUARE
 
 
-@pytest.mark.parametrize("layer", [None, "down"])
+@pytest.mark.parametrize(("method", "layer"), METHODS[:3])
 def test_a_distractor_heatmap_looks_elsewhere(
-    backend: TorchBackend, components: ClassComponents, probes: torch.Tensor, layer: str | None
+    backend: TorchBackend, components: ClassComponents, probes: torch.Tensor, method: str, layer: str | None
 ) -> None:
-    heatmaps = component_heatmaps(backend, components, GREEN_COMPONENT, probes, layer=layer)
+    heatmaps = component_heatmaps(backend, components, GREEN_COMPONENT, probes, method=method, layer=layer)
     for heatmap in heatmaps.maps:
         assert mass_in_square(heatmap) <= MAX_MASS_IN_SQUARE_OFF_TARGET
 
@@ -90,10 +96,56 @@ def test_saliency_is_the_blurred_pixel_gradient(
     pixels = (probes * std + mean).requires_grad_()
     projection = class_projection(probe_components, backend.head()[0][PLANTED_CLASS])
     (grad,) = torch.autograd.grad(projection.alphas(backend.features_with_grad((pixels - mean) / std)).sum(), pixels)
-    heatmaps = component_heatmaps(backend, probe_components, 0, probes)
+    heatmaps = component_heatmaps(backend, probe_components, 0, probes, method="saliency")
     for heatmap, saliency in zip(heatmaps.maps, grad.abs().sum(dim=1).double().numpy()):
         expected = ndimage.gaussian_filter(saliency, sigma=2.0 * SIZE / 224, mode="nearest", truncate=3.0)
         np.testing.assert_allclose(heatmap, expected / expected.max(), rtol=1e-4, atol=1e-6)
+
+
+def reference_integrated_gradients(
+    backend: TorchBackend, components: ClassComponents, index: int, pixels: np.ndarray, steps: int
+) -> np.ndarray:
+    """Attributions [N,3,S,S] in float64 and [0, 1] pixel units: (p - 0.5) times the mean
+    gradient of alpha over the midpoints of `steps` segments of the path from gray to p."""
+    module = copy.deepcopy(backend.module).double()
+    weight = backend.head()[0][PLANTED_CLASS].double()
+    vector = torch.from_numpy(components.vectors[index])
+    mean, std = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1), torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    p = torch.from_numpy(pixels)
+    total = torch.zeros_like(p)
+    for step in range(steps):
+        point = (0.5 + (p - 0.5) * (step + 0.5) / steps).requires_grad_()
+        a = weight * module((point - mean) / std)
+        alpha = ((a - torch.from_numpy(components.mean)) @ vector) * vector.sum()
+        (grad,) = torch.autograd.grad(alpha.sum(), point)
+        total += grad
+    return ((p - 0.5) * total / steps).numpy()
+
+
+def test_integrated_gradients_equal_the_float64_reference(
+    backend: TorchBackend, components: ClassComponents, probes: torch.Tensor
+) -> None:
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    pixels = (probes * std + mean).double().numpy()
+    attributions = reference_integrated_gradients(backend, components, RED_COMPONENT, pixels, INTEGRATED_GRADIENTS_STEPS)
+    expected = attributions.sum(axis=1).clip(min=0.0)
+    heatmaps = component_heatmaps(backend, components, RED_COMPONENT, probes, method="integrated_gradients")
+    np.testing.assert_allclose(heatmaps.maps, expected / expected.max(axis=(1, 2), keepdims=True), rtol=1e-4, atol=1e-5)
+
+
+def test_integrated_gradients_add_up_to_the_rise_of_alpha_above_gray(
+    backend: TorchBackend, components: ClassComponents, probes: torch.Tensor
+) -> None:
+    """Completeness: with enough steps the attributions sum to alpha(x) - alpha(gray). The
+    planted detectors switch on along the path (ReLU kinks), so the midpoint rule converges
+    slowly: 16 steps give 20% of the sum here, 1024 all of it."""
+    objective = ComponentObjective(backend, components, [RED_COMPONENT] * len(probes), "test")
+    attributions, alpha = integrated_gradients(objective, probes, slice(None), steps=1024)
+    gray = torch.full((1, 3, SIZE, SIZE), 0.5)
+    gray_alpha = objective.alphas(backend.features((gray - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)))
+    rise = (alpha - gray_alpha).numpy()
+    assert (np.abs(rise) > 0.01).all()  # not a trivial 0 = 0
+    np.testing.assert_allclose(attributions.sum(dim=(1, 2, 3)).numpy(), rise, rtol=1e-2)
 
 
 def test_gradcam_on_the_last_map_is_relu_of_the_weighted_channels(
@@ -129,10 +181,10 @@ def test_chunks_give_the_same_maps_as_single_images(
 ) -> None:
     inputs = torch.cat([probes, probes])  # 6 images: two chunks of max_batch_size = 4
     indices = [RED_COMPONENT, GREEN_COMPONENT] * 3
-    for layer in (None, "down"):
-        together = component_heatmaps(backend, components, indices, inputs, layer=layer)
+    for method, layer in METHODS[:3]:
+        together = component_heatmaps(backend, components, indices, inputs, method=method, layer=layer)
         for row, index in enumerate(indices):
-            alone = component_heatmaps(backend, components, index, inputs[row : row + 1], layer=layer)
+            alone = component_heatmaps(backend, components, index, inputs[row : row + 1], method=method, layer=layer)
             np.testing.assert_allclose(together.maps[row], alone.maps[0], rtol=1e-5, atol=1e-6)
 
 
@@ -168,7 +220,7 @@ def test_an_unknown_layer_lists_the_valid_ones(backend: TorchBackend, components
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "fx"])
-def test_unhookable_backbones_fall_back_to_the_same_saliency(
+def test_unhookable_backbones_fall_back_to_the_same_integrated_gradients(
     backend: TorchBackend,
     traced_backend: TorchBackend,
     components: ClassComponents,
@@ -177,8 +229,8 @@ def test_unhookable_backbones_fall_back_to_the_same_saliency(
 ) -> None:
     other = traced_backend if kind == "torchscript" else make_backend(torch.fx.symbolic_trace(PlantedCNN()))
     fallback = component_heatmaps(other, components, RED_COMPONENT, probes, layer="down")
-    eager = component_heatmaps(backend, components, RED_COMPONENT, probes)
-    assert fallback.method == "saliency" and fallback.layer is None
+    eager = component_heatmaps(backend, components, RED_COMPONENT, probes, method="integrated_gradients")
+    assert fallback.method == "integrated_gradients" and fallback.layer is None
     np.testing.assert_allclose(fallback.maps, eager.maps, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fallback.alphas, eager.alphas, rtol=1e-5, atol=1e-6)
 
@@ -188,6 +240,8 @@ def test_bad_requests(backend: TorchBackend, components: ClassComponents, probes
         component_heatmaps(backend, components, [0, 1], probes)
     with pytest.raises(InvalidInput, match="non-empty batch"):
         component_heatmaps(backend, components, 0, probes[:0])
+    with pytest.raises(InvalidInput, match="unknown heatmap method 'occlusion'"):
+        component_heatmaps(backend, components, 0, probes, method="occlusion")  # type: ignore[arg-type]
     remote = SimpleNamespace(name="remote", kind="triton", max_batch_size=4)
     with pytest.raises(FailedPrecondition, match="heatmaps need a local torch backend"):
         component_heatmaps(remote, components, 0, probes)
@@ -200,9 +254,9 @@ def test_running_out_of_device_memory_is_resource_exhausted(
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(backend, "features_with_grad", out_of_memory)
-    for layer in (None, "down"):
+    for method, layer in METHODS[:3]:
         with pytest.raises(ResourceExhausted, match="gradients for 3 images at once"):
-            component_heatmaps(backend, components, RED_COMPONENT, probes, layer=layer)
+            component_heatmaps(backend, components, RED_COMPONENT, probes, method=method, layer=layer)
     assert hooks_left(backend.module) == 0
 
 

@@ -282,7 +282,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     visualize.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px)")
     visualize.add_argument("--top-k", type=_count, metavar="N", help="top fit images per component (server default: 8)")
     visualize.add_argument("--frame-every", type=_index, metavar="N", help="an attack frame every N steps (default steps/10; 0: none)")
-    visualize.add_argument("--heatmap", choices=("grad_cam", "input_gradient", "none"), help="heatmap method (server default: grad_cam)")
+    visualize.add_argument("--heatmap", choices=("grad_cam", "integrated_gradients", "input_gradient", "none"),
+                           help="heatmap method (server default: grad_cam, or integrated_gradients where the "
+                                "model's layers cannot be hooked)")
     visualize.add_argument("--seed", type=_index, metavar="S", help="attack randomness (default 0: deterministic)")
 
     report = command(

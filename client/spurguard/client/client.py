@@ -50,6 +50,7 @@ _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _HEATMAPS = {
     None: pb.HEATMAP_DEFAULT,
     "grad_cam": pb.GRAD_CAM,
+    "integrated_gradients": pb.INTEGRATED_GRADIENTS,
     "input_gradient": pb.INPUT_GRADIENT,
     "none": pb.HEATMAP_NONE,
 }
@@ -277,7 +278,8 @@ class Client:
     ) -> Iterator[t.VisualizeUpdate]:
         """Top images, heatmaps, attack frames and the final attack image, as they are made.
 
-        `heatmap`: "grad_cam", "input_gradient", "none", or None for the server default.
+        `heatmap`: "grad_cam" (integrated gradients where the model's layers cannot be hooked),
+        "integrated_gradients", "input_gradient", "none", or None for the server default.
         """
         if heatmap not in _HEATMAPS:
             raise ValueError(f"heatmap must be one of {sorted(filter(None, _HEATMAPS))} or None, got {heatmap!r}")

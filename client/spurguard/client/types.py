@@ -189,7 +189,7 @@ class Heatmap:
     rank: int
     image: str
     alpha: float
-    method: str  # "grad_cam" or "input_gradient"
+    method: str  # "grad_cam", "integrated_gradients" or "input_gradient"
     png: bytes
 
 

@@ -38,6 +38,7 @@ class HeatmapMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GRAD_CAM: _ClassVar[HeatmapMethod]
     INPUT_GRADIENT: _ClassVar[HeatmapMethod]
     HEATMAP_NONE: _ClassVar[HeatmapMethod]
+    INTEGRATED_GRADIENTS: _ClassVar[HeatmapMethod]
 UNLABELED: ComponentLabel
 SPURIOUS: ComponentLabel
 NOT_SPURIOUS: ComponentLabel
@@ -55,6 +56,7 @@ HEATMAP_DEFAULT: HeatmapMethod
 GRAD_CAM: HeatmapMethod
 INPUT_GRADIENT: HeatmapMethod
 HEATMAP_NONE: HeatmapMethod
+INTEGRATED_GRADIENTS: HeatmapMethod
 
 class ErrorStatus(_message.Message):
     __slots__ = ("code", "message")

@@ -54,9 +54,14 @@ _HEATMAPS = {
     pb.HEATMAP_DEFAULT: "grad_cam",
     pb.GRAD_CAM: "grad_cam",
     pb.INPUT_GRADIENT: "input_gradient",
+    pb.INTEGRATED_GRADIENTS: "integrated_gradients",
     pb.HEATMAP_NONE: "none",
 }
-_HEATMAP_VALUES = {"grad_cam": pb.GRAD_CAM, "input_gradient": pb.INPUT_GRADIENT}  # methods a Heatmap reports
+_HEATMAP_VALUES = {  # methods a Heatmap reports
+    "grad_cam": pb.GRAD_CAM,
+    "input_gradient": pb.INPUT_GRADIENT,
+    "integrated_gradients": pb.INTEGRATED_GRADIENTS,
+}
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -193,7 +198,7 @@ def score_result(image_id: str, result: ScoreResult | BaseException, where: str)
 
 def _heatmap_method(value: int) -> str:
     if value not in _HEATMAPS:
-        raise InvalidInput(f"unknown heatmap method {value}; use GRAD_CAM, INPUT_GRADIENT, HEATMAP_NONE or leave it unset")
+        raise InvalidInput(f"unknown heatmap method {value}; use GRAD_CAM, INTEGRATED_GRADIENTS, INPUT_GRADIENT, HEATMAP_NONE or leave it unset")
     return _HEATMAPS[value]
 
 

@@ -43,8 +43,10 @@ MAX_TOP_K = 64
 MAX_FRAMES = 1000  # attack frames per component and request
 DEFAULT_TOP_K = 8
 FRAMES_PER_ATTACK = 10  # frame_every unset: steps / 10
-HEATMAPS = ("grad_cam", "input_gradient", "none")
-_METHOD_NAMES = {"gradcam": "grad_cam", "saliency": "input_gradient"}  # engine name -> client name
+# client name -> engine name ("none": no heatmaps)
+_ENGINE_METHODS = {"grad_cam": "gradcam", "integrated_gradients": "integrated_gradients", "input_gradient": "saliency"}
+HEATMAPS = (*_ENGINE_METHODS, "none")
+_METHOD_NAMES = {engine: client for client, engine in _ENGINE_METHODS.items()}
 
 # Called after each attack: (model steps run, seconds of computing them).
 AttackObserver = Callable[[int, float], None]
@@ -146,8 +148,9 @@ def _updates(
             yield t.TopImage(index, rank, image_id, alpha, png)
         if options.heatmap == "none":
             continue
-        layer = gradcam_layer if options.heatmap == "grad_cam" else None
-        heatmaps = component_heatmaps(backend, components, index, inputs, layer=layer)
+        heatmaps = component_heatmaps(
+            backend, components, index, inputs, method=_ENGINE_METHODS[options.heatmap], layer=gradcam_layer
+        )
         method = _METHOD_NAMES[heatmaps.method]
         for rank, image_id, alpha, png in zip(ranks, ids, alphas, overlay_pngs(inputs, heatmaps, config)):
             yield t.Heatmap(index, rank, image_id, alpha, method, png)
