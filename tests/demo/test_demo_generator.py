@@ -8,9 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from spurguard.server.datasets import ClassResolver, list_image_folder, list_spurious_folder
-from spurguard.server.demo import CLASSES, FEATURE_SPECS, DemoDataset, GroundTruth, generate, load_ground_truth
+from spurguard.server.demo import (
+    CLASSES,
+    FEATURE_SPECS,
+    DemoDataset,
+    GroundTruth,
+    generate,
+    load_ground_truth,
+    without_feature,
+)
 
 CYAN_TEXT = (0, 255, 255)  # the stamp's text, a colour no object or background has
 PETAL = (255, 38, 191)  # the flower's petals, likewise
@@ -113,3 +122,27 @@ def test_masks_match_what_is_drawn(demo_data: DemoDataset, truth: GroundTruth) -
                 assert mask.mean() > 0.3
     on_disk = {p.relative_to(root).as_posix() for p in (root / "masks").rglob("*.png")}
     assert on_disk == referenced
+
+
+def test_without_feature_changes_only_the_feature(tmp_path: Path) -> None:
+    """The counterfactual behind make demo's trigger ground truth: the same image, pixel for
+    pixel, except where the feature was painted, and the feature's own colours gone."""
+    data = generate(tmp_path / "data", 3, **SMALL)
+    truth = load_ground_truth(data.root)
+    checked = Counter()
+    for image_id, image in truth.images.items():
+        if image.split != "spurious_test":
+            continue
+        (feature,) = image.features
+        real = np.asarray(Image.open(data.root / image_id).convert("RGB"))
+        without = without_feature(truth.config, image_id)
+        mask = np.asarray(Image.open(data.root / feature.mask)) > 0
+        assert without.shape == real.shape and without.dtype == np.uint8
+        beside = ndimage.binary_dilation(mask)  # anti-aliased edges blend with what lies under them
+        assert np.array_equal(without[~beside], real[~beside]), image_id
+        assert np.abs(without[mask].astype(int) - real[mask]).mean() > 10, image_id  # stripes: half of it
+        assert _count(without, CYAN_TEXT) == _count(without, PETAL) == 0
+        checked[feature.name] += 1
+    assert checked == {spec.name: SMALL["spurious_per_feature"] for spec in FEATURE_SPECS}
+    with pytest.raises(ValueError, match="not a spurious-test image"):
+        without_feature(truth.config, next(i for i in truth.images if i.startswith("train/")))

@@ -19,6 +19,7 @@ from spurguard.server.demo.generator import (
     dataset_paths,
     generate,
     load_ground_truth,
+    without_feature,
 )
 
 DEMO_MODEL_DIR = Path(__file__).with_name("model")
@@ -37,4 +38,5 @@ __all__ = [
     "dataset_paths",
     "generate",
     "load_ground_truth",
+    "without_feature",
 ]

@@ -22,7 +22,7 @@ from spurguard.client.cli_format import render_table
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line
 from spurguard.client.report import write_report
 from spurguard.client.types import EvaluateResult, FitSummary
-from spurguard.server.demo.generator import GroundTruth, generate, load_ground_truth
+from spurguard.server.demo.generator import GroundTruth, generate, load_ground_truth, without_feature
 from spurguard.server.engine import roc_auc
 from spurguard.server.rpc.process import ServerProcess
 
@@ -91,7 +91,8 @@ def label_from_ground_truth(client: Client, data: Path, truth: GroundTruth) -> l
 
 
 def production_batch(truth: GroundTruth, per_class: int, per_feature: int) -> list[str]:
-    """A deterministic mix of clean test images and spurious-only images (no class object)."""
+    """A deterministic mix of clean test images and spurious-test images (a planted feature without
+    its class's object: on every other one, a smaller object of another class)."""
     picked: list[str] = []
     for k in range(len(truth.classes)):
         picked += sorted(i for i, t in truth.images.items() if t.split == "clean_test" and t.class_index == k)[:per_class]
@@ -111,6 +112,25 @@ def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _caused_by_feature(
+    client: Client, truth: GroundTruth, images: Sequence[str], results: Sequence[ScoreResult]
+) -> np.ndarray:
+    """Ground truth for `trigger` (SPEC: the feature is what makes it class k): per image, True
+    when it carries a planted feature, is predicted as that feature's class, and the same image
+    re-rendered without the feature is not. Images without a planted feature are False."""
+    tied = {f.name: f.class_index for f in truth.features}
+    candidates = [
+        row for row, (image_id, r) in enumerate(zip(images, results))
+        if any(r.predictions[0].class_index == tied[f.name] for f in truth.images[image_id].features)
+    ]
+    caused = np.zeros(len(images), dtype=bool)
+    if candidates:
+        counterfactuals = [without_feature(truth.config, images[row]) for row in candidates]
+        for row, r in zip(candidates, client.score(MODEL, counterfactuals)):
+            caused[row] = r.predictions[0].class_index != results[row].predictions[0].class_index
+    return caused
+
+
 def score_production(client: Client, data: Path, truth: GroundTruth, images: Sequence[str]) -> dict[str, float | None]:
     results: list[ScoreResult] = client.score(MODEL, [str(data / i) for i in images], spufix="floor")
     rows = []
@@ -123,20 +143,14 @@ def score_production(client: Client, data: Path, truth: GroundTruth, images: Seq
     print("\nproduction batch (SpuFix floor mode):")
     print(render_table(["image", "shows", "predicted", "prob", "trigger", "spurious_alpha", "SpuFix predicts"],
                        rows, right=[3, 5]))
-    # Ground truth: a trigger should fire exactly where the prediction stands on a planted
-    # feature alone, i.e. on spurious-only images predicted as the feature's class.
-    tied = {f.name: f.class_index for f in truth.features}
-    should = np.array([
-        truth.images[i].class_index is None
-        and any(r.predictions[0].class_index == tied[f.name] for f in truth.images[i].features)
-        for i, r in zip(images, results)
-    ])
+    should = _caused_by_feature(client, truth, images, results)
     fired = np.array([r.trigger for r in results])
     hits = int((should & fired).sum())
     precision = hits / fired.sum() if fired.any() else None  # undefined without any trigger
     recall = hits / should.sum() if should.any() else None
-    print(f"\ntriggers: {int(fired.sum())} fired; {int(should.sum())} images are predicted as a class only "
-          f"because of its planted feature; precision {_share(precision)}, recall {_share(recall)}")
+    print(f"\ntriggers: {int(fired.sum())} fired; {int(should.sum())} images are predicted as a feature's class "
+          f"only because of the feature (without it, re-rendered, the top-1 changes); "
+          f"precision {_share(precision)}, recall {_share(recall)}")
     return {"images": len(images), "fired": int(fired.sum()), "should_fire": int(should.sum()),
             "precision": precision, "recall": recall}
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import colorsys
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -334,17 +334,25 @@ def _watermark(image: np.ndarray, box: Box) -> None:
 
 
 def render(
-    rng: np.random.Generator, size: int, class_index: int | None, features: Sequence[str], object_scale: float = 1.0
+    rng: np.random.Generator,
+    size: int,
+    class_index: int | None,
+    features: Sequence[str],
+    object_scale: float = 1.0,
+    hidden: Collection[str] = (),
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One image (uint8 [H,W,3]) with its object (None: none) and features, and each feature's mask.
+    """One image (uint8 [H,W,3]) with its object (None: none) and features, and each painted
+    feature's mask.
 
     Drawn bottom up: background, stripes, object, flower, stamp. The stripes' mask is where they
-    show (not covered by the object, the flower or the stamp).
+    show (not covered by the object, the flower or the stamp). Features in `hidden` are laid out
+    but not painted: the same image without them, the counterfactual that tells whether a
+    feature is what a prediction stands on.
     """
     dark = bool(rng.integers(2))
     image = _background(rng, size, dark)
     if "stripes" in features:
-        _stripes(rng, image, dark)
+        _stripes(rng, image.copy() if "stripes" in hidden else image, dark)
     object_r = None if class_index is None else rng.uniform(0.2, 0.3) * size * object_scale
     flower_r = rng.uniform(0.12, 0.16) * size if "flower" in features else None
     obj, flower, box = _layout(rng, size, object_r, flower_r, "watermark" in features)
@@ -354,19 +362,19 @@ def render(
         alpha = _alpha(size, _SHAPES[CLASSES[class_index]](*obj, rng.uniform(0, 2 * math.pi)))
         _paint(image, alpha, _colour(rng, _LIGHT if dark else _DARK, (0.4, 1.0)))
         covered |= alpha > 0.5
-    if flower is not None:
+    if flower is not None and "flower" not in hidden:
         petals, centre = _flower(*flower)
         petal_alpha, centre_alpha = _alpha(size, petals), _alpha(size, centre)
         _paint(image, petal_alpha, _PETAL)
         _paint(image, centre_alpha, _CENTRE)
         masks["flower"] = np.maximum(petal_alpha, centre_alpha) > 0.5
         covered |= masks["flower"]
-    if box is not None:
+    if box is not None and "watermark" not in hidden:
         _watermark(image, box)
         masks["watermark"] = np.zeros((size, size), bool)
         masks["watermark"][box[1]:box[3], box[0]:box[2]] = True
         covered |= masks["watermark"]
-    if "stripes" in features:
+    if "stripes" in features and "stripes" not in hidden:
         masks["stripes"] = ~covered
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8), masks
 
@@ -437,10 +445,9 @@ def generate(
     features = []
     for f_index, spec in enumerate(FEATURE_SPECS):
         folder = f"spurious_imagenet_{spec.class_index}_{spec.name}_0"
-        others = [k for k in range(len(CLASSES)) if k != spec.class_index]
         for i in range(spurious_per_feature):
-            other = None if i % 2 == 0 else int(_rng(seed, 3, f_index, i).choice(others))
-            writer.write("spurious_test", folder, i, (2, f_index, i), other, (spec.name,), SPURIOUS_OBJECT_SCALE)
+            writer.write("spurious_test", folder, i, (2, f_index, i), _spurious_object(seed, f_index, i),
+                         (spec.name,), SPURIOUS_OBJECT_SCALE)
         elsewhere = sum(spec.name in p for k, images in enumerate(plan) if k != spec.class_index for p in images)
         features.append(
             PlantedFeature(
@@ -461,6 +468,31 @@ def generate(
     }
     (root / GROUND_TRUTH).write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return DemoDataset(root, CLASSES, tuple(features), dataset_paths(root))
+
+
+def _spurious_object(seed: int, f_index: int, i: int) -> int | None:
+    """The object beside spurious-test image i of feature f_index: none on even images, a
+    class other than the feature's on odd ones."""
+    if i % 2 == 0:
+        return None
+    others = [k for k in range(len(CLASSES)) if k != FEATURE_SPECS[f_index].class_index]
+    return int(_rng(seed, 3, f_index, i).choice(others))
+
+
+def without_feature(config: GeneratorConfig, image_id: str) -> np.ndarray:
+    """Spurious-test image `image_id` (as in ground_truth.json) re-rendered without its planted
+    feature, everything else identical: what the model would see if the feature were absent."""
+    split, folder, name = image_id.split("/")
+    spec_index = next((i for i, s in enumerate(FEATURE_SPECS) if folder == f"spurious_imagenet_{s.class_index}_{s.name}_0"), None)
+    if split != "spurious_test" or spec_index is None:
+        raise ValueError(f"{image_id!r} is not a spurious-test image")
+    i = int(Path(name).stem)
+    feature = FEATURE_SPECS[spec_index].name
+    pixels, _ = render(
+        _rng(config.seed, 2, spec_index, i), config.size, _spurious_object(config.seed, spec_index, i), (feature,),
+        SPURIOUS_OBJECT_SCALE, hidden=(feature,),
+    )
+    return pixels
 
 
 def dataset_paths(root: Path) -> dict[str, Path]:
