@@ -310,6 +310,16 @@ def bench_attack(quick: bool) -> dict[str, float]:
     }
 
 
+def _print_comparison(
+    unit: str, bare: tuple[str, float], ours: tuple[str, float], ratio: tuple[str, float], target: float
+) -> None:
+    """Two throughputs (label, value) and their ratio against its target, aligned."""
+    width = max(len(bare[0]), len(ours[0]), len(ratio[0]))
+    for label, value in (bare, ours):
+        print(f"  {label:{width}s} {value:9.3f} {unit}")
+    print(f"  {ratio[0]:{width}s} {ratio[1]:9.3f}   (target >= {target})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
@@ -325,9 +335,8 @@ def main() -> int:
     if "fit" in sections:
         fit = bench_fit_vs_forward(args.quick)
         print(f"[fit] {fit['images']} images, efficientnet_lite0 on the CPU, top-{TOP}")
-        print(f"  bare forward  {fit['forward_images_per_s']:8.1f} images/s")
-        print(f"  fit           {fit['fit_images_per_s']:8.1f} images/s")
-        print(f"  fit / forward {fit['fit_vs_forward']:8.3f}   (target >= 0.95)")
+        _print_comparison("images/s", ("bare forward", fit["forward_images_per_s"]), ("fit", fit["fit_images_per_s"]),
+                          ("fit / forward", fit["fit_vs_forward"]), 0.95)
     if "npca" in sections:
         scale = bench_npca_scale(args.quick)
         print(f"\n[neural PCA at ImageNet scale] {IMAGES_PER_CLASS} images/class, d={DIM}, top-{TOP}; "
@@ -343,17 +352,16 @@ def main() -> int:
         grpc_score = bench_grpc_score(args.quick)
         print(f"\n[score over gRPC] {grpc_score['images']} images, efficientnet_lite0 on the CPU, batch {GRPC_BATCH}, "
               f"fitted classes with spurious labels ({grpc_score['decomposed']:.0%} of results decomposed)")
-        print(f"  bare in-process forward (pre-decoded) {grpc_score['bare_images_per_s']:8.1f} images/s ")
-        print(f"  ScoreStream over gRPC (JPEG bytes)    {grpc_score['grpc_images_per_s']:8.1f} images/s ")
-        print(f"  gRPC / bare                           {grpc_score['grpc_vs_bare']:8.3f}   (target >= 0.9)")
+        _print_comparison("images/s", ("bare in-process forward (pre-decoded)", grpc_score["bare_images_per_s"]),
+                          ("ScoreStream over gRPC (JPEG bytes)", grpc_score["grpc_images_per_s"]),
+                          ("gRPC / bare", grpc_score["grpc_vs_bare"]), 0.9)
         print(f"  unary Score, one image: p50 {grpc_score['p50_ms']:.1f} ms, p99 {grpc_score['p99_ms']:.1f} ms")
     if "attack" in sections:
         attack = bench_attack(args.quick)
         print(f"\n[feature attack] efficientnet_lite0 on the CPU, {ATTACK_COMPONENTS} components as one batch, "
               f"{attack['steps']} steps")
-        print(f"  bare autograd loop  {attack['bare_steps_per_s']:8.3f} steps/s")
-        print(f"  APGD attack         {attack['attack_steps_per_s']:8.3f} steps/s")
-        print(f"  attack / bare       {attack['attack_vs_bare']:8.3f}   (target >= 0.9)")
+        _print_comparison("steps/s", ("bare autograd loop", attack["bare_steps_per_s"]),
+                          ("APGD attack", attack["attack_steps_per_s"]), ("attack / bare", attack["attack_vs_bare"]), 0.9)
     return 0
 
 

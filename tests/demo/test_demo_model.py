@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from spurguard.server.backends import TorchBackend, builtin_names, load_model, load_model_dir, read_model_toml
+from spurguard.server.backends import TorchBackend, builtin_names, load_model_dir, read_model_toml
 from spurguard.server.demo import CLASSES, DEMO_MODEL_DIR, DemoDataset, generate
 from spurguard.server.demo.model import FEATURE_DIM, DemoCNN
 from spurguard.server.demo.train import DEMO_PREPROCESS, NUM_COMPONENTS, REPORT, evaluate_demo_model
@@ -25,13 +25,6 @@ DEMO_DIGEST = "8746d97a4b82650fa2eb98b76aa0660d49d00f1fa4460b83f346937275a8f5ea"
 # feature would pick class k about 1 time in 6 (never the right answer there); the shipped
 # model picks it for more than half of them, so it relies on every feature.
 MIN_RELIANCE = 0.5
-
-
-@pytest.fixture(scope="module")
-def backend() -> TorchBackend:
-    model = load_model("demo", device="cpu")
-    assert isinstance(model, TorchBackend)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spurguard.server.backends import TorchBackend, load_model
+from spurguard.server.backends import TorchBackend
 from spurguard.server.datasets import ClassResolver, list_image_folder
 from spurguard.server.demo import DemoDataset
 from spurguard.server.demo.generator import GroundTruth, load_ground_truth
@@ -26,13 +26,6 @@ from spurguard.server.visualize.heatmap import default_gradcam_layer
 # cover nearly all of a spurious-test image, so for them the bar is the literal one alone.
 MIN_MASS_ON_FEATURE = 0.5
 MIN_ENRICHMENT_OF_SMALL_FEATURES = 5.0  # mass share / area share, for features under 25% of the image
-
-
-@pytest.fixture(scope="module")
-def backend() -> TorchBackend:
-    model = load_model("demo", device="cpu")
-    assert isinstance(model, TorchBackend)
-    return model
 
 
 @pytest.fixture(scope="module")
