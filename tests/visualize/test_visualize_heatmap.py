@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from spurguard.server.backends import TorchBackend
+from spurguard.server.backends import TorchBackend, denormalize
 from spurguard.server.engine import ClassComponents
 from spurguard.server.engine.decompose import class_projection
 from spurguard.server.errors import FailedPrecondition, InvalidInput, ResourceExhausted
 from spurguard.server.visualize import capture_layer, component_heatmaps, overlay, overlay_pngs
 from spurguard.server.visualize._objective import ComponentObjective
-from spurguard.server.visualize.heatmap import INTEGRATED_GRADIENTS_STEPS, integrated_gradients
+from spurguard.server.visualize.heatmap import INTEGRATED_GRADIENTS_STEPS, display_scale, integrated_gradients
 from visualize_support import (
     GREEN_COMPONENT,
     MEAN,
@@ -282,3 +282,17 @@ def test_overlay_pngs_decode_to_the_model_input_size(
     decoded = np.asarray(Image.open(io.BytesIO(pngs[0])))
     assert decoded.shape == (SIZE, SIZE, 3)
     np.testing.assert_array_equal(decoded[20:, 20:], probe_image(0)[20:, 20:])  # cold background unchanged
+    drawn = overlay(denormalize(probes[0], backend.preprocess_config), display_scale(heatmaps.maps[0]))
+    np.testing.assert_array_equal(decoded, drawn)
+
+
+def test_display_scale_lifts_all_but_the_hottest_pixels() -> None:
+    """A spiky map: one pixel at 1, a 6x6 patch at 0.1. Scaled by its maximum the patch would
+    be a 10% tint; on display it is the hottest colour, and the cold rest stays cold."""
+    heat = np.zeros((10, 10), dtype=np.float32)
+    heat[1:7, 1:7] = 0.1
+    heat[8, 8] = 1.0
+    scaled = display_scale(heat)
+    np.testing.assert_allclose(scaled[1:7, 1:7], 1.0)
+    assert scaled[8, 8] == 1.0 and scaled[heat == 0].max() == 0.0
+    assert not display_scale(np.zeros((3, 3))).any()

@@ -43,6 +43,10 @@ SALIENCY_SIGMA_AT_224 = 2.0  # blur of saliency maps in pixels at 224², scaled 
 # on the demo data 16 and 32 steps put the same mass on the planted features.
 INTEGRATED_GRADIENTS_STEPS = 16
 DEFAULT_OPACITY = 0.6
+# Overlays show heat relative to this percentile of the image's positive heat (clipped at 1):
+# input-gradient maps are spiky, and scaled by their single hottest pixel they leave everything
+# else invisible. Smooth maps (Grad-CAM) barely change.
+DISPLAY_PERCENTILE = 95.0
 _LISTED_LAYERS = 8
 
 # An approximation of matplotlib's "inferno" (dark purple -> red -> yellow), without matplotlib.
@@ -287,11 +291,21 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = DEFAULT_
     return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
 
 
+def display_scale(heatmap: np.ndarray) -> np.ndarray:
+    """A map for the eye: divided by the DISPLAY_PERCENTILE of its positive values, clipped to [0, 1]."""
+    positive = heatmap[heatmap > 0]
+    if positive.size == 0:
+        return np.zeros_like(heatmap)
+    return np.clip(heatmap / np.percentile(positive, DISPLAY_PERCENTILE), 0.0, 1.0)
+
+
 def overlay_pngs(
     inputs: torch.Tensor, heatmaps: Heatmaps, config: PreprocessConfig, *, opacity: float = DEFAULT_OPACITY
 ) -> list[bytes]:
-    """PNG bytes of each model input (denormalised) with its heatmap over it."""
+    """PNG bytes of each model input (denormalised) with its heatmap, display-scaled, over it."""
     if inputs.shape[0] != heatmaps.maps.shape[0]:
         raise InvalidInput(f"{inputs.shape[0]} images for {heatmaps.maps.shape[0]} heatmaps")
     images = denormalize(inputs, config)
-    return [encode_png(overlay(image, heat, opacity=opacity)) for image, heat in zip(images, heatmaps.maps)]
+    return [
+        encode_png(overlay(image, display_scale(heat), opacity=opacity)) for image, heat in zip(images, heatmaps.maps)
+    ]
