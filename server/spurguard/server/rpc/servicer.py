@@ -70,23 +70,34 @@ _Response = TypeVar("_Response")
 # ---- the two decorators (coroutine and async-generator handlers): status codes and metrics ----
 
 
+@contextlib.asynccontextmanager
+async def _outcome(
+    servicer: SpurguardServicer, name: str, request: object, context: grpc.aio.ServicerContext
+) -> AsyncIterator[None]:
+    """Around one call: any failure leaves as its status (never a traceback), and every call,
+    failed, cancelled or not, is counted and timed."""
+    started, code = time.monotonic(), grpc.StatusCode.OK
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as error:  # noqa: BLE001 - every failure leaves as a status, never a traceback
+        status = status_of(error, name)
+        code = status.code
+        await context.abort(status.code, status.message)
+    finally:
+        servicer.observe(name, request, code, started)
+
+
 def _rpc(
     method: Callable[[SpurguardServicer, _Request, grpc.aio.ServicerContext], Awaitable[_Response]],
 ) -> Callable[[SpurguardServicer, _Request, grpc.aio.ServicerContext], Awaitable[_Response]]:
     @functools.wraps(method)
     async def handler(self: SpurguardServicer, request: _Request, context: grpc.aio.ServicerContext) -> _Response:
-        started, code = time.monotonic(), grpc.StatusCode.OK
-        try:
+        async with _outcome(self, method.__name__, request, context):
             return await method(self, request, context)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as error:  # noqa: BLE001 - every failure leaves as a status, never a traceback
-            status = status_of(error, method.__name__)
-            code = status.code
-            await context.abort(status.code, status.message)
-        finally:
-            self.observe(method.__name__, request, code, started)
+        raise AssertionError("unreachable: _outcome re-raises or aborts")
 
     return handler
 
@@ -98,20 +109,10 @@ def _rpc_stream(
     async def handler(
         self: SpurguardServicer, request: _Request, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[_Response]:
-        started, code = time.monotonic(), grpc.StatusCode.OK
-        try:
+        async with _outcome(self, method.__name__, request, context):
             async with contextlib.aclosing(method(self, request, context)) as responses:
                 async for response in responses:
                     yield response
-        except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as error:  # noqa: BLE001 - every failure leaves as a status, never a traceback
-            status = status_of(error, method.__name__)
-            code = status.code
-            await context.abort(status.code, status.message)
-        finally:
-            self.observe(method.__name__, request, code, started)
 
     return handler
 
