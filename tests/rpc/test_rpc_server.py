@@ -311,6 +311,33 @@ def test_label_and_list_labels(client: Client, fitted) -> None:  # noqa: ANN001
     assert (1, 2) not in {(r.class_index, r.component) for r in client.list_labels("tiny")}
 
 
+def test_a_second_server_on_the_same_store_follows_labels_made_elsewhere(
+    client: Client, fitted, model_dir: Path, store_dir: Path  # noqa: ANN001
+) -> None:
+    """Replicas share a store: a label made through one server reaches another's scores."""
+    config = ServerConfig(models=(str(model_dir),), store=store_dir, port=0, device="cpu", store_poll_s=0.1)
+    images = _images(7, 2)
+
+    def labels_seen(other: Client) -> set[str]:
+        results = other.score("tiny", images, class_index=1, top=0)
+        return {next(c.label for c in r.components if c.index == 1) for r in results}
+
+    def wait_for(other: Client, label: str) -> None:
+        deadline = time.monotonic() + 10
+        while labels_seen(other) != {label}:
+            assert time.monotonic() < deadline, f"the second server never saw {label!r}"
+            time.sleep(0.05)
+
+    with BackgroundServer(config) as second, Client(second.address, timeout=30) as other:
+        assert labels_seen(other) == {"unlabeled"}
+        client.label("tiny", 1, 1, "spurious", note="made on the first server")
+        try:
+            wait_for(other, "spurious")
+        finally:
+            client.label("tiny", 1, 1, "unlabeled")
+        wait_for(other, "unlabeled")
+
+
 # ---- score ----
 
 

@@ -71,6 +71,7 @@ class ServerConfig:
     grace_s: float = 10.0
     max_request_images: int = 1024
     fit_workers: int = 1
+    store_poll_s: float = 2.0
 
 
 def _address(host: str, port: int) -> str:
@@ -116,6 +117,7 @@ class SpurguardServer:
             "device": config.device,
             "max_batch_size": config.max_batch_size,
             "max_delay_s": config.max_delay_ms / 1000.0,
+            "store_poll_s": config.store_poll_s,
         }
         served = [
             ServedModel(model_name(spec), self.store, self.metrics, self._decode_pool, spec=spec, **options)
@@ -346,6 +348,9 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help="fit jobs running at once; more wait QUEUED (default 1)")
     p.add_argument("--grace-s", type=_non_negative, default=10.0, metavar="S",
                    help="on SIGTERM, how long in-flight calls may take to finish (default 10)")
+    p.add_argument("--store-poll-s", type=_non_negative, default=2.0, metavar="S",
+                   help="how often to pick up labels and fits that other servers sharing --store made "
+                        "(default 2; 0: only this server's own)")
     return p
 
 
@@ -368,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         grace_s=args.grace_s,
         max_request_images=args.max_request_images,
         fit_workers=args.fit_workers,
+        store_poll_s=args.store_poll_s,
     )
     return asyncio.run(serve(config))
 

@@ -9,6 +9,7 @@ batches they land in, are scored against one (fit, labels) snapshot and its fit_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -77,9 +78,11 @@ class ServedModel:
         device: str = "auto",
         max_batch_size: int | None = None,
         max_delay_s: float = 0.005,
+        store_poll_s: float = 0.0,
     ) -> None:
         """Give a `spec` to load (built-in name or model directory) or an already built `backend`;
-        `device` and `max_batch_size` apply to loading a spec."""
+        `device` and `max_batch_size` apply to loading a spec. `store_poll_s` > 0 follows changes
+        other processes make to the store (see `watch_store`)."""
         if (spec is None) == (backend is None):
             raise ValueError("give exactly one of spec and backend")
         self.name = name
@@ -90,6 +93,8 @@ class ServedModel:
         self._device = device
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
+        self._store_poll_s = store_poll_s
+        self._watcher: asyncio.Task[None] | None = None
         self._backend = backend
         self._guard: Guard | None = None
         self._gradcam_layer: str | None = None
@@ -135,6 +140,8 @@ class ServedModel:
             name=f"model-{self.name}",
             on_batch=lambda stats: self._metrics.observe_batch(self.name, stats),
         )
+        if self._store_poll_s > 0:
+            self._watcher = asyncio.create_task(self.watch_store(self._store_poll_s), name=f"spurguard-watch-{self.name}")
         return time.monotonic() - started
 
     def _load(self) -> None:
@@ -159,6 +166,32 @@ class ServedModel:
         with self._guard_lock:
             self._guard = Guard.load(backend, self.store)
             return self._guard
+
+    def refresh_if_stale(self) -> bool:
+        """Rebuild the Guard if the store's current fit or its labels differ from the ones it was
+        built on; True if it did. Cheap when nothing changed: one small file and one query."""
+        backend, guard = self.backend, self.guard
+        fit_id = self.store.current_fit_id(backend.name, backend.digest)
+        labels = {} if fit_id is None else {
+            (r.class_index, r.component): r.label for r in self.store.list_labels(backend.name, backend.digest, fit_id=fit_id)
+        }
+        if (fit_id, labels) == (guard.fit_id, guard.labels):
+            return False
+        self.reload_guard()
+        return True
+
+    async def watch_store(self, interval_s: float) -> None:
+        """Follow what other processes sharing the store do (another replica's Label or fit):
+        every `interval_s` the Guard is checked against the store and rebuilt when stale, so
+        replicas agree within about that time. This server's own Label and fit calls rebuild
+        it at once without waiting."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                if await asyncio.to_thread(self.refresh_if_stale):
+                    log.info("model %s: store changed; now scoring with fit %s", self.name, self.guard.fit_id)
+            except Exception as error:  # noqa: BLE001 - a store hiccup must not stop the watching
+                log.warning("model %s: could not check the store: %s", self.name, error)
 
     async def score(
         self, images: Sequence[tuple[str, ImageSource]], options: ScoreOptions
@@ -226,6 +259,10 @@ class ServedModel:
         )
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self._batcher is not None:
             await self._batcher.close()
 
