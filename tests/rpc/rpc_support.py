@@ -10,17 +10,24 @@ from torch import nn
 
 
 class Gated(nn.Module):
-    """Mix in before a backbone class: its forward waits while `gate` is clear and counts its calls."""
+    """Mix in before a backbone class: its forward waits while `gate` is clear and counts its
+    calls, and the passes waiting at the gate."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
         self.gate.set()
         self.calls = 0
+        self.waiting = 0
+        self._count = threading.Lock()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._count:
+            self.waiting += 1
         self.gate.wait(timeout=20)
-        self.calls += 1
+        with self._count:
+            self.waiting -= 1
+            self.calls += 1
         return super().forward(x)
 
 

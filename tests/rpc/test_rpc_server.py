@@ -37,7 +37,9 @@ from spurguard.client import Client, FitProgress, FitSummary, SpurguardClientErr
 from spurguard.server.backends import PreprocessConfig, TorchBackend, load_model
 from spurguard.server.evaluation import run_evaluate
 from spurguard.server.guard import Guard
+from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc import servicer as servicer_module
+from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig, SpurguardServer, build_parser, main
 from spurguard.server.store import Store
 from spurguard.v1 import spurguard_pb2 as pb
@@ -444,6 +446,30 @@ def test_evaluate_stops_when_its_client_goes_away(client: Client, gated, data: P
         module.gate.set()
     time.sleep(0.5)
     assert module.calls - calls <= 2  # 18 batches without the cancel
+
+
+def test_heavy_calls_beyond_the_cap_wait_their_turn(model_dir: Path, store_dir: Path, data: Path, tmp_path: Path) -> None:
+    """With --max-heavy-calls 1, a second Evaluate says it is queued and computes nothing until
+    the first is done; both then finish with the same table."""
+    backend, module = _gated_backend()
+    config = ServerConfig(models=(), store=tmp_path / "store", port=0, device="cpu", data_roots=(data,),
+                          max_heavy_calls=1)
+    with BackgroundServer(config, backends=[backend]) as server, Client(server.address, timeout=60) as client:
+        module.gate.clear()
+        try:
+            first = client.evaluate("gated", str(data / "train"), str(data / "spurious"), batch_size=2)
+            assert next(first).phase == "scanning"  # holds the only slot: its forward waits at the gate
+            second = client.evaluate("gated", str(data / "train"), str(data / "spurious"), batch_size=2)
+            assert next(second).phase == "queued"
+            time.sleep(0.3)
+            waiting = module.waiting  # without the cap: 2, one pass of each call
+        finally:
+            module.gate.set()
+        first_result, second_result = list(first)[-1], list(second)[-1]
+        assert waiting == 1
+        assert first_result.to_dict() == second_result.to_dict()
+    with pytest.raises(InvalidInput, match="max_heavy_calls must be >= 1"):
+        SpurguardServicer(None, None, None, None, None, max_heavy_calls=0)  # type: ignore[arg-type]
 
 
 # ---- errors ----

@@ -72,6 +72,7 @@ class ServerConfig:
     max_request_images: int = 1024
     fit_workers: int = 1
     store_poll_s: float = 2.0
+    max_heavy_calls: int = 2
 
 
 def _address(host: str, port: int) -> str:
@@ -148,6 +149,7 @@ class SpurguardServer:
             self.metrics,
             spufix_default=config.spufix_default,
             max_request_images=config.max_request_images,
+            max_heavy_calls=config.max_heavy_calls,
         )
         pb_grpc.add_SpurguardServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -348,6 +350,8 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help="fit jobs running at once; more wait QUEUED (default 1)")
     p.add_argument("--grace-s", type=_non_negative, default=10.0, metavar="S",
                    help="on SIGTERM, how long in-flight calls may take to finish (default 10)")
+    p.add_argument("--max-heavy-calls", type=_positive_int, default=2, metavar="N",
+                   help="Visualize and Evaluate calls computing at once; more wait their turn (default 2)")
     p.add_argument("--store-poll-s", type=_non_negative, default=2.0, metavar="S",
                    help="how often to pick up labels and fits that other servers sharing --store made "
                         "(default 2; 0: only this server's own)")
@@ -374,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         max_request_images=args.max_request_images,
         fit_workers=args.fit_workers,
         store_poll_s=args.store_poll_s,
+        max_heavy_calls=args.max_heavy_calls,
     )
     return asyncio.run(serve(config))
 

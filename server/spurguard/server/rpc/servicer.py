@@ -16,16 +16,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from spurguard.server.backends import Backend
 from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, DEFAULT_NUM_COMPONENTS
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 from spurguard.server.evaluation import EvaluationOutcome, TableSummary, run_evaluate
 from spurguard.server.fitting import FitProgress, run_fit
+from spurguard.server.guard import Guard
 from spurguard.client.types import AttackFrame, AttackResult, Heatmap, Prediction, ScoreResult, TopImage, VisualizeUpdate
 from spurguard.server.rpc.jobs import JobRegistry
 from spurguard.server.rpc.metrics import Metrics
@@ -292,9 +295,12 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
         *,
         spufix_default: str = "floor",
         max_request_images: int = 1024,
+        max_heavy_calls: int = 2,
     ) -> None:
         if spufix_default not in _MODE_VALUES:
             raise InvalidInput(f"spufix default must be 'paper' or 'floor', got {spufix_default!r}")
+        if max_heavy_calls < 1:
+            raise InvalidInput(f"max_heavy_calls must be >= 1, got {max_heavy_calls}")
         self.models = models
         self.store = store
         self.jobs = jobs
@@ -302,6 +308,9 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
         self.metrics = metrics
         self.spufix_default = spufix_default
         self.max_request_images = max_request_images
+        # Visualize and Evaluate each keep a worker thread busy for seconds to minutes; capped so
+        # that they leave cores (and the shared thread pool) to Score. More wait their turn.
+        self._heavy = asyncio.Semaphore(max_heavy_calls)
 
     def observe(self, rpc: str, request: object, code: grpc.StatusCode, started: float) -> None:
         """Request metrics; the model label only ever names a served model."""
@@ -531,15 +540,16 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
         updates = await asyncio.to_thread(self._visualization, served, request, options, cancel)
         size = served.backend.input_size
         loop = asyncio.get_running_loop()
-        try:
-            # Pulled item by item on a worker thread: the work advances only as the stream is sent.
-            while (update := await loop.run_in_executor(None, next, updates, None)) is not None:
-                yield _visualize_update(update, size)
-        except (asyncio.CancelledError, GeneratorExit):
-            cancel.set()  # the attack, if running, stops at its next step
-            log.info("Visualize %s class %d: the call ended early (client gone or server stopping); attack cancelled",
-                     served.name, request.class_index)
-            raise
+        async with self._heavy:
+            try:
+                # Pulled item by item on a worker thread: the work advances only as the stream is sent.
+                while (update := await loop.run_in_executor(None, next, updates, None)) is not None:
+                    yield _visualize_update(update, size)
+            except (asyncio.CancelledError, GeneratorExit):
+                cancel.set()  # the attack, if running, stops at its next step
+                log.info("Visualize %s class %d: the call ended early (client gone or server stopping); "
+                         "attack cancelled", served.name, request.class_index)
+                raise
 
     def _visualization(
         self, served: ServedModel, request: pb.VisualizeRequest, options: VisualizeOptions, cancel: threading.Event
@@ -631,8 +641,26 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
             guard.check_class(k)
         if request.HasField("batch_size") and request.batch_size < 1:
             raise InvalidInput(f"batch_size must be >= 1 (or unset for the model's {backend.max_batch_size})")
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
+        if self._heavy.locked():
+            yield pb.EvaluateUpdate(progress=pb.EvaluateProgress(phase="queued", elapsed_s=0.0))
+        async with self._heavy, contextlib.aclosing(
+            self._evaluate(request, backend, guard, clean, spurious, mode, started)
+        ) as updates:
+            async for update in updates:
+                yield update
+
+    async def _evaluate(
+        self,
+        request: pb.EvaluateRequest,
+        backend: Backend,
+        guard: Guard,
+        clean: Path,
+        spurious: Path,
+        mode: str,
+        started: float,
+    ) -> AsyncIterator[pb.EvaluateUpdate]:
+        loop = asyncio.get_running_loop()
         updates: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
         work = loop.run_in_executor(None, functools.partial(
