@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from spurguard.server.engine import average_precision, evaluate_spurious, roc_auc, spurious_score_table
+from spurguard.server.engine import average_precision, roc_auc, spurious_score_table
 from spurguard.server.errors import InvalidInput
 
 E = np.e
@@ -81,23 +81,19 @@ def test_score_table_hand_worked():
     assert c1.spurious_mean_prob == pytest.approx(1 / 3)
     assert table.mean_auc == pytest.approx(0.875)
     assert table.mean_ap == pytest.approx((5 / 6 + 1) / 2)
+    # set level: clean predictions 0, 1, 1 for labels 0, 0, 1; spurious 0, 2, 0 for 0, 0, 1
+    assert (table.clean_accuracy, table.spurious_frac_predicted) == (pytest.approx(2 / 3), pytest.approx(1 / 3))
 
 
-def test_evaluation_serialises_to_the_spec_fields():
+def test_table_serialises_to_the_spec_fields():
     fixed_spur = SPUR - np.array([2.0, 0, 0])  # a fix that lowers class 0's logit
-    report = evaluate_spurious(
-        CLEAN, CLEAN_Y, SPUR, SPUR_Y,
-        fixed_clean_logits=CLEAN, fixed_spurious_logits=fixed_spur, spufix_mode="floor",
-    )
-    out = json.loads(json.dumps(report.to_dict()))
+    baseline = json.loads(json.dumps(spurious_score_table(CLEAN, CLEAN_Y, SPUR, SPUR_Y).to_dict()))
+    fixed = json.loads(json.dumps(spurious_score_table(CLEAN, CLEAN_Y, fixed_spur, SPUR_Y).to_dict()))
     fields = {"class", "auc", "ap", "clean_mean_prob", "spurious_mean_prob",
               "clean_frac_predicted", "spurious_frac_predicted"}
-    assert set(out) == {"mean_auc", "mean_ap", "classes", "spufix"}
-    assert [set(c) for c in out["classes"]] == [fields, fields]
-    assert set(out["spufix"]) == {"mode", "mean_auc", "mean_ap", "classes"}
-    assert out["spufix"]["mode"] == "floor"
-    assert out["spufix"]["classes"][0]["auc"] == 1.0 > out["classes"][0]["auc"]
-    assert "spufix" not in evaluate_spurious(CLEAN, CLEAN_Y, SPUR, SPUR_Y).to_dict()
+    assert set(baseline) == {"mean_auc", "mean_ap", "classes", "clean_accuracy", "spurious_frac_predicted"}
+    assert [set(c) for c in baseline["classes"]] == [fields, fields]
+    assert fixed["classes"][0]["auc"] == 1.0 > baseline["classes"][0]["auc"]
 
 
 def test_score_table_errors():
@@ -109,5 +105,3 @@ def test_score_table_errors():
         spurious_score_table(CLEAN, CLEAN_Y[:2], SPUR, SPUR_Y)
     with pytest.raises(InvalidInput):
         spurious_score_table(CLEAN, CLEAN_Y, SPUR[:0], SPUR_Y[:0])
-    with pytest.raises(InvalidInput):
-        evaluate_spurious(CLEAN, CLEAN_Y, SPUR, SPUR_Y, fixed_clean_logits=CLEAN)

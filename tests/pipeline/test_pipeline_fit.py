@@ -212,7 +212,8 @@ def test_evaluation_matches_metrics_on_logits(backend: TorchBackend, dataset: Pa
     store.set_label("tiny", backend.digest, 0, 0, "spurious")
     guard = Guard.load(backend, store)
     outcome = run_evaluate(backend, guard, dataset, spurious, mode="paper", batch_size=4)
-    assert outcome.clean_images == 3 * PER_CLASS and outcome.spurious_images == 11
+    result = outcome.result
+    assert result.clean_images == 3 * PER_CLASS and result.spurious_images == 11
     assert [s[0] for s in outcome.skipped] == ["1/broken.png"]
     # independent: logits of every image by hand, AUC by the rank formula
     weight, bias = (t.double().numpy() for t in backend.head())
@@ -227,7 +228,7 @@ def test_evaluation_matches_metrics_on_logits(backend: TorchBackend, dataset: Pa
         scores = np.r_[softmax(clean[k])[:, k], softmax(spur)[:, k]]
         truth = np.r_[np.ones(len(clean[k])), np.zeros(len(spur))]
         pairs = [(p > n) + 0.5 * (p == n) for p in scores[truth == 1] for n in scores[truth == 0]]
-        row = {c.class_index: c for c in outcome.baseline.table.classes}[k]
+        row = {c.class_index: c for c in result.baseline.classes}[k]
         assert row.auc == pytest.approx(np.mean(pairs), abs=1e-6)
     # SpuFix (paper) lowers logit 0 of every image by max(alpha_0, 0) of class 0's component 0
     _, vectors, _, ids = _reference(backend, dataset, 0)
@@ -245,9 +246,12 @@ def test_evaluation_matches_metrics_on_logits(backend: TorchBackend, dataset: Pa
     spur_fixed = fixed(sorted((spurious / "spurious_imagenet_0_dots_1").iterdir()))
     scores = np.r_[softmax(clean_fixed)[:, 0], softmax(spur_fixed)[:, 0]]
     truth = np.r_[np.ones(len(clean_fixed)), np.zeros(len(spur_fixed))]
-    row = {c.class_index: c for c in outcome.spufix.table.classes}[0]
+    row = {c.class_index: c for c in result.spufix.classes}[0]
     assert row.auc == pytest.approx(roc_auc(truth, scores), abs=1e-6)
     assert row.clean_mean_prob == pytest.approx(softmax(clean_fixed)[:, 0].mean(), abs=1e-5)
-    line = outcome.to_json()
+    line = result.to_dict()
     assert line["spufix"]["mode"] == "paper" and {"mean_auc", "mean_ap", "classes"} <= set(line)
+    clean_all = np.concatenate(clean)
+    clean_y = np.repeat([0, 1, 2], [len(c) for c in clean])
+    assert result.baseline.clean_accuracy == pytest.approx((clean_all.argmax(1) == clean_y).mean())
     store.set_label("tiny", backend.digest, 0, 0, "unlabeled")

@@ -9,14 +9,14 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
+from spurguard.client.types import EvaluateResult
 from spurguard.server.backends.base import Backend
 from spurguard.server.datasets import ClassResolver, ImageEntry, list_image_folder, list_spurious_folder
-from spurguard.server.engine import ScoreTable, SpuriousEvaluation, evaluate_spurious
+from spurguard.server.engine import spurious_score_table
 from spurguard.server.errors import Cancelled, InvalidInput
 from spurguard.server.guard import Guard, check_spufix_mode
 from spurguard.server.loader import iter_features
@@ -30,51 +30,11 @@ class EvaluateProgress:
 
 
 @dataclass(frozen=True)
-class TableSummary:
-    """A score table plus the set-level numbers that are not per class."""
-
-    table: ScoreTable
-    clean_accuracy: float  # top-1 accuracy over every clean image
-    spurious_frac_predicted: float  # share of all spurious images predicted as their class
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **self.table.to_dict(),
-            "clean_accuracy": self.clean_accuracy,
-            "spurious_frac_predicted": self.spurious_frac_predicted,
-        }
-
-
-@dataclass(frozen=True)
 class EvaluationOutcome:
-    model: str
-    fit_id: str | None
-    mode: str
-    baseline: TableSummary
-    spufix: TableSummary
-    clean_images: int
-    spurious_images: int
-    skipped: list[tuple[str, str]]  # unreadable images: (id, why)
+    """The table the client gets, and the images that could not be read: (id, why)."""
 
-    def to_json(self) -> dict[str, Any]:
-        """`evaluate --json` (SPEC §3): the baseline at top level, the SpuFix table under "spufix"."""
-        return {
-            "model": self.model,
-            "fit_id": self.fit_id,
-            **self.baseline.to_json(),
-            "spufix": {"mode": self.mode, **self.spufix.to_json()},
-            "clean_images": self.clean_images,
-            "spurious_images": self.spurious_images,
-            "skipped_images": len(self.skipped),
-        }
-
-
-def _summary(table: ScoreTable, clean: np.ndarray, clean_y: np.ndarray, spur: np.ndarray, spur_y: np.ndarray) -> TableSummary:
-    return TableSummary(
-        table,
-        float((clean.argmax(axis=1) == clean_y).mean()),
-        float((spur.argmax(axis=1) == spur_y).mean()),
-    )
+    result: EvaluateResult
+    skipped: list[tuple[str, str]]
 
 
 def run_evaluate(
@@ -130,24 +90,13 @@ def run_evaluate(
 
     clean, clean_fixed, clean_y = score(clean_entries, "clean")
     spur, spur_fixed, spur_y = score(spurious_entries, "spurious")
-    evaluation: SpuriousEvaluation = evaluate_spurious(
-        clean,
-        clean_y,
-        spur,
-        spur_y,
-        fixed_clean_logits=clean_fixed,
-        fixed_spurious_logits=spur_fixed,
-        spufix_mode=mode,
-        classes=classes,
-    )
-    assert evaluation.spufix is not None
-    return EvaluationOutcome(
+    result = EvaluateResult(
         model=backend.name,
-        fit_id=guard.fit_id,
-        mode=mode,
-        baseline=_summary(evaluation.baseline, clean, clean_y, spur, spur_y),
-        spufix=_summary(evaluation.spufix, clean_fixed, clean_y, spur_fixed, spur_y),
+        fit_id=guard.fit_id or "",
+        baseline=spurious_score_table(clean, clean_y, spur, spur_y, classes),
+        spufix=spurious_score_table(clean_fixed, clean_y, spur_fixed, spur_y, classes),
+        spufix_mode=mode,
         clean_images=int(clean_y.shape[0]),
         spurious_images=int(spur_y.shape[0]),
-        skipped=skipped,
     )
+    return EvaluationOutcome(result, skipped)

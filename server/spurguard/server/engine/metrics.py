@@ -4,17 +4,17 @@ Per class k: positives = clean images of class k, negatives = images showing k's
 feature without the class object, score = softmax p(k|x). ROC AUC is what the paper's text
 reports; average precision is what its published evaluation code computes, so both are here,
 implemented in numpy (the server does not depend on scikit-learn) and tested against it.
-A class's row is the thin client's own ClassScore, so its `evaluate --json` entry has one definition.
+Rows and tables are the thin client's own ClassScore and ScoreTable, so `evaluate --json` has
+one definition.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from spurguard.client.types import ClassScore
+from spurguard.client.types import ClassScore, ScoreTable
 from spurguard.server.errors import InvalidInput
 
 
@@ -76,44 +76,6 @@ def softmax(logits: Any) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-@dataclass(frozen=True)
-class ScoreTable:
-    """Per-class spurious scores and their means over classes."""
-
-    classes: tuple[ClassScore, ...]
-
-    @property
-    def mean_auc(self) -> float:
-        return float(np.mean([c.auc for c in self.classes]))
-
-    @property
-    def mean_ap(self) -> float:
-        return float(np.mean([c.ap for c in self.classes]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mean_auc": self.mean_auc,
-            "mean_ap": self.mean_ap,
-            "classes": [c.to_dict() for c in self.classes],
-        }
-
-
-@dataclass(frozen=True)
-class SpuriousEvaluation:
-    """The table without SpuFix and, when given, with it."""
-
-    baseline: ScoreTable
-    spufix: ScoreTable | None = None
-    spufix_mode: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """`evaluate --json`: {mean_auc, mean_ap, classes, spufix: {mode, mean_auc, mean_ap, classes}}."""
-        out = self.baseline.to_dict()
-        if self.spufix is not None:
-            out["spufix"] = {"mode": self.spufix_mode, **self.spufix.to_dict()}
-        return out
-
-
 def _labels(x: Any, rows: int, num_classes: int, name: str) -> np.ndarray:
     y = _numpy(x)
     if y.shape != (rows,) or (rows and not np.issubdtype(y.dtype, np.integer)):
@@ -137,7 +99,8 @@ def spurious_score_table(
     spurious_labels: Any,
     classes: Sequence[int] | None = None,
 ) -> ScoreTable:
-    """Score every class with spurious images (or the listed `classes`).
+    """Score every class with spurious images (or the listed `classes`), plus the set-level
+    clean accuracy and share of spurious images predicted as their class (over all images).
 
     `spurious_labels[i]` is the class whose spurious feature image i shows. A class needs both
     clean and spurious images, else its AUC is undefined: InvalidInput.
@@ -173,27 +136,10 @@ def spurious_score_table(
                 spurious_frac_predicted=float((spur_top[neg] == k).mean()),
             )
         )
-    return ScoreTable(tuple(rows))
-
-
-def evaluate_spurious(
-    clean_logits: Any,
-    clean_labels: Any,
-    spurious_logits: Any,
-    spurious_labels: Any,
-    *,
-    fixed_clean_logits: Any | None = None,
-    fixed_spurious_logits: Any | None = None,
-    spufix_mode: str | None = None,
-    classes: Sequence[int] | None = None,
-) -> SpuriousEvaluation:
-    """The table without SpuFix and, given the fixed logits of both sets, with it."""
-    if (fixed_clean_logits is None) != (fixed_spurious_logits is None):
-        raise InvalidInput("SpuFix logits must be given for both the clean and the spurious set")
-    baseline = spurious_score_table(clean_logits, clean_labels, spurious_logits, spurious_labels, classes)
-    if fixed_clean_logits is None:
-        return SpuriousEvaluation(baseline)
-    fixed = spurious_score_table(
-        fixed_clean_logits, clean_labels, fixed_spurious_logits, spurious_labels, classes
+    return ScoreTable(
+        mean_auc=float(np.mean([row.auc for row in rows])),
+        mean_ap=float(np.mean([row.ap for row in rows])),
+        classes=tuple(rows),
+        clean_accuracy=float((clean_top == clean_y).mean()),
+        spurious_frac_predicted=float((spur_top == spur_y).mean()),
     )
-    return SpuriousEvaluation(baseline, fixed, spufix_mode)

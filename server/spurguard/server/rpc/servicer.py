@@ -26,10 +26,20 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from spurguard.server.backends import Backend
 from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, DEFAULT_NUM_COMPONENTS
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
-from spurguard.server.evaluation import EvaluationOutcome, TableSummary, run_evaluate
+from spurguard.server.evaluation import run_evaluate
 from spurguard.server.fitting import FitProgress, run_fit
 from spurguard.server.guard import Guard
-from spurguard.client.types import AttackFrame, AttackResult, Heatmap, Prediction, ScoreResult, TopImage, VisualizeUpdate
+from spurguard.client.types import (
+    AttackFrame,
+    AttackResult,
+    EvaluateResult,
+    Heatmap,
+    Prediction,
+    ScoreResult,
+    ScoreTable,
+    TopImage,
+    VisualizeUpdate,
+)
 from spurguard.server.rpc.jobs import JobRegistry
 from spurguard.server.rpc.metrics import Metrics
 from spurguard.server.rpc.models import ImageSource, ModelRegistry, ScoreOptions, ServedModel
@@ -239,10 +249,10 @@ def _label_record(record: Label) -> pb.LabelRecord:
     return message
 
 
-def _score_table(summary: TableSummary) -> pb.ScoreTable:
+def _score_table(table: ScoreTable) -> pb.ScoreTable:
     return pb.ScoreTable(
-        mean_auc=summary.table.mean_auc,
-        mean_ap=summary.table.mean_ap,
+        mean_auc=table.mean_auc,
+        mean_ap=table.mean_ap,
         classes=[
             pb.ClassScore(
                 class_index=c.class_index,
@@ -253,22 +263,23 @@ def _score_table(summary: TableSummary) -> pb.ScoreTable:
                 clean_frac_predicted=c.clean_frac_predicted,
                 spurious_frac_predicted=c.spurious_frac_predicted,
             )
-            for c in summary.table.classes
+            for c in table.classes
         ],
-        clean_accuracy=summary.clean_accuracy,
-        spurious_frac_predicted=summary.spurious_frac_predicted,
+        clean_accuracy=table.clean_accuracy,
+        spurious_frac_predicted=table.spurious_frac_predicted,
     )
 
 
-def _evaluate_result(outcome: EvaluationOutcome) -> pb.EvaluateResult:
+def _evaluate_result(result: EvaluateResult) -> pb.EvaluateResult:
+    assert result.spufix is not None and result.spufix_mode is not None  # run_evaluate fills both
     return pb.EvaluateResult(
-        model=outcome.model,
-        fit_id=outcome.fit_id or "",
-        baseline=_score_table(outcome.baseline),
-        spufix=_score_table(outcome.spufix),
-        spufix_mode=_MODE_VALUES[outcome.mode],
-        clean_images=outcome.clean_images,
-        spurious_images=outcome.spurious_images,
+        model=result.model,
+        fit_id=result.fit_id,
+        baseline=_score_table(result.baseline),
+        spufix=_score_table(result.spufix),
+        spufix_mode=_MODE_VALUES[result.spufix_mode],
+        clean_images=result.clean_images,
+        spurious_images=result.spurious_images,
     )
 
 
@@ -685,4 +696,4 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
             if not work.done():  # the client went away: stop at the next batch, expect Cancelled
                 cancel.set()
                 work.add_done_callback(lambda done: done.cancelled() or done.exception())
-        yield pb.EvaluateUpdate(result=_evaluate_result(outcome))
+        yield pb.EvaluateUpdate(result=_evaluate_result(outcome.result))
