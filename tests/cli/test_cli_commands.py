@@ -49,10 +49,11 @@ def test_visualize_writes_the_pngs_and_summarises_them(cli_run: RunCli, tmp_path
     fake = FakeClient(visualize=f.visualize_updates(component=2))
     out = tmp_path / "vis"
     outcome = cli_run(fake, "visualize", "--model", "tiny", "--class", "3", "--component", "2", "--out", str(out),
-                      "--steps", "20", "--eps", "1.5", "--heatmap", "input_gradient", "--json")
+                      "--steps", "20", "--eps", "1.5", "--heatmap", "grad_cam", "--heatmap-layer", "layer4", "--json")
     assert outcome.code == cli.EXIT_OK
     assert fake.called("visualize") == [(("tiny", 3, [2]), {"steps": 20, "eps": 1.5, "frame_every": None,
-                                                              "top_k": None, "seed": None, "heatmap": "input_gradient"})]
+                                                              "top_k": None, "seed": None, "heatmap": "grad_cam",
+                                                              "heatmap_layer": "layer4"})]
     folder = out / "class_3" / "component_2"
     assert sorted(p.name for p in folder.iterdir()) == [
         "attack.png", "frame_0000.png", "frame_0010.png", "heatmap_00.png", "heatmap_01.png", "top_00.png", "top_01.png"]

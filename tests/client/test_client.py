@@ -359,7 +359,9 @@ def test_visualize(client: Client, fake: FakeSpurguard) -> None:
     request = fake.requests["Visualize"][0]
     assert list(request.components) == [0, 3] and request.steps == 20 and request.eps == 5.0
     assert (request.frame_every, request.top_k, request.seed, request.heatmap) == (5, 4, 7, pb.INPUT_GRADIENT)
-    assert not request.HasField("fit_id")
+    assert not request.HasField("fit_id") and not request.HasField("heatmap_layer")
+    list(client.visualize("demo", 1, [0], heatmap_layer="layer4"))
+    assert fake.requests["Visualize"][1].heatmap_layer == "layer4"
     kinds = [t.TopImage, t.Heatmap, t.AttackFrame, t.AttackResult]
     assert [type(u) for u in updates] == kinds * 2
     assert updates[0] == t.TopImage(0, 0, "0/a.png", 2.0, b"\x89PNG fake")

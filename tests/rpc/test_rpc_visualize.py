@@ -195,6 +195,18 @@ def test_grad_cam_on_a_plain_module_and_the_requested_method(client: Client) -> 
         assert [h.method for h in heatmaps] == [want, want], method
 
 
+def test_grad_cam_on_a_named_layer(client: Client) -> None:
+    def heatmap_pngs(layer: str | None) -> list[bytes]:
+        updates = client.visualize("eager", 0, [0], steps=1, top_k=2, heatmap_layer=layer)
+        heatmaps = [u for u in updates if isinstance(u, Heatmap)]
+        assert {h.method for h in heatmaps} == {"grad_cam"}
+        return [h.png for h in heatmaps]
+
+    default, named_default, finer = heatmap_pngs(None), heatmap_pngs("down"), heatmap_pngs("act")
+    assert default == named_default  # "down" is the default layer
+    assert finer != default  # the 32x32 map before pooling draws other maps than the 16x16 one
+
+
 def test_the_default_grad_cam_layer() -> None:
     assert default_gradcam_layer(make_backend(PlantedCNN())) == "down"  # the last spatial map (16x16)
     with warnings.catch_warnings():
@@ -247,6 +259,11 @@ def test_errors_have_their_status_before_any_message(server: BackgroundServer, c
         "zero top_k": (first(top_k=0), CODE.INVALID_ARGUMENT, "top_k"),
         "too many frames": (first(steps=MAX_STEPS, frame_every=1), CODE.INVALID_ARGUMENT, "frame_every >= 6"),
         "no gradients": (first("forward_only"), CODE.FAILED_PRECONDITION, "need a local torch backend with gradients"),
+        "layer of a TorchScript backbone": (first(heatmap_layer="act"), CODE.FAILED_PRECONDITION, "cannot be hooked"),
+        "unknown layer": (first("eager", heatmap_layer="body"), CODE.INVALID_ARGUMENT, "no layer 'body'; its layers"),
+        "layer for another method": (
+            first("eager", heatmap="input_gradient", heatmap_layer="act"), CODE.INVALID_ARGUMENT, "for grad_cam",
+        ),
     }
     for name, (call, code, fragment) in cases.items():
         got, message = _code(call)

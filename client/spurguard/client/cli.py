@@ -285,6 +285,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     visualize.add_argument("--heatmap", choices=("grad_cam", "integrated_gradients", "input_gradient", "none"),
                            help="heatmap method (server default: grad_cam, or integrated_gradients where the "
                                 "model's layers cannot be hooked)")
+    visualize.add_argument("--heatmap-layer", metavar="NAME",
+                           help="the feature map Grad-CAM uses, a submodule name such as layer4 (default: the "
+                                "backbone's last spatial one)")
     visualize.add_argument("--seed", type=_index, metavar="S", help="attack randomness (default 0: deterministic)")
 
     report = command(
@@ -493,6 +496,7 @@ def cmd_visualize(args: argparse.Namespace, client: Client) -> int:
         top_k=args.top_k,
         seed=args.seed,
         heatmap=args.heatmap,
+        heatmap_layer=args.heatmap_layer,
     )
     try:
         for update in updates:

@@ -274,12 +274,14 @@ class Client:
         top_k: int | None = None,
         seed: int | None = None,
         heatmap: str | None = None,
+        heatmap_layer: str | None = None,
         fit_id: str | None = None,
     ) -> Iterator[t.VisualizeUpdate]:
         """Top images, heatmaps, attack frames and the final attack image, as they are made.
 
         `heatmap`: "grad_cam" (integrated gradients where the model's layers cannot be hooked),
         "integrated_gradients", "input_gradient", "none", or None for the server default.
+        `heatmap_layer`: the feature map Grad-CAM uses (a submodule name); None: the last spatial one.
         """
         if heatmap not in _HEATMAPS:
             raise ValueError(f"heatmap must be one of {sorted(filter(None, _HEATMAPS))} or None, got {heatmap!r}")
@@ -293,6 +295,7 @@ class Client:
             top_k=top_k,
             seed=seed,
             heatmap=_HEATMAPS[heatmap],
+            heatmap_layer=heatmap_layer,
             fit_id=fit_id,
         )
         return self._stream(self._stub.Visualize(request, timeout=self.stream_timeout), _visualize_update)

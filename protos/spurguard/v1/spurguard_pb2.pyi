@@ -399,7 +399,7 @@ class ListLabelsResponse(_message.Message):
     def __init__(self, fit_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelRecord, _Mapping]]] = ...) -> None: ...
 
 class VisualizeRequest(_message.Message):
-    __slots__ = ("model", "class_index", "components", "steps", "eps", "frame_every", "top_k", "seed", "heatmap", "fit_id")
+    __slots__ = ("model", "class_index", "components", "steps", "eps", "frame_every", "top_k", "seed", "heatmap", "fit_id", "heatmap_layer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
@@ -410,6 +410,7 @@ class VisualizeRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_LAYER_FIELD_NUMBER: _ClassVar[int]
     model: str
     class_index: int
     components: _containers.RepeatedScalarFieldContainer[int]
@@ -420,7 +421,8 @@ class VisualizeRequest(_message.Message):
     seed: int
     heatmap: HeatmapMethod
     fit_id: str
-    def __init__(self, model: _Optional[str] = ..., class_index: _Optional[int] = ..., components: _Optional[_Iterable[int]] = ..., steps: _Optional[int] = ..., eps: _Optional[float] = ..., frame_every: _Optional[int] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., heatmap: _Optional[_Union[HeatmapMethod, str]] = ..., fit_id: _Optional[str] = ...) -> None: ...
+    heatmap_layer: str
+    def __init__(self, model: _Optional[str] = ..., class_index: _Optional[int] = ..., components: _Optional[_Iterable[int]] = ..., steps: _Optional[int] = ..., eps: _Optional[float] = ..., frame_every: _Optional[int] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., heatmap: _Optional[_Union[HeatmapMethod, str]] = ..., fit_id: _Optional[str] = ..., heatmap_layer: _Optional[str] = ...) -> None: ...
 
 class VisualizeUpdate(_message.Message):
     __slots__ = ("component", "top_image", "heatmap", "frame", "result")

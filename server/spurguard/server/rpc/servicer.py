@@ -546,6 +546,7 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
             top_k=_optional(request, "top_k"),
             seed=request.seed,
             heatmap=_heatmap_method(request.heatmap),
+            heatmap_layer=_optional(request, "heatmap_layer"),
         )
         cancel = threading.Event()
         updates = await asyncio.to_thread(self._visualization, served, request, options, cancel)

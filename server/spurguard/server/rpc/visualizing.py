@@ -22,7 +22,7 @@ from spurguard.client import types as t
 from spurguard.server.backends import Backend
 from spurguard.server.backends.images import encode_png
 from spurguard.server.engine import ClassComponents
-from spurguard.server.errors import InvalidInput, SpurguardError
+from spurguard.server.errors import FailedPrecondition, InvalidInput, SpurguardError
 from spurguard.server.visualize import (
     DEFAULT_STEPS,
     AttackFrame,
@@ -34,6 +34,8 @@ from spurguard.server.visualize import (
     thumbnail_pngs,
     top_images,
 )
+from spurguard.server.visualize._objective import require_gradients
+from spurguard.server.visualize.heatmap import find_layer, is_plain_module
 
 log = logging.getLogger("spurguard.server")
 
@@ -63,6 +65,7 @@ class VisualizeOptions:
     top_k: int
     seed: int
     heatmap: str  # one of HEATMAPS
+    heatmap_layer: str | None = None  # Grad-CAM's feature map; None: the model's default
 
 
 def visualize_options(
@@ -74,6 +77,7 @@ def visualize_options(
     top_k: int | None,
     seed: int,
     heatmap: str,
+    heatmap_layer: str | None = None,
 ) -> VisualizeOptions:
     """Check the request's limits (INVALID_ARGUMENT); eps and component indices are left to the engine."""
     if not components:
@@ -97,7 +101,9 @@ def visualize_options(
         raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
     if heatmap not in HEATMAPS:
         raise InvalidInput(f"unknown heatmap method {heatmap!r}; use one of {', '.join(HEATMAPS)}")
-    return VisualizeOptions(tuple(components), steps, eps, frame_every, top_k, seed, heatmap)
+    if heatmap_layer is not None and heatmap != "grad_cam":
+        raise InvalidInput(f"heatmap_layer is for grad_cam heatmaps, not {heatmap}")
+    return VisualizeOptions(tuple(components), steps, eps, frame_every, top_k, seed, heatmap, heatmap_layer)
 
 
 def visualize(
@@ -114,9 +120,20 @@ def visualize(
     one batch: frames, then one result per component (its last item).
 
     Raises before returning for a backend without gradients (FailedPrecondition), an unknown
-    component (NotFound) or a bad eps (InvalidInput). Grad-CAM runs on `gradcam_layer`; without
-    one, heatmaps are input gradients, and each Heatmap says which it is.
+    component (NotFound), a bad eps or Grad-CAM layer (InvalidInput), or a layer asked of a
+    backbone whose layers cannot be hooked (FailedPrecondition). Grad-CAM runs on
+    `options.heatmap_layer`, else on `gradcam_layer` (the model's default); without one,
+    heatmaps are integrated gradients, and each Heatmap says which it is.
     """
+    if options.heatmap_layer is not None:
+        module = require_gradients(backend, "heatmaps").module
+        if not is_plain_module(module):
+            raise FailedPrecondition(
+                f"model {backend.name}'s backbone is {type(module).__name__}, whose layers cannot be hooked "
+                "for Grad-CAM; ask for integrated_gradients heatmaps instead"
+            )
+        find_layer(module, options.heatmap_layer, backend.name)
+        gradcam_layer = options.heatmap_layer
     attack = feature_attack(
         backend,
         components,
