@@ -112,23 +112,27 @@ def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def _caused_by_feature(
+def _without_feature(
     client: Client, truth: GroundTruth, images: Sequence[str], results: Sequence[ScoreResult]
-) -> np.ndarray:
-    """Ground truth for `trigger` (SPEC: the feature is what makes it class k): per image, True
-    when it carries a planted feature, is predicted as that feature's class, and the same image
-    re-rendered without the feature is not. Images without a planted feature are False."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth for `trigger` (SPEC: the feature is what makes it class k), from each image
+    re-rendered without its planted feature. Per image: (caused) True when it is predicted as
+    the class of a planted feature it carries and the counterfactual is not; (effect) how much
+    the feature adds to that class's logit, NaN for images not predicted as such a class."""
     tied = {f.name: f.class_index for f in truth.features}
-    candidates = [
-        row for row, (image_id, r) in enumerate(zip(images, results))
-        if any(r.predictions[0].class_index == tied[f.name] for f in truth.images[image_id].features)
-    ]
-    caused = np.zeros(len(images), dtype=bool)
-    if candidates:
-        counterfactuals = [without_feature(truth.config, images[row]) for row in candidates]
-        for row, r in zip(candidates, client.score(MODEL, counterfactuals)):
-            caused[row] = r.predictions[0].class_index != results[row].predictions[0].class_index
-    return caused
+    caused, effect = np.zeros(len(images), dtype=bool), np.full(len(images), np.nan)
+    for k in sorted(set(tied.values())):
+        rows = [
+            row for row, (image_id, r) in enumerate(zip(images, results))
+            if r.class_index == k and any(tied[f.name] == k for f in truth.images[image_id].features)
+        ]
+        if not rows:
+            continue
+        counterfactuals = [without_feature(truth.config, images[row]) for row in rows]
+        for row, r in zip(rows, client.score(MODEL, counterfactuals, class_index=k)):
+            caused[row] = r.predictions[0].class_index != k
+            effect[row] = results[row].logit - r.logit
+    return caused, effect
 
 
 def score_production(client: Client, data: Path, truth: GroundTruth, images: Sequence[str]) -> dict[str, float | None]:
@@ -143,7 +147,7 @@ def score_production(client: Client, data: Path, truth: GroundTruth, images: Seq
     print("\nproduction batch (SpuFix floor mode):")
     print(render_table(["image", "shows", "predicted", "prob", "trigger", "spurious_alpha", "SpuFix predicts"],
                        rows, right=[3, 5]))
-    should = _caused_by_feature(client, truth, images, results)
+    should, effect = _without_feature(client, truth, images, results)
     fired = np.array([r.trigger for r in results])
     hits = int((should & fired).sum())
     precision = hits / fired.sum() if fired.any() else None  # undefined without any trigger
@@ -151,8 +155,17 @@ def score_production(client: Client, data: Path, truth: GroundTruth, images: Seq
     print(f"\ntriggers: {int(fired.sum())} fired; {int(should.sum())} images are predicted as a feature's class "
           f"only because of the feature (without it, re-rendered, the top-1 changes); "
           f"precision {_share(precision)}, recall {_share(recall)}")
+    affected = ~np.isnan(effect)
+    removed = np.array([r.spurious_alpha for r in results])
+    if affected.any():
+        print(f"on the {int(affected.sum())} images predicted as the class of a feature they carry, the feature adds "
+              f"{effect[affected].mean():.2f} to that logit on average and floor SpuFix removes "
+              f"{removed[affected].mean():.2f}: its floor is the component's level on the class's own fit images, "
+              "and without the class object the component sits lower")
     return {"images": len(images), "fired": int(fired.sum()), "should_fire": int(should.sum()),
-            "precision": precision, "recall": recall}
+            "precision": precision, "recall": recall,
+            "feature_logit_effect": float(effect[affected].mean()) if affected.any() else None,
+            "spufix_removed": float(removed[affected].mean()) if affected.any() else None}
 
 
 def evaluate_both(client: Client, data: Path, truth: GroundTruth) -> dict[str, EvaluateResult]:
