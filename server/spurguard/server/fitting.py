@@ -27,6 +27,7 @@ from spurguard.server.backends.base import Backend
 from spurguard.server.datasets import ClassResolver, list_image_folder
 from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, ClassComponents, NeuralPCAFit, fit_alphas
 from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput
+from spurguard.client.types import FitClass
 from spurguard.server.loader import iter_features
 from spurguard.server.store import FitMeta, FitWriter, Store
 
@@ -43,16 +44,9 @@ class FitProgress:
 
 
 @dataclass(frozen=True)
-class FitClassOutcome:
-    class_index: int
-    images: int
-    num_components: int
-
-
-@dataclass(frozen=True)
 class FitOutcome:
     meta: FitMeta
-    classes: list[FitClassOutcome]  # every class of the committed fit, ascending
+    classes: list[FitClass]  # every class of the committed fit, ascending (the client's type)
     images: int  # images whose features went into this run
     skipped: list[tuple[str, str]]  # (image id, why) of unreadable images
     skipped_classes: list[tuple[int, str]]  # (class, why) of classes too small to fit
@@ -227,7 +221,7 @@ def run_fit(
         meta = writer.commit(expected_classes=fitted)
     committed = store.load_fit(backend.name, backend.digest, meta.fit_id)
     outcome_classes = [
-        FitClassOutcome(k, committed.summary(k).count, committed.summary(k).num_components)
+        FitClass(k, committed.summary(k).count, committed.summary(k).num_components)
         for k in committed.classes
     ]
     return FitOutcome(meta, outcome_classes, len(todo), skipped, skipped_classes, time.monotonic() - started)
