@@ -146,6 +146,7 @@ def test_class_pages_link_only_local_files_and_carry_the_label_commands(report: 
     text = (out / "class_0.html").read_text(encoding="utf-8")
     assert "&lt;/code&gt;&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; more" in text  # the note, escaped
     assert "red thing" in text and "<script>" not in text
+    assert "heatmaps: integrated gradients from gray" in text  # what the server used: TorchScript, no Grad-CAM
     assert "green &lt;thing&gt;" in (out / "class_1.html").read_text(encoding="utf-8")
 
 

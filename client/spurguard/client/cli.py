@@ -149,6 +149,19 @@ def _global_options(parser: argparse.ArgumentParser, server_default: str | None,
     )
 
 
+def _add_view_arguments(parser: argparse.ArgumentParser) -> None:
+    """What visualize and report share: how hard to attack, how many top images, which heatmaps."""
+    parser.add_argument("--steps", type=_count, metavar="N", help="attack steps (server default: 200)")
+    parser.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px)")
+    parser.add_argument("--top-k", type=_count, metavar="N", help="top fit images per component (server default: 8)")
+    parser.add_argument("--heatmap", choices=("grad_cam", "integrated_gradients", "input_gradient", "none"),
+                        help="heatmap method (server default: grad_cam, or integrated_gradients where the "
+                             "model's layers cannot be hooked)")
+    parser.add_argument("--heatmap-layer", metavar="NAME",
+                        help="the feature map Grad-CAM uses, a submodule name such as layer4 (default: the "
+                             "backbone's last spatial one)")
+
+
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     """The whole command line; `environ` supplies the SPURGUARD_SERVER default."""
     server_default = environ.get(SERVER_ENV) or DEFAULT_SERVER
@@ -278,16 +291,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         help="component index; repeat or comma-separate for several",
     )
     visualize.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the PNGs (created)")
-    visualize.add_argument("--steps", type=_count, metavar="N", help="attack steps (server default: 200)")
-    visualize.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px)")
-    visualize.add_argument("--top-k", type=_count, metavar="N", help="top fit images per component (server default: 8)")
+    _add_view_arguments(visualize)
     visualize.add_argument("--frame-every", type=_index, metavar="N", help="an attack frame every N steps (default steps/10; 0: none)")
-    visualize.add_argument("--heatmap", choices=("grad_cam", "integrated_gradients", "input_gradient", "none"),
-                           help="heatmap method (server default: grad_cam, or integrated_gradients where the "
-                                "model's layers cannot be hooked)")
-    visualize.add_argument("--heatmap-layer", metavar="NAME",
-                           help="the feature map Grad-CAM uses, a submodule name such as layer4 (default: the "
-                                "backbone's last spatial one)")
     visualize.add_argument("--seed", type=_index, metavar="S", help="attack randomness (default 0: deterministic)")
 
     report = command(
@@ -307,9 +312,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     report.add_argument("--class", dest="class_index", type=_index, metavar="K", help="only this class (default: every fitted class)")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the pages and PNGs (created)")
     report.add_argument("--top", type=_count, default=DEFAULT_TOP, metavar="N", help=f"components per class, from index 0 (default {DEFAULT_TOP})")
-    report.add_argument("--steps", type=_count, metavar="N", help="attack steps (server default: 200)")
-    report.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px)")
-    report.add_argument("--top-k", type=_count, metavar="N", help="top fit images per component (server default: 8)")
+    _add_view_arguments(report)
 
     score = command(
         "score",
@@ -525,6 +528,8 @@ def cmd_report(args: argparse.Namespace, client: Client) -> int:
             steps=args.steps,
             eps=args.eps,
             top_k=args.top_k,
+            heatmap=args.heatmap,
+            heatmap_layer=args.heatmap_layer,
             server_option=_server_option(args),
             progress=progress.update,
         )

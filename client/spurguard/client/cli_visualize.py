@@ -56,8 +56,13 @@ class VisualizeWriter:
         )
         if isinstance(update, (t.TopImage, t.Heatmap)):
             ranks = self._top_images.setdefault(update.component, {})
-            top = ranks.setdefault(update.rank, {"image": update.image, "alpha": update.alpha, "heatmap": None, "png": None})
-            top["heatmap" if isinstance(update, t.Heatmap) else "png"] = str(path)
+            top = ranks.setdefault(
+                update.rank, {"image": update.image, "alpha": update.alpha, "heatmap": None, "heatmap_method": None, "png": None}
+            )
+            if isinstance(update, t.Heatmap):
+                top.update(heatmap=str(path), heatmap_method=update.method)
+            else:
+                top["png"] = str(path)
         elif isinstance(update, t.AttackFrame):
             entry["frames"].append({"step": update.step, "alpha": update.alpha, "prob": update.prob, "png": str(path)})
         else:
@@ -73,7 +78,7 @@ class VisualizeWriter:
     def summary(self, model: str) -> dict[str, Any]:
         """`visualize --json`: {model, class, components: [{index, start_alpha, final_alpha,
         final_prob, attack_image, top_images: [{image, alpha, heatmap}]}]}; `png` (the top image's
-        copy), `steps` and `frames` are extra keys."""
+        copy), `heatmap_method`, `steps` and `frames` are extra keys."""
         components = []
         for index, entry in self._components.items():
             ranks = self._top_images.get(index, {})

@@ -87,6 +87,22 @@ def label_command(model: str, class_index: int, component: int, server_option: s
     )
 
 
+_HEATMAP_NAMES = {
+    "grad_cam": "Grad-CAM",
+    "integrated_gradients": "integrated gradients from gray",
+    "input_gradient": "input-gradient saliency",
+}
+
+
+def _heatmap_methods(shown: dict[int, dict[str, Any]], layer: str | None) -> str:
+    """How the page's heatmaps were made, as the server reported it (it may fall back)."""
+    methods = sorted({
+        top["heatmap_method"] for entry in shown.values() for top in entry.get("top_images", []) if top["heatmap_method"]
+    })
+    named = [_HEATMAP_NAMES.get(m, m) + (f" on layer {layer}" if m == "grad_cam" and layer else "") for m in methods]
+    return ", ".join(named) or "none"
+
+
 class ReportWriter:
     """Writes one report folder: a page per class as it is finished, then the index."""
 
@@ -115,6 +131,8 @@ class ReportWriter:
         steps: int | None = None,
         eps: float | None = None,
         top_k: int | None = None,
+        heatmap: str | None = None,
+        heatmap_layer: str | None = None,
         progress: ReportProgress | None = None,
     ) -> Path:
         """GetComponents and Visualize for the class's first `top` components; writes its page."""
@@ -126,6 +144,7 @@ class ReportWriter:
             updates = self.client.visualize(
                 model, class_index, indices[start : start + COMPONENTS_PER_CALL],
                 steps=steps, eps=eps, top_k=top_k, frame_every=0, fit_id=fit_id,
+                heatmap=heatmap, heatmap_layer=heatmap_layer,
             )
             for update in updates:
                 writer.add(update)
@@ -134,7 +153,7 @@ class ReportWriter:
         shown = {entry["index"]: entry for entry in writer.summary(model)["components"]}
         self._fitted[class_index] = components.num_components
         page = self.out / f"class_{class_index}.html"
-        page.write_text(self._class_page(components, shown, eps), encoding="utf-8")
+        page.write_text(self._class_page(components, shown, eps, heatmap_layer), encoding="utf-8")
         self.classes.append({
             "class": class_index,
             "page": str(page),
@@ -152,7 +171,9 @@ class ReportWriter:
 
     # ---- HTML ----
 
-    def _class_page(self, components: t.ClassComponents, shown: dict[int, dict[str, Any]], eps: float | None) -> str:
+    def _class_page(
+        self, components: t.ClassComponents, shown: dict[int, dict[str, Any]], eps: float | None, layer: str | None
+    ) -> str:
         k, model = components.class_index, self.info.name
         title = f"{model} — class {k}: {class_name(self.info, k)}"
         steps = next((entry["steps"] for entry in shown.values() if entry.get("steps") is not None), None)
@@ -161,6 +182,7 @@ class ReportWriter:
             f"fit {components.fit_id} · {components.images} fit images · components 0–{len(components.components) - 1} "
             f"shown of {components.num_components} · floor = {number(components.floor_percentile)}th percentile of "
             f"alpha · feature attack from gray: {steps if steps is not None else '-'} steps, L2 radius {radius}"
+            f" · heatmaps: {_heatmap_methods(shown, layer)}"
         )
         rows = "".join(self._component_row(k, c, shown.get(c.index, {})) for c in components.components)
         body = (
@@ -253,6 +275,8 @@ def write_report(
     steps: int | None = None,
     eps: float | None = None,
     top_k: int | None = None,
+    heatmap: str | None = None,
+    heatmap_layer: str | None = None,
     server_option: str = "",
     progress: ReportProgress | None = None,
 ) -> dict[str, Any]:
@@ -260,5 +284,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     report = ReportWriter(client, info, out, server_option=server_option)
     for class_index in classes:
-        report.add_class(class_index, top=top, steps=steps, eps=eps, top_k=top_k, progress=progress)
+        report.add_class(
+            class_index, top=top, steps=steps, eps=eps, top_k=top_k, heatmap=heatmap, heatmap_layer=heatmap_layer,
+            progress=progress,
+        )
     return report.finish()
