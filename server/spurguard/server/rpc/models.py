@@ -169,11 +169,12 @@ class ServedModel:
 
     def refresh_if_stale(self) -> bool:
         """Rebuild the Guard if the store's current fit or its labels differ from the ones it was
-        built on; True if it did. Cheap when nothing changed: one small file and one query."""
+        built on; True if it did. Cheap when nothing changed: one small file and one query (the
+        fit itself is only read when it changed)."""
         backend, guard = self.backend, self.guard
         fit_id = self.store.current_fit_id(backend.name, backend.digest)
         labels = {} if fit_id is None else {
-            (r.class_index, r.component): r.label for r in self.store.list_labels(backend.name, backend.digest, fit_id=fit_id)
+            (r.class_index, r.component): r.label for r in self.store.labels.query(backend.name, backend.digest, fit_id)
         }
         if (fit_id, labels) == (guard.fit_id, guard.labels):
             return False
