@@ -15,7 +15,7 @@ def cli_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
     def run(fake: FakeClient, *argv: str) -> Outcome:
         connects: list[tuple[str, float | None]] = []
 
-        def factory(target: str, timeout: float | None) -> FakeClient:
+        def factory(target: str, timeout: float | None, credentials: object) -> FakeClient:
             connects.append((target, timeout))
             return fake
 

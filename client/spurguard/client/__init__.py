@@ -13,6 +13,7 @@ from spurguard.client.client import (
     ImageItem,
     ImageLike,
     SpurguardClientError,
+    tls_credentials,
 )
 from spurguard.client.types import (
     AttackFrame,
@@ -77,4 +78,5 @@ __all__ = [
     "SpurguardClientError",
     "TopImage",
     "VisualizeUpdate",
+    "tls_credentials",
 ]

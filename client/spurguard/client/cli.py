@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ from spurguard.client import cli_format as fmt
 from spurguard.client import types as t
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line, score_line, visualize_line
 from spurguard.client.cli_visualize import VisualizeWriter
-from spurguard.client.client import DEFAULT_SCORE_BATCH, DEFAULT_TIMEOUT_S, Client, SpurguardClientError
+from spurguard.client.client import DEFAULT_SCORE_BATCH, DEFAULT_TIMEOUT_S, Client, SpurguardClientError, tls_credentials
 from spurguard.client.report import DEFAULT_TOP, write_report
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -43,7 +44,7 @@ FORWARDED = {
     "demo": "spurguard.server.demo.__main__",
 }
 
-ClientFactory = Callable[[str, float | None], Client]
+ClientFactory = Callable[[str, float | None, grpc.ChannelCredentials | None], Client]
 Handler = Callable[[argparse.Namespace, Client], int]
 
 
@@ -55,8 +56,29 @@ class UsageError(Exception):
     """Arguments that argparse cannot check alone (e.g. an empty image folder): exit 2."""
 
 
-def connect(target: str, timeout: float | None) -> Client:
-    return Client(target, timeout=timeout)
+def connect(target: str, timeout: float | None, credentials: grpc.ChannelCredentials | None) -> Client:
+    return Client(target, timeout=timeout, credentials=credentials)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise UsageError(f"cannot read the {what} {path}: {error.strerror or error}") from None
+
+
+def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS from --tls / --tls-ca / --tls-cert / --tls-key (any of them turns it on); None: plaintext."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("give both --tls-cert and --tls-key (a client certificate and its key), or neither")
+    return tls_credentials(
+        ca=_read(args.tls_ca, "CA certificate") if args.tls_ca else None,
+        cert=_read(args.tls_cert, "client certificate") if args.tls_cert else None,
+        key=_read(args.tls_key, "client key") if args.tls_key else None,
+    )
 
 
 # ---- argument types ----
@@ -108,7 +130,7 @@ def _positive_float(text: str) -> float:
 
 _EPILOG = f"""\
 The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_SERVER}. --server,
---json and --timeout may be given before or after the command name.
+--tls*, --json and --timeout may be given before or after the command name.
 
 exit status:
   {EXIT_OK}    success
@@ -147,6 +169,12 @@ def _global_options(parser: argparse.ArgumentParser, server_default: str | None,
         help=f"deadline of each request/response call, retries included (default {DEFAULT_TIMEOUT_S:g}; "
         "0: none); streams (fit, watch, visualize, evaluate) have none",
     )
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="connect with TLS, trusting the system's CAs (implied by the --tls-* options)")
+    parser.add_argument("--tls-ca", metavar="PEM", default=default(None), help="trust this CA certificate for the server")
+    parser.add_argument("--tls-cert", metavar="PEM", default=default(None),
+                        help="this client's certificate, for servers that require one (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", default=default(None), help="the private key of --tls-cert")
 
 
 def _add_view_arguments(parser: argparse.ArgumentParser) -> None:
@@ -373,8 +401,12 @@ def _progress(args: argparse.Namespace) -> Progress:
 
 
 def _server_option(args: argparse.Namespace) -> str:
-    """`--server X ` for hints, when the server is not the default one."""
-    return "" if args.server == DEFAULT_SERVER else f"--server {args.server} "
+    """`--server X ` (and the TLS options) for hints, when they are not the defaults."""
+    options = [] if args.server == DEFAULT_SERVER else ["--server", args.server]
+    options += ["--tls"] if args.tls and not (args.tls_ca or args.tls_cert) else []
+    for flag, value in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        options += [flag, value] if value else []
+    return "".join(f"{shlex.quote(option)} " for option in options)
 
 
 def _print(text: str) -> None:
@@ -698,7 +730,7 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = c
     if extra:
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        with closing(client_factory(args.server, args.timeout or None)) as client:
+        with closing(client_factory(args.server, args.timeout or None, channel_credentials(args))) as client:
             return int(args.handler(args, client))
     except SpurguardClientError as error:
         where = f" (server {args.server})" if error.code == grpc.StatusCode.UNAVAILABLE else ""

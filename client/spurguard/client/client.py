@@ -71,6 +71,17 @@ class SpurguardClientError(Exception):
         return cls(code or grpc.StatusCode.UNKNOWN, details or "")
 
 
+def tls_credentials(
+    ca: bytes | None = None, cert: bytes | None = None, key: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """TLS for `Client(credentials=...)` from PEM bytes: `ca` verifies the server (None: the
+    system's trusted roots); `cert` and `key` are this client's identity, for servers that
+    require client certificates (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("give both a client certificate and its key, or neither")
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 class Client:
     """A connection to one spurguard server; use as a context manager to close the channel.
 

@@ -73,6 +73,29 @@ class ServerConfig:
     fit_workers: int = 1
     store_poll_s: float = 2.0
     max_heavy_calls: int = 2
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key: the port speaks TLS only
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # clients must show a certificate this CA signed (mutual TLS)
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise InvalidInput(f"cannot read the {what} {path}: {error.strerror or error}") from None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files, or None for a plaintext port."""
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise InvalidInput("--tls-client-ca needs --tls-cert and --tls-key: client certificates need TLS")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise InvalidInput("give both --tls-cert and --tls-key")
+    pair = (_read_pem(config.tls_key, "TLS key"), _read_pem(config.tls_cert, "TLS certificate"))
+    client_ca = None if config.tls_client_ca is None else _read_pem(config.tls_client_ca, "client CA")
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def _address(host: str, port: int) -> str:
@@ -158,7 +181,13 @@ class SpurguardServer:
             self._server,
         )
         try:
-            port = self._server.add_insecure_port(_address(config.host, config.port))
+            credentials = server_credentials(config)
+            address = _address(config.host, config.port)
+            if credentials is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, credentials)
+                log.info("TLS on%s", "; client certificates required" if config.tls_client_ca else "")
             await self._server.start()
             if config.metrics_port is not None:
                 self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
@@ -352,6 +381,11 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help="on SIGTERM, how long in-flight calls may take to finish (default 10)")
     p.add_argument("--max-heavy-calls", type=_positive_int, default=2, metavar="N",
                    help="Visualize and Evaluate calls computing at once; more wait their turn (default 2)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM",
+                   help="serve TLS with this certificate chain (with --tls-key); default: plaintext")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--store-poll-s", type=_non_negative, default=2.0, metavar="S",
                    help="how often to pick up labels and fits that other servers sharing --store made "
                         "(default 2; 0: only this server's own)")
@@ -379,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         fit_workers=args.fit_workers,
         store_poll_s=args.store_poll_s,
         max_heavy_calls=args.max_heavy_calls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     return asyncio.run(serve(config))
 
