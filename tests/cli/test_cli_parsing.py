@@ -36,6 +36,16 @@ def test_global_defaults_and_the_later_option_wins() -> None:
     assert parse("--server", "a:1", "models", "--server", "b:2").server == "b:2"
 
 
+def test_tls_options_anywhere_and_in_the_hints() -> None:
+    """The copy-paste commands of hints and the report must reach the same server the same way."""
+    args = parse("--tls-ca", "my ca.pem", "models", "--server", "h:1", "--tls-cert", "c.pem", "--tls-key", "c.key")
+    assert (args.tls, args.tls_ca, args.tls_cert, args.tls_key) == (False, "my ca.pem", "c.pem", "c.key")
+    assert cli._server_option(args) == "--server h:1 --tls-ca 'my ca.pem' --tls-cert c.pem --tls-key c.key "
+    assert cli._server_option(parse("models", "--tls")) == "--tls "
+    assert cli._server_option(parse("models")) == ""
+    assert cli.channel_credentials(parse("models")) is None
+
+
 def test_server_default_comes_from_the_environment() -> None:
     assert parse("models", environ={cli.SERVER_ENV: "env:7"}).server == "env:7"
     assert parse("--server", "flag:1", "models", environ={cli.SERVER_ENV: "env:7"}).server == "flag:1"
