@@ -101,7 +101,7 @@ def test_heatmaps_put_most_of_their_mass_on_the_planted_feature(
         backend, components[feature["class_index"]], feature["best_component"], inputs,
         layer=default_gradcam_layer(backend),
     )
-    assert heatmaps.method == "integrated_gradients"  # TorchScript backbone: nothing to hook
+    assert heatmaps.method == "integrated_gradients"  # torch.export backbone: nothing to hook
     totals = heatmaps.maps.sum(axis=(1, 2))
     assert (totals > 0).all()
     mass = float(((heatmaps.maps * masks).sum(axis=(1, 2)) / totals).mean())

@@ -17,7 +17,6 @@ from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig, server_credentials
 
 MODEL = "demo"  # the shipped built-in: loads in about a second
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 
 def _openssl(*args: str, cwd: Path) -> None:

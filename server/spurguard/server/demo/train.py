@@ -2,13 +2,14 @@
 
     python -m spurguard.server.demo.train --data DATA --out DIR [--seed S] [--epochs E] [--data-seed S]
 
-The export is a SPEC §2 model directory (model.toml, a traced TorchScript backbone, a safetensors
+The export is a SPEC §2 model directory (model.toml, a torch.export backbone, a safetensors
 head, classes.txt) plus train_report.json, whose numbers come from the exported files through
 the backend the server uses: clean accuracy, how much the model relies on each planted feature,
 whether class-wise neural PCA finds it, and what SpuFix does about it (`evaluate_demo_model`).
 DATA is a dataset written by `generate`; when it does not exist yet, the default-size dataset
 is generated there first (from --data-seed). The shipped model in spurguard/server/demo/model/
-was made by this command with the defaults (seeds and settings in its report).
+was made by this command with the defaults (seeds and settings in its report); its backbone was
+exported with TorchScript then and re-exported with torch.export from the same weights since.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from spurguard.server.engine import (
 DEMO_PREPROCESS = PreprocessConfig(size=64, resize=64, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
 MODEL_NAME = "demo"
 REPORT = "train_report.json"
+BACKBONE = "backbone.pt2"
 NUM_COMPONENTS = 10  # the planted feature must show up among the top 10 components of its class
 EPOCHS = 20
 BATCH_SIZE = 64
@@ -108,17 +110,18 @@ def train_model(
 
 
 def export_model_dir(model: DemoCNN, out: Path, class_names: Sequence[str], config: PreprocessConfig) -> None:
-    """Write a SPEC §2 model directory: traced backbone, safetensors head, classes, model.toml."""
+    """Write a SPEC §2 model directory: torch.export backbone (any batch size), safetensors head,
+    classes, model.toml. torch.export rather than TorchScript: torch has deprecated the latter."""
     out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        traced = torch.jit.trace(model.backbone.eval(), torch.zeros(1, 3, config.size, config.size))
-    traced.save(str(out / "backbone.pt"))
+    example = torch.zeros(2, 3, config.size, config.size)
+    exported = torch.export.export(model.backbone.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    torch.export.save(exported, str(out / BACKBONE))
     head = {"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()}
     safetensors.torch.save_file(head, str(out / "head.safetensors"))
     (out / "classes.txt").write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
     mean, std = (", ".join(repr(v) for v in values) for values in (config.mean, config.std))
     (out / "model.toml").write_text(
-        f'name = "{MODEL_NAME}"\nbackbone = "backbone.pt"\nhead = "head.safetensors"\nclasses = "classes.txt"\n\n'
+        f'name = "{MODEL_NAME}"\nbackbone = "{BACKBONE}"\nhead = "head.safetensors"\nclasses = "classes.txt"\n\n'
         f'[preprocess]\nsize = {config.size}\nresize = {config.resize}\ninterpolation = "{config.interpolation}"\n'
         f"mean = [{mean}]\nstd = [{std}]\n",
         encoding="utf-8",
