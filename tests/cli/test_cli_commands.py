@@ -98,8 +98,9 @@ def test_evaluate_passes_options_and_prints_both_tables(cli_run: RunCli) -> None
     assert fake.called("evaluate") == [(("tiny", "/c", "/s"), {"spufix": "floor", "classes": [3, 7], "batch_size": None})]
     doc = json.loads(outcome.out)
     assert doc["mean_auc"] == 0.625 and doc["spufix"]["mean_auc"] == 0.875
+    assert (doc["clean_images"], doc["spurious_images"], doc["skipped_images"]) == (20, 12, 1)
     human = cli_run(FakeClient(evaluate=updates), "evaluate", "--model", "tiny", "--clean", "/c", "--spurious", "/s")
-    assert "0.625 → 0.875" in human.out
+    assert "0.625 → 0.875" in human.out and "20 clean, 12 spurious images, 1 unreadable left out" in human.out
     assert human.err.startswith("evaluate [") and "10/32 images" in human.err
 
 

@@ -215,7 +215,7 @@ class FakeSpurguard(pb_grpc.SpurguardServicer):
                               spurious_frac_predicted=0.2)
         yield pb.EvaluateUpdate(result=pb.EvaluateResult(model=request.model, fit_id="fit1", baseline=table,
                                                          spufix=table, spufix_mode=pb.PAPER, clean_images=6,
-                                                         spurious_images=4))
+                                                         spurious_images=4, skipped_images=2))
 
 
 @pytest.fixture
@@ -478,6 +478,7 @@ def test_evaluate(client: Client, fake: FakeSpurguard) -> None:
         "/clean", "/spurious", pb.PAPER, [1])
     assert progress == t.EvaluateProgress("clean", 5, 10, 0.0)
     assert isinstance(result, t.EvaluateResult) and result.spufix_mode == "paper"
+    assert (result.clean_images, result.spurious_images, result.skipped_images) == (6, 4, 2)
     document = result.to_dict()
     assert {"mean_auc", "mean_ap", "classes", "spufix"} <= set(document)
     assert set(document["classes"][0]) == SPEC_CLASS_SCORE_KEYS

@@ -153,6 +153,7 @@ def evaluate_to_dict(result: t.EvaluateResult) -> dict[str, Any]:
         fit_id=result.fit_id,
         clean_images=result.clean_images,
         spurious_images=result.spurious_images,
+        skipped_images=result.skipped_images,
     )
     return out
 
@@ -344,7 +345,9 @@ def evaluate_table(result: t.EvaluateResult) -> str:
     mode = f"with SpuFix ({result.spufix_mode})" if fixed is not None else "no SpuFix table"
     head = (
         f"spurious score  model {result.model}  fit {result.fit_id}  "
-        f"{result.clean_images} clean, {result.spurious_images} spurious images  (without → {mode})"
+        f"{result.clean_images} clean, {result.spurious_images} spurious images"
+        + (f", {result.skipped_images} unreadable left out" if result.skipped_images else "")
+        + f"  (without → {mode})"
     )
     rows = [
         [str(c.class_index)] + [_pair(c, fixed_rows.get(c.class_index), field) for _, field in _EVALUATE_COLUMNS]

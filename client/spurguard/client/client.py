@@ -741,5 +741,6 @@ def _evaluate_update(u: pb.EvaluateUpdate) -> t.EvaluateUpdate:
             spufix_mode=_name(pb.SpufixMode, r.spufix_mode) if fixed else None,
             clean_images=r.clean_images,
             spurious_images=r.spurious_images,
+            skipped_images=r.skipped_images,
         )
     raise SpurguardClientError(grpc.StatusCode.INTERNAL, "evaluate update without progress or result")

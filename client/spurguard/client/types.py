@@ -345,6 +345,7 @@ class EvaluateResult:
     spufix_mode: str | None
     clean_images: int
     spurious_images: int
+    skipped_images: int = 0  # unreadable files, left out of both sets
 
     def to_dict(self) -> dict[str, Any]:
         """`evaluate --json`: the baseline's fields, plus spufix: {mode, ...same fields}."""

@@ -98,5 +98,6 @@ def run_evaluate(
         spufix_mode=mode,
         clean_images=int(clean_y.shape[0]),
         spurious_images=int(spur_y.shape[0]),
+        skipped_images=len(skipped),
     )
     return EvaluationOutcome(result, skipped)

@@ -280,6 +280,7 @@ def _evaluate_result(result: EvaluateResult) -> pb.EvaluateResult:
         spufix_mode=_MODE_VALUES[result.spufix_mode],
         clean_images=result.clean_images,
         spurious_images=result.spurious_images,
+        skipped_images=result.skipped_images,
     )
 
 
@@ -693,6 +694,10 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
                     elapsed_s=time.monotonic() - started,
                 ))
             outcome = work.result()
+            if outcome.skipped:
+                image_id, why = outcome.skipped[0]
+                log.warning("Evaluate %s: %d unreadable images left out (first: %s: %s)",
+                            backend.name, len(outcome.skipped), image_id, why)
         finally:
             if not work.done():  # the client went away: stop at the next batch, expect Cancelled
                 cancel.set()
