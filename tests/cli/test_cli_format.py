@@ -44,19 +44,19 @@ def test_components_document() -> None:
 
 
 def test_evaluate_document_with_and_without_spufix() -> None:
-    doc = json.loads(fmt.json_document(fmt.evaluate_to_dict(f.evaluate_result())))
+    doc = json.loads(fmt.json_document(f.evaluate_result().to_dict()))
     assert {"mean_auc", "mean_ap", "classes", "spufix"} <= set(doc)
     assert [set(c) for c in doc["classes"]] == [CLASS_SCORE_KEYS] * 2
     assert doc["mean_auc"] == 0.625 and doc["classes"][1]["class"] == 7
     assert doc["spufix"]["mode"] == "floor" and doc["spufix"]["mean_auc"] == 0.875
     assert [set(c) for c in doc["spufix"]["classes"]] == [CLASS_SCORE_KEYS] * 2
     assert (doc["clean_images"], doc["spurious_images"], doc["clean_accuracy"]) == (20, 12, 0.75)
-    plain = fmt.evaluate_to_dict(replace(f.evaluate_result(), spufix=None, spufix_mode=None))
+    plain = replace(f.evaluate_result(), spufix=None, spufix_mode=None).to_dict()
     assert "spufix" not in plain
 
 
 def test_non_finite_numbers_become_null() -> None:
-    doc = json.loads(fmt.json_document(fmt.evaluate_to_dict(f.evaluate_result(auc=math.nan))))
+    doc = json.loads(fmt.json_document(f.evaluate_result(auc=math.nan).to_dict()))
     assert doc["mean_auc"] is None and doc["classes"][0]["auc"] is None
     assert fmt.json_safe({"a": [math.inf, 1.0, (-math.inf,)]}) == {"a": [None, 1.0, [None]]}
 

@@ -21,6 +21,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -428,12 +429,19 @@ def test_evaluate_streams_progress_then_the_in_process_table(client: Client, fit
     assert progress and progress[-1].images_done == progress[-1].images_total == 3 * PER_CLASS + 6
     backend = load_model(str(model_dir), "cpu")
     want = run_evaluate(backend, Guard.load(backend, Store(store_dir)), data / "train", data / "spurious").result
-    _assert_close(result.to_dict(), want.to_dict())
+    got = result.to_dict()
+    _assert_close({**got, "evaluation_id": ""}, want.to_dict())
     assert (result.clean_images, result.spurious_images, result.fit_id) == (3 * PER_CLASS, 6, want.fit_id)
     assert (result.model, result.spufix_mode) == (want.model, want.spufix_mode) == ("tiny", "floor")
+    # the server kept a copy: the same table, with the request it answered
+    kept = {r["evaluation_id"]: r for r in Store(store_dir).list_evaluations("tiny", backend.digest)}
+    record = kept[result.evaluation_id]
+    assert {k: record[k] for k in got} == got
+    assert record["request"] == {"clean": str(data / "train"), "spurious": str(data / "spurious"), "spufix": "floor",
+                                 "classes": [], "batch_size": None}
 
 
-def test_evaluate_stops_when_its_client_goes_away(client: Client, gated, data: Path) -> None:  # noqa: ANN001
+def test_evaluate_stops_when_its_client_goes_away(client: Client, gated, data: Path, store_dir: Path) -> None:  # noqa: ANN001
     module = gated[1]
     module.gate.clear()
     try:
@@ -446,6 +454,7 @@ def test_evaluate_stops_when_its_client_goes_away(client: Client, gated, data: P
         module.gate.set()
     time.sleep(0.5)
     assert module.calls - calls <= 2  # 18 batches without the cancel
+    assert Store(store_dir).list_evaluations("gated", gated[0].digest) == []  # nothing half-kept
 
 
 def test_heavy_calls_beyond_the_cap_wait_their_turn(model_dir: Path, store_dir: Path, data: Path, tmp_path: Path) -> None:
@@ -467,7 +476,8 @@ def test_heavy_calls_beyond_the_cap_wait_their_turn(model_dir: Path, store_dir: 
             module.gate.set()
         first_result, second_result = list(first)[-1], list(second)[-1]
         assert waiting == 1
-        assert first_result.to_dict() == second_result.to_dict()
+        assert first_result.evaluation_id != second_result.evaluation_id  # each kept on its own
+        assert replace(first_result, evaluation_id="") == replace(second_result, evaluation_id="")
     with pytest.raises(InvalidInput, match="max_heavy_calls must be >= 1"):
         SpurguardServicer(None, None, None, None, None, max_heavy_calls=0)  # type: ignore[arg-type]
 

@@ -8,6 +8,7 @@ import re
 import signal
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import datetime, timezone
@@ -439,3 +440,17 @@ def test_only_safetensors_json_and_sqlite_on_disk(store: Store) -> None:
     sources = Path(store_pkg.__file__).parent.glob("*.py")
     assert not [p.name for p in sources if forbidden.search(p.read_text())]
 
+
+
+def test_evaluations_are_kept_whole_and_listed_in_order(store: Store) -> None:
+    first = store.save_evaluation(MODEL, DIGEST, {"mean_auc": 0.7, "evaluation_id": ""})
+    time.sleep(0.01)  # ids order by time to the millisecond
+    second = store.save_evaluation(MODEL, DIGEST, {"mean_auc": 0.8})
+    kept = store.list_evaluations(MODEL, DIGEST)
+    assert [(r["evaluation_id"], r["mean_auc"]) for r in kept] == [(first, 0.7), (second, 0.8)]  # the id wins
+    assert store.list_evaluations(MODEL, "f" * 64) == []  # other weights: none
+    folder = store.root / "models" / MODEL / DIGEST / "evaluations"
+    assert sorted(p.name for p in folder.iterdir()) == [f"{first}.json", f"{second}.json"]  # no temp files
+    with pytest.raises(ValueError):
+        store.save_evaluation(MODEL, DIGEST, {"mean_auc": float("nan")})  # JSON has no NaN: callers clean it
+    assert len(store.list_evaluations(MODEL, DIGEST)) == 2 and len(list(folder.iterdir())) == 2

@@ -695,7 +695,7 @@ def cmd_evaluate(args: argparse.Namespace, client: Client) -> int:
         progress.close()
     if result is None:
         raise CliError("the server ended the evaluate stream without a result")
-    _print(fmt.json_document(fmt.evaluate_to_dict(result)) if args.json else fmt.evaluate_table(result))
+    _print(fmt.json_document(result.to_dict()) if args.json else fmt.evaluate_table(result))
     return EXIT_OK
 
 

@@ -145,19 +145,6 @@ def components_to_dict(components: t.ClassComponents) -> dict[str, Any]:
     return out
 
 
-def evaluate_to_dict(result: t.EvaluateResult) -> dict[str, Any]:
-    """`evaluate --json`: SPEC's table without and with SpuFix, plus model, fit and set sizes."""
-    out = result.to_dict()
-    out.update(
-        model=result.model,
-        fit_id=result.fit_id,
-        clean_images=result.clean_images,
-        spurious_images=result.spurious_images,
-        skipped_images=result.skipped_images,
-    )
-    return out
-
-
 # ---- tables ----
 
 

@@ -742,5 +742,6 @@ def _evaluate_update(u: pb.EvaluateUpdate) -> t.EvaluateUpdate:
             clean_images=r.clean_images,
             spurious_images=r.spurious_images,
             skipped_images=r.skipped_images,
+            evaluation_id=r.evaluation_id,
         )
     raise SpurguardClientError(grpc.StatusCode.INTERNAL, "evaluate update without progress or result")

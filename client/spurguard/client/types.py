@@ -346,12 +346,22 @@ class EvaluateResult:
     clean_images: int
     spurious_images: int
     skipped_images: int = 0  # unreadable files, left out of both sets
+    evaluation_id: str = ""  # the server's kept copy (its store's evaluations/<id>.json); "" if none
 
     def to_dict(self) -> dict[str, Any]:
-        """`evaluate --json`: the baseline's fields, plus spufix: {mode, ...same fields}."""
+        """`evaluate --json`: the baseline's fields, plus spufix: {mode, ...same fields}, the
+        model, fit, set sizes and the kept copy's id."""
         out = self.baseline.to_dict()
         if self.spufix is not None:
             out["spufix"] = {"mode": self.spufix_mode, **self.spufix.to_dict()}
+        out.update(
+            model=self.model,
+            fit_id=self.fit_id,
+            clean_images=self.clean_images,
+            spurious_images=self.spurious_images,
+            skipped_images=self.skipped_images,
+            evaluation_id=self.evaluation_id,
+        )
         return out
 
 

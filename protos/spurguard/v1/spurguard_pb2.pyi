@@ -667,7 +667,7 @@ class ScoreTable(_message.Message):
     def __init__(self, mean_auc: _Optional[float] = ..., mean_ap: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., clean_accuracy: _Optional[float] = ..., spurious_frac_predicted: _Optional[float] = ...) -> None: ...
 
 class EvaluateResult(_message.Message):
-    __slots__ = ("model", "fit_id", "baseline", "spufix", "spufix_mode", "clean_images", "spurious_images", "skipped_images")
+    __slots__ = ("model", "fit_id", "baseline", "spufix", "spufix_mode", "clean_images", "spurious_images", "skipped_images", "evaluation_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
@@ -676,6 +676,7 @@ class EvaluateResult(_message.Message):
     CLEAN_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SPURIOUS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     fit_id: str
     baseline: ScoreTable
@@ -684,4 +685,5 @@ class EvaluateResult(_message.Message):
     clean_images: int
     spurious_images: int
     skipped_images: int
-    def __init__(self, model: _Optional[str] = ..., fit_id: _Optional[str] = ..., baseline: _Optional[_Union[ScoreTable, _Mapping]] = ..., spufix: _Optional[_Union[ScoreTable, _Mapping]] = ..., spufix_mode: _Optional[_Union[SpufixMode, str]] = ..., clean_images: _Optional[int] = ..., spurious_images: _Optional[int] = ..., skipped_images: _Optional[int] = ...) -> None: ...
+    evaluation_id: str
+    def __init__(self, model: _Optional[str] = ..., fit_id: _Optional[str] = ..., baseline: _Optional[_Union[ScoreTable, _Mapping]] = ..., spufix: _Optional[_Union[ScoreTable, _Mapping]] = ..., spufix_mode: _Optional[_Union[SpufixMode, str]] = ..., clean_images: _Optional[int] = ..., spurious_images: _Optional[int] = ..., skipped_images: _Optional[int] = ..., evaluation_id: _Optional[str] = ...) -> None: ...

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from spurguard.server.backends import Backend
 from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, DEFAULT_NUM_COMPONENTS
-from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
+from spurguard.client.cli_format import json_safe
+from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, SpurguardError
 from spurguard.server.evaluation import run_evaluate
 from spurguard.server.fitting import FitProgress, run_fit
 from spurguard.server.guard import Guard
@@ -47,13 +49,14 @@ from spurguard.server.rpc.paths import DataRoots
 from spurguard.server.rpc.status import status_of
 from spurguard.server.rpc.visualizing import VisualizeOptions, visualize_options
 from spurguard.server.store import Fit, Label, Store
-from spurguard.server.store.store import new_fit_id
+from spurguard.server.store.store import new_id
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 
 log = logging.getLogger("spurguard.server")
 
 STREAM_WINDOW = 256  # ScoreStream messages of one stream in flight before its reading pauses
+MAX_KEPT_SKIPPED = 100  # unreadable files named in a kept evaluation (all are counted)
 _MODES = {pb.PAPER: "paper", pb.FLOOR: "floor"}
 _MODE_VALUES = {name: value for value, name in _MODES.items()}
 _LABELS = {
@@ -281,6 +284,7 @@ def _evaluate_result(result: EvaluateResult) -> pb.EvaluateResult:
         clean_images=result.clean_images,
         spurious_images=result.spurious_images,
         skipped_images=result.skipped_images,
+        evaluation_id=result.evaluation_id,
     )
 
 
@@ -398,7 +402,7 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
             raise InvalidInput(f"batch_size must be >= 1 (or unset for the model's {backend.max_batch_size})")
         job_request = pb.FitRequest()
         job_request.CopyFrom(request)
-        job_request.job_id = request.job_id if request.HasField("job_id") else new_fit_id()
+        job_request.job_id = request.job_id if request.HasField("job_id") else new_id()
 
         def work(job_id: str, progress: Callable[[pb.FitProgress], None], cancel: threading.Event) -> pb.FitSummary:
             outcome = run_fit(
@@ -702,4 +706,16 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
             if not work.done():  # the client went away: stop at the next batch, expect Cancelled
                 cancel.set()
                 work.add_done_callback(lambda done: done.cancelled() or done.exception())
-        yield pb.EvaluateUpdate(result=_evaluate_result(outcome.result))
+        record = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "request": {"clean": str(clean), "spurious": str(spurious), "spufix": mode,
+                        "classes": list(request.classes), "batch_size": _optional(request, "batch_size")},
+            **outcome.result.to_dict(),
+            "skipped": [list(entry) for entry in outcome.skipped[:MAX_KEPT_SKIPPED]],
+        }
+        try:  # the client gets its table even if the store cannot keep a copy
+            evaluation_id = await asyncio.to_thread(self.store.save_evaluation, backend.name, backend.digest, json_safe(record))
+        except (OSError, SpurguardError) as error:
+            log.warning("Evaluate %s: could not keep the result in the store: %s", backend.name, error)
+            evaluation_id = ""
+        yield pb.EvaluateUpdate(result=_evaluate_result(dataclasses.replace(outcome.result, evaluation_id=evaluation_id)))

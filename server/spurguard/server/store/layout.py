@@ -10,6 +10,7 @@
                                                    after the tensors, so it marks the class done
     manifest.json                                  written last: its presence commits the fit
     .lock                                          flock of the one open FitWriter
+<root>/models/<name>/<digest>/evaluations/<id>.json  one finished Evaluate: request, fit, tables
 ```
 Names are checked before they become path components, so no request can escape the root.
 """
@@ -69,6 +70,13 @@ class ModelPaths:
 
     def fit(self, fit_id: str) -> Path:
         return self.fits / check_name(fit_id, "fit id")
+
+    @property
+    def evaluations(self) -> Path:
+        return self.root / "evaluations"
+
+    def evaluation(self, evaluation_id: str) -> Path:
+        return self.evaluations / f"{check_name(evaluation_id, 'evaluation id')}.json"
 
 
 def class_tensors(fit_dir: Path, class_index: int) -> Path:

@@ -19,9 +19,11 @@ from spurguard.server.store.labels import UNLABELED, Label, LabelDB, check_label
 from spurguard.server.store.layout import CURRENT, LABELS_DB, MANIFEST, SETTINGS, ModelPaths, short
 
 
-def new_fit_id() -> str:
-    """Sortable by start time, unique without coordination."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+def new_id() -> str:
+    """A fit, job or evaluation id: sortable by start time (to the millisecond), unique without
+    coordination."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}"
 
 
 def _index(value: object, what: str) -> int:
@@ -88,6 +90,21 @@ class Store:
         Fit.read(paths, fit_id)
         write_json(paths.current, {"fit_id": fit_id})
 
+    # ---- evaluations ----
+
+    def save_evaluation(self, model: str, digest: str, record: dict[str, Any]) -> str:
+        """Keep a finished evaluation (written whole or not at all, never half); returns its id."""
+        paths = self._paths(model, digest)
+        evaluation_id = new_id()
+        make_dirs(paths.evaluations)
+        write_json(paths.evaluation(evaluation_id), {**record, "evaluation_id": evaluation_id})
+        return evaluation_id
+
+    def list_evaluations(self, model: str, digest: str) -> list[dict[str, Any]]:
+        """The kept evaluations of these weights, oldest first (ids order by time to the millisecond)."""
+        folder = self._paths(model, digest).evaluations
+        return [read_json(path) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
     # ---- writing fits ----
 
     def begin_fit(
@@ -103,7 +120,7 @@ class Store:
     ) -> FitWriter:
         """Start a fit, or resume the uncommitted `fit_id` if it was started with the same settings."""
         settings = FitSettings(os.fspath(dataset_root), num_components, feature_dim, info or {})
-        return FitWriter.open(self._paths(model, digest), fit_id or new_fit_id(), settings, self.labels)
+        return FitWriter.open(self._paths(model, digest), fit_id or new_id(), settings, self.labels)
 
     def resume_fit(self, model: str, digest: str, fit_id: str) -> FitWriter:
         """Re-open an uncommitted fit with its stored settings; `done_classes` says what is left."""
@@ -119,7 +136,7 @@ class Store:
         """
         base = self.load_fit(model, digest, base_fit_id).meta
         settings = FitSettings(base.dataset_root, base.num_components, base.feature_dim, base.info, base.fit_id)
-        return FitWriter.open(self._paths(model, digest), fit_id or new_fit_id(), settings, self.labels)
+        return FitWriter.open(self._paths(model, digest), fit_id or new_id(), settings, self.labels)
 
     # ---- labels ----
 
