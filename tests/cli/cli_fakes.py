@@ -87,7 +87,7 @@ def class_score(class_index: int, auc: float, shift: float = 0.0) -> t.ClassScor
 def evaluate_result(auc: float = 0.625) -> t.EvaluateResult:
     baseline = t.ScoreTable(auc, auc - 0.05, (class_score(3, auc), class_score(7, auc)), 0.75, 0.3)
     fixed = t.ScoreTable(0.875, 0.825, (class_score(3, 0.875, 0.25), class_score(7, 0.875, 0.25)), 0.7, 0.05)
-    return t.EvaluateResult("tiny", "fit-1", baseline, fixed, "floor", 20, 12, skipped_images=1)
+    return t.EvaluateResult("tiny", "fit-1", baseline, fixed, "floor", 20, 12, skipped_images=1, evaluation_id="ev-1")
 
 
 def fit_progress(job_id: str = "job-1", done: int = 10, phase: str = "features") -> t.FitProgress:

@@ -101,6 +101,7 @@ def test_evaluate_passes_options_and_prints_both_tables(cli_run: RunCli) -> None
     assert (doc["clean_images"], doc["spurious_images"], doc["skipped_images"]) == (20, 12, 1)
     human = cli_run(FakeClient(evaluate=updates), "evaluate", "--model", "tiny", "--clean", "/c", "--spurious", "/s")
     assert "0.625 → 0.875" in human.out and "20 clean, 12 spurious images, 1 unreadable left out" in human.out
+    assert human.out.rstrip().endswith("kept in the server's store as evaluation ev-1")
     assert human.err.startswith("evaluate [") and "10/32 images" in human.err
 
 

@@ -346,6 +346,7 @@ def evaluate_table(result: t.EvaluateResult) -> str:
     tail = (
         f"clean accuracy {_pair(base, fixed, 'clean_accuracy')}; spurious images predicted as "
         f"their class {_pair(base, fixed, 'spurious_frac_predicted')}"
+        + (f"\nkept in the server's store as evaluation {result.evaluation_id}" if result.evaluation_id else "")
     )
     return "\n".join([head, render_table(headers, rows, right=(0,)), tail])
 
