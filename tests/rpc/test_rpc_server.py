@@ -470,7 +470,10 @@ def test_heavy_calls_beyond_the_cap_wait_their_turn(model_dir: Path, store_dir: 
             assert next(first).phase == "scanning"  # holds the only slot: its forward waits at the gate
             second = client.evaluate("gated", str(data / "train"), str(data / "spurious"), batch_size=2)
             assert next(second).phase == "queued"
-            time.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while module.waiting < 1 and time.monotonic() < deadline:  # the first reaches the gate
+                time.sleep(0.01)
+            time.sleep(0.3)  # time enough for the second to arrive there too, were it running
             waiting = module.waiting  # without the cap: 2, one pass of each call
         finally:
             module.gate.set()
