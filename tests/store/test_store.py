@@ -383,6 +383,8 @@ def test_refit_starts_unlabeled_and_old_labels_stay_queryable(store: Store) -> N
     store.set_label(MODEL, DIGEST, 0, 1, "not_spurious", fit_id=old)  # an old fit can still be labeled
     assert [x.fit_id for x in store.list_labels(MODEL, DIGEST, fit_id=old)] == [old, old]
     assert store.current_fit_id(MODEL, DIGEST) == new
+    assert store.label_map(MODEL, DIGEST, old) == {(0, 0): "spurious", (0, 1): "not_spurious"}
+    assert store.label_map(MODEL, DIGEST, new) == {}
 
 
 def test_concurrent_label_writes_from_threads(store: Store) -> None:

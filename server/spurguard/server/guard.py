@@ -60,8 +60,7 @@ class Guard:
         if fit_id is not None:
             fit = store.load_fit(backend.name, backend.digest, fit_id)
             components = {k: fit.components(k) for k in fit.classes}
-            for record in store.list_labels(backend.name, backend.digest, fit_id=fit_id):
-                labels[(record.class_index, record.component)] = record.label
+            labels = store.label_map(backend.name, backend.digest, fit_id)
         return cls(
             class_names=backend.class_names,
             weight=weight,

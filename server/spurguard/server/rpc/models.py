@@ -173,9 +173,7 @@ class ServedModel:
         fit itself is only read when it changed)."""
         backend, guard = self.backend, self.guard
         fit_id = self.store.current_fit_id(backend.name, backend.digest)
-        labels = {} if fit_id is None else {
-            (r.class_index, r.component): r.label for r in self.store.labels.query(backend.name, backend.digest, fit_id)
-        }
+        labels = {} if fit_id is None else self.store.label_map(backend.name, backend.digest, fit_id)
         if (fit_id, labels) == (guard.fit_id, guard.labels):
             return False
         self.reload_guard()

@@ -193,6 +193,11 @@ class Store:
             if (k, c) not in done
         ]
 
+    def label_map(self, model: str, digest: str, fit_id: str) -> dict[tuple[int, int], str]:
+        """(class, component) -> label of every labelled component of a fit: one query, the fit
+        itself is not read (what a Guard is built on, and checked against)."""
+        return {(r.class_index, r.component): r.label for r in self.labels.query(model, digest, fit_id)}
+
     def spurious_components(self, model: str, digest: str) -> dict[int, list[int]]:
         """Class -> component indices labeled spurious in the current fit (what SpuFix removes)."""
         fit_id = self._require_current(model, digest)
