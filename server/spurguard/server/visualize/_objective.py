@@ -16,6 +16,8 @@ from spurguard.server.engine.components import ClassComponents
 from spurguard.server.engine.decompose import check_components, class_projection
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 
+GRAY = 0.5  # the neutral image, in [0, 1] pixel units: where attacks start and what "no evidence" looks like
+
 
 def require_gradients(backend: Backend, purpose: str) -> GradientBackend:
     """The backend, if its backbone can be differentiated here; else why not, for the client."""
@@ -57,6 +59,7 @@ class ComponentObjective:
         config = backend.preprocess_config  # input = (pixels - mean) / std, pixels in [0, 1]
         self.mean = torch.tensor(config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.gray_input = (GRAY - self.mean) / self.std  # [1,3,1,1]: the attack's start, IG's baseline
 
     def __len__(self) -> int:
         return len(self.rows)

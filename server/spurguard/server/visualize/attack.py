@@ -29,13 +29,12 @@ import torch
 from spurguard.server.backends.base import Backend
 from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import Cancelled, InvalidInput
-from spurguard.server.visualize._objective import ComponentObjective
+from spurguard.server.visualize._objective import GRAY, ComponentObjective
 
 PAPER_EPS = 30.0  # L2 radius in [0, 1] pixel units at PAPER_SIZE² (Neuhaus et al. 2023)
 PAPER_SIZE = 224
 DEFAULT_STEPS = 200
 DEFAULT_FRAME_EVERY = 20
-GRAY = 0.5
 BOX_HALF_WIDTH = min(GRAY, 1.0 - GRAY)  # [0, 1] around the gray start: |x - gray| <= 0.5
 MOMENTUM = 0.75  # APGD's alpha
 RHO = 0.75  # APGD: halve the step when fewer than this share of steps since the last checkpoint improved
@@ -181,7 +180,7 @@ def _apgd(
     """
     device, batch = objective.device, len(objective)
     inv_std = objective.std.reciprocal()
-    gray_input = (GRAY - objective.mean) * inv_std  # the gray image as model input
+    gray_input = objective.gray_input
     model_input = torch.empty(batch, 3, size, size, device=device, requires_grad=True)
 
     def evaluate(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

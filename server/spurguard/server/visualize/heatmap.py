@@ -225,7 +225,7 @@ def integrated_gradients(
     of the straight path from gray to x; it sums to about alpha(x) - alpha(gray). In normalised
     input units, which give the same products as pixel units (the 1/std factors cancel).
     """
-    gray = ((0.5 - objective.mean) / objective.std).expand_as(x)
+    gray = objective.gray_input.expand_as(x)
     difference = x - gray
     total = torch.zeros_like(x)
     with torch.enable_grad():
