@@ -23,7 +23,14 @@ from spurguard.client import cli_format as fmt
 from spurguard.client import types as t
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line, score_line, visualize_line
 from spurguard.client.cli_visualize import VisualizeWriter
-from spurguard.client.client import DEFAULT_SCORE_BATCH, DEFAULT_TIMEOUT_S, Client, SpurguardClientError, tls_credentials
+from spurguard.client.client import (
+    DEFAULT_SCORE_BATCH,
+    DEFAULT_TIMEOUT_S,
+    HEATMAP_METHODS,
+    Client,
+    SpurguardClientError,
+    tls_credentials,
+)
 from spurguard.client.report import DEFAULT_TOP, write_report
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -182,7 +189,7 @@ def _add_view_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_count, metavar="N", help="attack steps (server default: 200)")
     parser.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px)")
     parser.add_argument("--top-k", type=_count, metavar="N", help="top fit images per component (server default: 8)")
-    parser.add_argument("--heatmap", choices=("grad_cam", "integrated_gradients", "input_gradient", "none"),
+    parser.add_argument("--heatmap", choices=HEATMAP_METHODS,
                         help="heatmap method (server default: grad_cam, or integrated_gradients where the "
                              "model's layers cannot be hooked)")
     parser.add_argument("--heatmap-layer", metavar="NAME",

@@ -54,6 +54,7 @@ _HEATMAPS = {
     "input_gradient": pb.INPUT_GRADIENT,
     "none": pb.HEATMAP_NONE,
 }
+HEATMAP_METHODS = tuple(name for name in _HEATMAPS if name is not None)  # what `heatmap=` takes
 
 
 class SpurguardClientError(Exception):
@@ -295,7 +296,7 @@ class Client:
         `heatmap_layer`: the feature map Grad-CAM uses (a submodule name); None: the last spatial one.
         """
         if heatmap not in _HEATMAPS:
-            raise ValueError(f"heatmap must be one of {sorted(filter(None, _HEATMAPS))} or None, got {heatmap!r}")
+            raise ValueError(f"heatmap must be one of {list(HEATMAP_METHODS)} or None, got {heatmap!r}")
         request = pb.VisualizeRequest(
             model=model,
             class_index=class_index,
