@@ -444,7 +444,7 @@ def generate(
             writer.write("clean_test", name, i, (1, k, i), k, ())
     features = []
     for f_index, spec in enumerate(FEATURE_SPECS):
-        folder = f"spurious_imagenet_{spec.class_index}_{spec.name}_0"
+        folder = _spurious_folder(spec)
         for i in range(spurious_per_feature):
             writer.write("spurious_test", folder, i, (2, f_index, i), _spurious_object(seed, f_index, i),
                          (spec.name,), SPURIOUS_OBJECT_SCALE)
@@ -470,6 +470,11 @@ def generate(
     return DemoDataset(root, CLASSES, tuple(features), dataset_paths(root))
 
 
+def _spurious_folder(spec: FeatureSpec) -> str:
+    """The Spurious ImageNet folder of a feature: class index as token 2, component placeholder 0."""
+    return f"spurious_imagenet_{spec.class_index}_{spec.name}_0"
+
+
 def _spurious_object(seed: int, f_index: int, i: int) -> int | None:
     """The object beside spurious-test image i of feature f_index: none on even images, a
     class other than the feature's on odd ones."""
@@ -483,7 +488,7 @@ def without_feature(config: GeneratorConfig, image_id: str) -> np.ndarray:
     """Spurious-test image `image_id` (as in ground_truth.json) re-rendered without its planted
     feature, everything else identical: what the model would see if the feature were absent."""
     split, folder, name = image_id.split("/")
-    spec_index = next((i for i, s in enumerate(FEATURE_SPECS) if folder == f"spurious_imagenet_{s.class_index}_{s.name}_0"), None)
+    spec_index = next((i for i, s in enumerate(FEATURE_SPECS) if folder == _spurious_folder(s)), None)
     if split != "spurious_test" or spec_index is None:
         raise ValueError(f"{image_id!r} is not a spurious-test image")
     i = int(Path(name).stem)
