@@ -76,7 +76,7 @@ def _paired_rounds(rounds: int, bare: Callable[[], object], ours: Callable[[], o
 def bench_fit_vs_forward(quick: bool) -> dict[str, float]:
     from spurguard.server.backends import load_model
     from spurguard.server.datasets import ClassResolver, list_image_folder
-    from spurguard.server.fitting import run_fit
+    from spurguard.server.serving.fitting import run_fit
     from spurguard.server.loader import iter_features
     from spurguard.server.store import Store
 

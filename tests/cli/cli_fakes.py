@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from spurguard.client import SpurguardClientError
-from spurguard.client import types as t
+from spurguard import vocab as t
 
 CORRUPT = b"corrupt"  # image bytes the fake answers with a per-image INVALID_ARGUMENT
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -37,8 +37,8 @@ def model(name: str = "tiny", fitted: tuple[int, ...] = (0, 1, 2, 5)) -> t.Model
     )
 
 
-def components(class_index: int = 3) -> t.ClassComponents:
-    return t.ClassComponents(
+def components(class_index: int = 3) -> t.Components:
+    return t.Components(
         model="tiny",
         class_index=class_index,
         fit_id="fit-1",
@@ -61,7 +61,7 @@ def predictions(first: str = "cat", second: str = "dog") -> tuple[t.Prediction, 
 
 def score_result(image: str, trigger: bool = True) -> t.ScoreResult:
     return t.ScoreResult(
-        image=image,
+        image_id=image,
         error=None,
         predictions=predictions(),
         class_index=3,
@@ -71,13 +71,13 @@ def score_result(image: str, trigger: bool = True) -> t.ScoreResult:
         components=(t.ComponentAlpha(0, 2.0, "spurious"), t.ComponentAlpha(1, 0.25, "unlabeled")),
         spurious_alpha=3.25,
         trigger=trigger,
-        spufix=t.SpufixOutcome("floor", 0.75, predictions("dog", "cat")),
+        spufix=t.SpufixResult("floor", 0.75, predictions("dog", "cat")),
         fit_id="fit-1",
     )
 
 
 def failed_result(image: str, code: str = "INVALID_ARGUMENT", message: str = "cannot decode") -> t.ScoreResult:
-    return t.ScoreResult(image, t.ErrorInfo(code, message), (), -1, 0.0, None, None, (), 0.0, False, None, "")
+    return t.ScoreResult(image, t.ErrorStatus(code, message), (), -1, 0.0, None, None, (), 0.0, False, None, "")
 
 
 def class_score(class_index: int, auc: float, shift: float = 0.0) -> t.ClassScore:
@@ -100,20 +100,20 @@ def fit_summary(job_id: str = "job-1") -> t.FitSummary:
 
 
 def job(job_id: str = "job-1", state: str = "running") -> t.Job:
-    request = t.FitOptions("tiny", "/data/train", (0, 1), 2, None, job_id, False)
+    request = t.FitRequest("tiny", "/data/train", (0, 1), 2, None, job_id, False)
     summary = fit_summary(job_id) if state == "succeeded" else None
     return t.Job(job_id, "tiny", state, request, fit_progress(job_id), summary, None, WHEN, WHEN)
 
 
 def visualize_updates(component: int = 2) -> list[t.VisualizeUpdate]:
     return [
-        t.TopImage(component, 0, "3/a.png", 5.0, b"top0"),
-        t.TopImage(component, 1, "3/b.png", 4.0, b"top1"),
-        t.Heatmap(component, 1, "3/b.png", 4.0, "grad_cam", b"heat1"),
-        t.Heatmap(component, 0, "3/a.png", 5.0, "grad_cam", b"heat0"),
+        t.TopImage(component, 0, "3/a.png", "/data/train/3/a.png", 5.0, b"top0"),
+        t.TopImage(component, 1, "3/b.png", "/data/train/3/b.png", 4.0, b"top1"),
+        t.Heatmap(component, 1, "3/b.png", "/data/train/3/b.png", 4.0, "grad_cam", b"heat1"),
+        t.Heatmap(component, 0, "3/a.png", "/data/train/3/a.png", 5.0, "grad_cam", b"heat0"),
         t.AttackFrame(component, 0, 0.5, 0.1, b"frame0"),
         t.AttackFrame(component, 10, 6.0, 0.6, b"frame10"),
-        t.AttackResult(component, 0.5, 7.0, 0.7, 20, b"attack"),
+        t.AttackResult(component, 0.5, 7.0, 0.7, 20, 8.6, b"attack"),
     ]
 
 
@@ -169,7 +169,7 @@ class FakeClient:
     def cancel_job(self, job_id: str) -> t.Job:
         return self._call("cancel_job", job_id)
 
-    def get_components(self, model: str, class_index: int, **kwargs: Any) -> t.ClassComponents:
+    def get_components(self, model: str, class_index: int, **kwargs: Any) -> t.Components:
         return self._call("get_components", model, class_index, **kwargs)
 
     def label(self, model: str, class_index: int, component: int, label: str, **kwargs: Any) -> t.LabelRecord:

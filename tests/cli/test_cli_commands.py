@@ -66,10 +66,10 @@ def test_visualize_writes_the_pngs_and_summarises_them(cli_run: RunCli, tmp_path
         2, 0.5, 7.0, 0.7)
     assert component["attack_image"] == str(folder / "attack.png")
     assert component["top_images"] == [
-        {"image": "3/a.png", "alpha": 5.0, "heatmap": str(folder / "heatmap_00.png"), "heatmap_method": "grad_cam",
-         "png": str(folder / "top_00.png")},
-        {"image": "3/b.png", "alpha": 4.0, "heatmap": str(folder / "heatmap_01.png"), "heatmap_method": "grad_cam",
-         "png": str(folder / "top_01.png")},
+        {"image": "/data/train/3/a.png", "image_id": "3/a.png", "alpha": 5.0, "heatmap": str(folder / "heatmap_00.png"),
+         "heatmap_method": "grad_cam", "png": str(folder / "top_00.png")},
+        {"image": "/data/train/3/b.png", "image_id": "3/b.png", "alpha": 4.0, "heatmap": str(folder / "heatmap_01.png"),
+         "heatmap_method": "grad_cam", "png": str(folder / "top_01.png")},
     ]
     assert [frame["step"] for frame in component["frames"]] == [0, 10]
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import cli_fakes as f
 from spurguard.client import cli_format as fmt
+from spurguard.vocab import to_json
 
 SCORE_KEYS = {"image", "predictions", "class", "logit", "bias_term", "residual", "components",
               "spurious_alpha", "trigger", "spufix"}
@@ -33,7 +34,7 @@ def test_failed_score_line_is_image_and_error_only() -> None:
 
 
 def test_components_document() -> None:
-    doc = json.loads(fmt.json_document(fmt.components_to_dict(f.components())))
+    doc = json.loads(fmt.json_document(f.components()))
     assert {"model", "class", "images", "components"} <= set(doc)
     assert (doc["model"], doc["class"], doc["images"]) == ("tiny", 3, 40)
     assert [COMPONENT_KEYS <= set(c) for c in doc["components"]] == [True, True]
@@ -58,23 +59,23 @@ def test_evaluate_document_with_and_without_spufix() -> None:
 def test_non_finite_numbers_become_null() -> None:
     doc = json.loads(fmt.json_document(f.evaluate_result(auc=math.nan).to_dict()))
     assert doc["mean_auc"] is None and doc["classes"][0]["auc"] is None
-    assert fmt.json_safe({"a": [math.inf, 1.0, (-math.inf,)]}) == {"a": [None, 1.0, [None]]}
+    assert to_json({"a": [math.inf, 1.0, (-math.inf,)]}) == {"a": [None, 1.0, [None]]}
 
 
 def test_model_job_label_and_fit_documents() -> None:
-    m = fmt.model_to_dict(f.model())
+    m = to_json(f.model())
     assert (m["name"], m["num_classes"], m["feature_dim"], m["input_size"]) == ("tiny", 10, 8, 16)
     assert (m["backend"], m["device"], m["fitted_classes"]) == ("torch", "cpu", [0, 1, 2, 5])
-    assert "classes" not in m
-    job = json.loads(fmt.json_document(fmt.job_to_dict(f.job(state="succeeded"))))
+    assert m["classes"] == []  # list_models sends none
+    job = json.loads(fmt.json_document(f.job(state="succeeded")))
     assert (job["job_id"], job["state"], job["request"]["dataset"]) == ("job-1", "succeeded", "/data/train")
     assert job["progress"]["images_done"] == 10 and job["summary"]["fit_id"] == "fit-1"
     assert job["created"] == "2026-01-02T03:04:05+00:00" and job["error"] is None
-    summary = fmt.fit_summary_to_dict(f.fit_summary())
+    summary = to_json(f.fit_summary())
     assert summary["classes"] == [{"class": 0, "images": 20, "num_components": 2},
                                   {"class": 1, "images": 20, "num_components": 2}]
     record = f.FakeClient().label("tiny", 3, 1, "spurious", note="why")
-    assert fmt.label_to_dict(record) == {"model": "tiny", "fit_id": "fit-1", "class": 3, "component": 1,
+    assert to_json(record) == {"model": "tiny", "fit_id": "fit-1", "class": 3, "component": 1,
                                          "label": "spurious", "note": "why", "updated": "2026-01-02T03:04:05+00:00"}
 
 

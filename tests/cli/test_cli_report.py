@@ -27,7 +27,7 @@ import torch
 import cli_fakes as f
 from cli_fakes import FakeClient, RunCli
 from spurguard.client import Client
-from spurguard.client import types as t
+from spurguard import vocab as t
 from spurguard.client.report import COMPONENTS_PER_CALL
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 

@@ -21,7 +21,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from spurguard.client import Client, SpurguardClientError
-from spurguard.client import types as t
+from spurguard import vocab as t
 from spurguard.client.client import MAX_MESSAGE_BYTES
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
@@ -61,6 +61,7 @@ def _score(image: pb.Image) -> pb.ScoreResult:
         spurious_alpha=1.25,
         trigger=True,
         spufix=pb.SpufixResult(mode=pb.FLOOR, logit=1.75, predictions=_predictions()[::-1]),
+        fit_id="fit1",
     )
 
 
@@ -191,7 +192,7 @@ class FakeSpurguard(pb_grpc.SpurguardServicer):
 
     def Score(self, request, context):
         self._enter("Score", request, context)
-        return pb.ScoreResponse(fit_id="fit1", results=[_score(image) for image in request.images])
+        return pb.ScoreResponse(results=[_score(image) for image in request.images])
 
     def ScoreStream(self, request_iterator, context):
         """Replies to each pair of requests in reverse order, to exercise the client's reordering."""
@@ -199,8 +200,7 @@ class FakeSpurguard(pb_grpc.SpurguardServicer):
         held = []
         for request in request_iterator:
             self.requests["ScoreStream"].append(request)
-            held.append(pb.ScoreStreamResponse(request_id=request.request_id, result=_score(request.image),
-                                               fit_id="fit1"))
+            held.append(pb.ScoreStreamResponse(request_id=request.request_id, result=_score(request.image)))
             if len(held) == 2:
                 yield from reversed(held)
                 held.clear()
@@ -284,9 +284,9 @@ def test_fit_job_id_and_extend_are_sent(client: Client, fake: FakeSpurguard) -> 
 def test_jobs(client: Client, fake: FakeSpurguard) -> None:
     job = client.get_job("j9")
     assert job.job_id == "j9" and job.state == "failed"
-    assert job.error == t.ErrorInfo("NOT_FOUND", "no such folder")
+    assert job.error == t.ErrorStatus("NOT_FOUND", "no such folder")
     assert job.created == CREATED and job.updated is None and job.summary is None
-    assert job.request == t.FitOptions("demo", "/data", (0, 2), None, None, "j9", False)
+    assert job.request == t.FitRequest("demo", "/data", (0, 2), None, None, "j9", False)
     assert job.progress is not None and job.progress.images_done == 3
     assert [j.state for j in client.list_jobs()] == ["running", "queued"]
     assert not fake.requests["ListJobs"][0].HasField("model")
@@ -316,12 +316,13 @@ def test_get_components(client: Client, fake: FakeSpurguard) -> None:
     assert result.vectors is None and result.mean is None
     assert result.components[0] == t.Component(0, 4.0, 0.25, 0.0, -1.0, 2.0, "spurious", "watermark")
     assert result.components[1].label == "not_spurious"
-    assert result.to_dict() == {
+    document = result.to_dict()  # SPEC's keys, then the fit's context (fit_id, floor_percentile, ...)
+    assert {key: document[key] for key in ("model", "class", "images", "components")} == {
         "model": "demo", "class": 3, "images": 40,
         "components": [c.to_dict() for c in result.components],
     }
     assert set(result.to_dict()["components"][0]) == {
-        "index", "eigenvalue", "explained_variance", "alpha_mean", "alpha_floor", "alpha_max", "label"}
+        "index", "eigenvalue", "explained_variance", "alpha_mean", "alpha_floor", "alpha_max", "label", "note"}
 
 
 def test_get_components_vectors_arrive_as_float32_arrays(client: Client) -> None:
@@ -364,9 +365,9 @@ def test_visualize(client: Client, fake: FakeSpurguard) -> None:
     assert fake.requests["Visualize"][1].heatmap_layer == "layer4"
     kinds = [t.TopImage, t.Heatmap, t.AttackFrame, t.AttackResult]
     assert [type(u) for u in updates] == kinds * 2
-    assert updates[0] == t.TopImage(0, 0, "0/a.png", 2.0, b"\x89PNG fake")
+    assert updates[0] == t.TopImage(0, 0, "0/a.png", "", 2.0, b"\x89PNG fake")
     assert updates[1].method == "grad_cam"
-    assert updates[-1] == t.AttackResult(3, 0.1, 9.0, 0.9, 20, b"\x89PNG fake")
+    assert updates[-1] == t.AttackResult(3, 0.1, 9.0, 0.9, 20, 0.0, b"\x89PNG fake")
     with pytest.raises(ValueError, match="heatmap"):
         client.visualize("demo", 1, [0], heatmap="smoothgrad")
 
@@ -388,7 +389,7 @@ def test_score_image_types(client: Client, fake: FakeSpurguard, tmp_path: Path) 
         raw = image.raw
         assert (raw.height, raw.width, raw.channels) == array.shape
         np.testing.assert_array_equal(np.frombuffer(raw.data, np.uint8).reshape(array.shape), array)
-    assert [r.image for r in results] == [i.id for i in images]
+    assert [r.image_id for r in results] == [i.id for i in images]
 
 
 def test_score_pil_images_arrive_raw(client: Client, fake: FakeSpurguard) -> None:
@@ -421,11 +422,11 @@ def test_score_results_and_options(client: Client, fake: FakeSpurguard) -> None:
     options = fake.requests["Score"][0].options
     assert options.HasField("class_index") and options.class_index == 0
     assert options.HasField("top") and options.top == 0 and options.spufix == pb.FLOOR
-    assert bad.error == t.ErrorInfo("INVALID_ARGUMENT", "bad image")
+    assert bad.error == t.ErrorStatus("INVALID_ARGUMENT", "bad image")
     assert bad.to_dict() == {"image": "1", "error": {"code": "INVALID_ARGUMENT", "message": "bad image"}}
     assert ok.error is None and ok.fit_id == "fit1" and ok.trigger
     line = ok.to_dict()
-    assert set(line) == SPEC_SCORE_KEYS
+    assert set(line) == SPEC_SCORE_KEYS | {"fit_id"}  # and the fit that scored it
     assert line["predictions"][0] == {"class": 0, "name": "class0", "prob": 0.5, "logit": 3.0}
     assert line["components"] == [{"index": 2, "alpha": 1.5, "label": "spurious"},
                                   {"index": 0, "alpha": 0.25, "label": "unlabeled"}]
@@ -441,14 +442,14 @@ def test_score_results_and_options(client: Client, fake: FakeSpurguard) -> None:
 def test_score_splits_batches_and_keeps_order(client: Client, fake: FakeSpurguard) -> None:
     results = client.score("demo", [bytes([i]) for i in range(5)], batch_size=2)
     assert [len(r.images) for r in fake.requests["Score"]] == [2, 2, 1]
-    assert [r.image for r in results] == ["0", "1", "2", "3", "4"]
+    assert [r.image_id for r in results] == ["0", "1", "2", "3", "4"]
 
 
 def test_score_image_over_the_message_limit_fails_alone(client: Client, fake: FakeSpurguard) -> None:
     huge = np.zeros((MAX_MESSAGE_BYTES // 3 + 1, 1, 3), np.uint8)
     first, second, third = client.score("demo", [b"a", huge, b"c"])
     assert second.error is not None and second.error.code == "RESOURCE_EXHAUSTED"
-    assert first.error is None and third.error is None and (first.image, third.image) == ("0", "2")
+    assert first.error is None and third.error is None and (first.image_id, third.image_id) == ("0", "2")
     assert [len(r.images) for r in fake.requests["Score"]] == [2]
 
 
@@ -460,7 +461,7 @@ def test_score_stream_yields_in_input_order(client: Client, fake: FakeSpurguard)
     requests = fake.requests["ScoreStream"]
     assert [r.request_id for r in requests] == ["0", "1", "2", "3", "4"]
     assert all(r.model == "demo" and r.options.top == 3 and r.options.spufix == pb.PAPER for r in requests)
-    assert [r.image for r in results] == ["0", "1", "2", "3", "4"]
+    assert [r.image_id for r in results] == ["0", "1", "2", "3", "4"]
     assert results[3].error is not None and results[0].error is None and results[0].fit_id == "fit1"
 
 

@@ -17,9 +17,9 @@ from torch import nn
 from spurguard.server.backends import PreprocessConfig, TorchBackend
 from spurguard.server.engine import roc_auc, softmax
 from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput
-from spurguard.server.evaluation import run_evaluate
-from spurguard.server.fitting import FitProgress, run_fit
-from spurguard.server.guard import Guard
+from spurguard.server.serving.evaluation import run_evaluate
+from spurguard.server.serving.fitting import FitProgress, run_fit
+from spurguard.server.serving.guard import Guard
 from spurguard.server.store import Store
 
 SIZE, DIM, CLASSES, PER_CLASS, COMPONENTS = 12, 10, 3, 14, 4
@@ -175,7 +175,7 @@ def test_guard_decomposes_exactly_and_fixes(backend: TorchBackend, dataset: Path
     logits = phi @ weight.T + bias
     floor = np.percentile(alphas_ref[:, 0], 5)
     for i, result in enumerate(results):
-        assert result.class_index == k and result.image == paths[i].name
+        assert result.class_index == k and result.image_id == paths[i].name
         assert result.logit == pytest.approx(logits[i, k], rel=1e-5, abs=1e-5)
         total = result.bias_term + result.residual + sum(c.alpha for c in result.components)
         assert total == pytest.approx(result.logit, abs=1e-4)

@@ -36,11 +36,11 @@ from PIL import Image
 
 from spurguard.client import Client, FitProgress, FitSummary, SpurguardClientError
 from spurguard.server.backends import PreprocessConfig, TorchBackend, load_model
-from spurguard.server.evaluation import run_evaluate
-from spurguard.server.guard import Guard
+from spurguard.server.serving.evaluation import run_evaluate
+from spurguard.server.serving.guard import Guard
 from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc import servicer as servicer_module
-from spurguard.server.rpc.servicer import SpurguardServicer
+from spurguard.server.serving.dataplane import DataPlane
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig, SpurguardServer, build_parser, main
 from spurguard.server.store import Store
 from spurguard.v1 import spurguard_pb2 as pb
@@ -377,8 +377,8 @@ def test_bad_images_fail_alone(client: Client, fitted) -> None:  # noqa: ANN001
     batch = [good[0], ("corrupt", b"\x89PNG\r\n\x1a\nnot really"), ("empty", b""), ("huge", _huge_png()),
              ("raw", pixels), good[1]]
     results = client.score("tiny", batch)
-    assert [r.image for r in results] == ["img-3-0", "corrupt", "empty", "huge", "raw", "img-3-1"]
-    errors = {r.image: r.error for r in results if r.error is not None}
+    assert [r.image_id for r in results] == ["img-3-0", "corrupt", "empty", "huge", "raw", "img-3-1"]
+    errors = {r.image_id: r.error for r in results if r.error is not None}
     assert sorted(errors) == ["corrupt", "empty", "huge"]
     assert errors["corrupt"].code == "INVALID_ARGUMENT" and "image" in errors["corrupt"].message
     assert errors["empty"].code == "INVALID_ARGUMENT" and "empty" in errors["empty"].message
@@ -408,7 +408,7 @@ def test_score_stream_with_a_small_window_still_answers_everything(
     monkeypatch.setattr(servicer_module, "STREAM_WINDOW", 2)
     images = _images(15, 10)
     with Client(server.address, stream_timeout=30) as own:
-        assert [r.image for r in own.score_stream("tiny", images)] == [i for i, _ in images]
+        assert [r.image_id for r in own.score_stream("tiny", images)] == [i for i, _ in images]
 
 
 def test_score_stream_reports_bad_messages_per_message(client: Client, fitted) -> None:  # noqa: ANN001
@@ -482,7 +482,7 @@ def test_heavy_calls_beyond_the_cap_wait_their_turn(model_dir: Path, store_dir: 
         assert first_result.evaluation_id != second_result.evaluation_id  # each kept on its own
         assert replace(first_result, evaluation_id="") == replace(second_result, evaluation_id="")
     with pytest.raises(InvalidInput, match="max_heavy_calls must be >= 1"):
-        SpurguardServicer(None, None, None, None, None, max_heavy_calls=0)  # type: ignore[arg-type]
+        DataPlane(None, None, None, None, max_heavy_calls=0)  # type: ignore[arg-type]
 
 
 # ---- errors ----

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from spurguard.server.errors import Cancelled, InvalidInput, NotFound, PermissionDenied, ResourceExhausted
-from spurguard.server.rpc.paths import DataRoots
+from spurguard.server.serving.paths import DataRoots
 from spurguard.server.rpc.status import status_of
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 from spurguard.client import AttackFrame, AttackResult, Client, Heatmap, SpurguardClientError, TopImage
 from spurguard.server.backends import TorchBackend
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
-from spurguard.server.rpc.visualizing import MAX_COMPONENTS, MAX_STEPS
+from spurguard.server.serving.options import MAX_COMPONENTS, MAX_STEPS
 from spurguard.server.visualize.heatmap import default_gradcam_layer
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
@@ -141,16 +141,16 @@ def test_top_images_heatmaps_frames_and_the_attack_of_the_planted_component(
     tops = kinds[TopImage]
     alphas = [top.alpha for top in tops]
     assert [top.rank for top in tops] == list(range(6)) and alphas == sorted(alphas, reverse=True)
-    assert {top.image for top in tops[:PATCHED]} == set(patched_ids)  # the planted feature leads
+    assert {top.image_id for top in tops[:PATCHED]} == set(patched_ids)  # the planted feature leads
     assert min(alphas[:PATCHED]) > 10 * max(alphas[PATCHED:])
     stats = client.get_components("planted", 0, top=1).components[0]
     assert alphas[0] == pytest.approx(stats.alpha_max, rel=1e-6)
     for top in tops:  # the model's view of the file: size == resize, so the image itself
-        original = np.asarray(Image.open(root / "data" / "train" / top.image).convert("RGB"))
+        original = np.asarray(Image.open(root / "data" / "train" / top.image_id).convert("RGB"))
         assert np.abs(_pixels(top.png).astype(int) - original).max() <= 1
 
     heatmaps = kinds[Heatmap]
-    assert [(h.rank, h.image, h.alpha) for h in heatmaps] == [(t.rank, t.image, t.alpha) for t in tops]
+    assert [(h.rank, h.image_id, h.alpha) for h in heatmaps] == [(t.rank, t.image_id, t.alpha) for t in tops]
     assert {h.method for h in heatmaps} == {"integrated_gradients"}  # TorchScript: no layer to hook
     assert all(_pixels(h.png).shape == (SIZE, SIZE, 3) for h in heatmaps)
 
@@ -220,7 +220,7 @@ def test_a_vanished_fit_image_is_skipped_with_a_log_line(
     client: Client, root: Path, patched_ids: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     top = next(u for u in client.visualize("planted", 0, [0], steps=1, top_k=1) if isinstance(u, TopImage))
-    path = root / "data" / "train" / top.image
+    path = root / "data" / "train" / top.image_id
     hidden = path.with_name(path.name + ".hidden")
     path.rename(hidden)
     try:
@@ -231,7 +231,7 @@ def test_a_vanished_fit_image_is_skipped_with_a_log_line(
     assert [u.rank for u in updates if isinstance(u, TopImage)] == [1, 2]
     assert [u.rank for u in updates if isinstance(u, Heatmap)] == [1, 2]
     assert isinstance(updates[-1], AttackResult)
-    assert f"skipping fit image {top.image!r}" in caplog.text
+    assert f"skipping fit image {top.image_id!r}" in caplog.text
 
 
 # ---- errors ----

@@ -19,6 +19,7 @@ import pytest
 import safetensors.numpy
 
 import spurguard.server.store as store_pkg
+from spurguard import vocab
 from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
 from spurguard.server.store import Store
@@ -354,7 +355,7 @@ def test_labels_set_overwrite_filter_and_clear(store: Store) -> None:
 
 def test_label_validation(store: Store) -> None:
     write_fit(store, [0])
-    assert store_pkg.LABELS == ("spurious", "not_spurious", "inconsistent", "unlabeled")
+    assert vocab.LABELS == ("spurious", "not_spurious", "inconsistent", "unlabeled")  # what the store accepts
     with pytest.raises(InvalidInput, match="invalid label 'harmful'"):
         store.set_label(MODEL, DIGEST, 0, 0, "harmful")
     with pytest.raises(InvalidInput, match="invalid label"):

@@ -58,7 +58,7 @@ def hooks_left(module: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
-METHODS = [("saliency", None), ("integrated_gradients", None), ("gradcam", "down"), ("gradcam", "act")]
+METHODS = [("input_gradient", None), ("integrated_gradients", None), ("grad_cam", "down"), ("grad_cam", "act")]
 
 
 @pytest.mark.parametrize(("method", "layer"), METHODS)
@@ -96,7 +96,7 @@ def test_saliency_is_the_blurred_pixel_gradient(
     pixels = (probes * std + mean).requires_grad_()
     projection = class_projection(probe_components, backend.head()[0][PLANTED_CLASS])
     (grad,) = torch.autograd.grad(projection.alphas(backend.features_with_grad((pixels - mean) / std)).sum(), pixels)
-    heatmaps = component_heatmaps(backend, probe_components, 0, probes, method="saliency")
+    heatmaps = component_heatmaps(backend, probe_components, 0, probes, method="input_gradient")
     for heatmap, saliency in zip(heatmaps.maps, grad.abs().sum(dim=1).double().numpy()):
         expected = ndimage.gaussian_filter(saliency, sigma=2.0 * SIZE / 224, mode="nearest", truncate=3.0)
         np.testing.assert_allclose(heatmap, expected / expected.max(), rtol=1e-4, atol=1e-6)

@@ -1,9 +1,10 @@
-"""Thin spurguard client: grpcio, protobuf and numpy only (no torch, no PIL).
+"""Thin spurguard client: grpcio, protobuf and numpy only (no torch, no PIL). Its results are the
+shared vocabulary's dataclasses (spurguard.vocab), re-exported here.
 
     from spurguard.client import Client
     with Client("127.0.0.1:50051") as client:
         for result in client.score("mycnn", ["cat.jpg", "dog.png"]):
-            print(result.image, result.predictions[0].name, result.trigger)
+            print(result.image_id, result.predictions[0].name, result.trigger)
 """
 from spurguard.client.client import (
     DEFAULT_RETRIES,
@@ -15,68 +16,17 @@ from spurguard.client.client import (
     SpurguardClientError,
     tls_credentials,
 )
-from spurguard.client.types import (
-    AttackFrame,
-    AttackResult,
-    ClassComponents,
-    ClassInfo,
-    ClassScore,
-    Component,
-    ComponentAlpha,
-    ErrorInfo,
-    EvaluateProgress,
-    EvaluateResult,
-    EvaluateUpdate,
-    FitClass,
-    FitOptions,
-    FitProgress,
-    FitSummary,
-    FitUpdate,
-    Heatmap,
-    Job,
-    LabelRecord,
-    ModelInfo,
-    Prediction,
-    ScoreResult,
-    ScoreTable,
-    SpufixOutcome,
-    TopImage,
-    VisualizeUpdate,
-)
+from spurguard.vocab import *  # noqa: F403 - the result and request types are the client's API too
+from spurguard.vocab import __all__ as _vocab_names
 
 __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT_S",
     "MAX_MESSAGE_BYTES",
-    "AttackFrame",
-    "AttackResult",
-    "ClassComponents",
-    "ClassInfo",
-    "ClassScore",
     "Client",
-    "Component",
-    "ComponentAlpha",
-    "ErrorInfo",
-    "EvaluateProgress",
-    "EvaluateResult",
-    "EvaluateUpdate",
-    "FitClass",
-    "FitOptions",
-    "FitProgress",
-    "FitSummary",
-    "FitUpdate",
-    "Heatmap",
     "ImageItem",
     "ImageLike",
-    "Job",
-    "LabelRecord",
-    "ModelInfo",
-    "Prediction",
-    "ScoreResult",
-    "ScoreTable",
-    "SpufixOutcome",
     "SpurguardClientError",
-    "TopImage",
-    "VisualizeUpdate",
     "tls_credentials",
+    *_vocab_names,
 ]

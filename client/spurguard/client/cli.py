@@ -20,13 +20,13 @@ from pathlib import Path
 import grpc
 
 from spurguard.client import cli_format as fmt
-from spurguard.client import types as t
+from spurguard import vocab as t
+from spurguard.vocab import HEATMAP_METHODS, LABELS, SPUFIX_MODES
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line, score_line, visualize_line
 from spurguard.client.cli_visualize import VisualizeWriter
 from spurguard.client.client import (
     DEFAULT_SCORE_BATCH,
     DEFAULT_TIMEOUT_S,
-    HEATMAP_METHODS,
     Client,
     SpurguardClientError,
     tls_credentials,
@@ -36,8 +36,6 @@ from spurguard.client.report import DEFAULT_TOP, write_report
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "SPURGUARD_SERVER"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")  # what the server decodes (SPEC section 2)
-LABELS = ("spurious", "not_spurious", "inconsistent", "unlabeled")
-SPUFIX_MODES = ("paper", "floor")
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a call failed: the server's status code is printed
@@ -425,7 +423,7 @@ def _print(text: str) -> None:
 
 def cmd_models(args: argparse.Namespace, client: Client) -> int:
     models = client.list_models()
-    _print(fmt.json_document([fmt.model_to_dict(m) for m in models]) if args.json else fmt.models_table(models))
+    _print(fmt.json_document(models) if args.json else fmt.models_table(models))
     return EXIT_OK
 
 
@@ -470,7 +468,7 @@ def _follow(args: argparse.Namespace, client: Client, updates: Iterator[t.FitUpd
         progress.close()
     if summary is None:
         raise CliError(f"the server ended fit job {job_id}'s stream without a summary")
-    _print(fmt.json_document(fmt.fit_summary_to_dict(summary)) if args.json else fmt.fit_summary_table(summary))
+    _print(fmt.json_document(summary) if args.json else fmt.fit_summary_table(summary))
     return EXIT_OK
 
 
@@ -491,7 +489,7 @@ def cmd_fit(args: argparse.Namespace, client: Client) -> int:
         raise CliError("the server ended the fit stream before naming the job")
     job = client.get_job(first.job_id)
     if args.json:
-        _print(fmt.json_document(fmt.job_to_dict(job)))
+        _print(fmt.json_document(job))
     else:
         _print(f"fit job {job.job_id}: {job.state}; follow it with `spurguard {_server_option(args)}watch {job.job_id}`")
     return EXIT_OK
@@ -503,25 +501,25 @@ def cmd_watch(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_jobs(args: argparse.Namespace, client: Client) -> int:
     jobs = client.list_jobs(args.model)
-    _print(fmt.json_document([fmt.job_to_dict(job) for job in jobs]) if args.json else fmt.jobs_table(jobs))
+    _print(fmt.json_document(jobs) if args.json else fmt.jobs_table(jobs))
     return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
     job = client.cancel_job(args.job_id)
-    _print(fmt.json_document(fmt.job_to_dict(job)) if args.json else fmt.jobs_table([job]))
+    _print(fmt.json_document(job) if args.json else fmt.jobs_table([job]))
     return EXIT_OK
 
 
 def cmd_components(args: argparse.Namespace, client: Client) -> int:
     components = client.get_components(args.model, args.class_index, top=args.top)
-    _print(fmt.json_document(fmt.components_to_dict(components)) if args.json else fmt.components_table(components))
+    _print(fmt.json_document(components) if args.json else fmt.components_table(components))
     return EXIT_OK
 
 
 def cmd_label(args: argparse.Namespace, client: Client) -> int:
     record = client.label(args.model, args.class_index, args.component, args.label, note=args.note)
-    _print(fmt.json_document(fmt.label_to_dict(record)) if args.json else fmt.label_line(record))
+    _print(fmt.json_document(record) if args.json else fmt.label_line(record))
     return EXIT_OK
 
 
@@ -613,20 +611,7 @@ def _unreadable(path: str, error: OSError) -> t.ScoreResult:
     else:
         code = grpc.StatusCode.UNKNOWN
     reason = error.strerror or str(error)
-    return t.ScoreResult(
-        image=path,
-        error=t.ErrorInfo(code.name, f"cannot read {path}: {reason}"),
-        predictions=(),
-        class_index=-1,
-        logit=0.0,
-        bias_term=None,
-        residual=None,
-        components=(),
-        spurious_alpha=0.0,
-        trigger=False,
-        spufix=None,
-        fit_id="",
-    )
+    return t.ScoreResult.failed(path, code.name, f"cannot read {path}: {reason}")
 
 
 def _score_batch(args: argparse.Namespace, client: Client, paths: Sequence[str]) -> list[t.ScoreResult]:
@@ -664,7 +649,7 @@ def cmd_score(args: argparse.Namespace, client: Client) -> int:
             batch = _score_batch(args, client, paths[start : start + args.batch_size])
             failed += sum(result.error is not None for result in batch)
             if args.json:
-                _print("\n".join(fmt.json_line(result.to_dict()) for result in batch))
+                _print("\n".join(fmt.json_line(result) for result in batch))
             else:
                 results.extend(batch)
             progress.update(score_line(start + len(batch), len(paths), time.monotonic() - started))
@@ -674,7 +659,7 @@ def cmd_score(args: argparse.Namespace, client: Client) -> int:
         _print(fmt.score_table(results))
         for result in results:
             if result.error is not None:
-                print(f"spurguard: {result.image}: {result.error.code}: {result.error.message}", file=sys.stderr)
+                print(f"spurguard: {result.image_id}: {result.error.code}: {result.error.message}", file=sys.stderr)
     if failed:
         print(f"spurguard: {failed} of {len(paths)} images failed", file=sys.stderr)
         return EXIT_PARTIAL
@@ -702,7 +687,7 @@ def cmd_evaluate(args: argparse.Namespace, client: Client) -> int:
         progress.close()
     if result is None:
         raise CliError("the server ended the evaluate stream without a result")
-    _print(fmt.json_document(result.to_dict()) if args.json else fmt.evaluate_table(result))
+    _print(fmt.json_document(result) if args.json else fmt.evaluate_table(result))
     return EXIT_OK
 
 

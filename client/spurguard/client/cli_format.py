@@ -1,19 +1,17 @@
 """Pure formatting for the `spurguard` CLI: `--json` documents and human tables.
 
 Kept apart from argument parsing and I/O so that every output shape is testable from the
-client's dataclasses alone. JSON keys follow SPEC section 3 (the client's `to_dict()` where a
-result has one); non-finite floats become null, because NaN is not JSON (an AUC of a class
-without negatives, for example).
+vocabulary's dataclasses alone. The JSON shapes themselves are spurguard.vocab.jsonshape's.
 """
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
-from spurguard.client import types as t
+from spurguard import vocab as t
+from spurguard.vocab import to_json
 
 MISSING = "-"  # a table cell with no value
 
@@ -21,128 +19,15 @@ MISSING = "-"  # a table cell with no value
 # ---- JSON ----
 
 
-def json_safe(value: Any) -> Any:
-    """`value` with NaN and infinities replaced by None, recursively (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
 def json_document(value: Any) -> str:
-    """One indented JSON document (what a single-result command prints)."""
-    return json.dumps(json_safe(value), indent=2, allow_nan=False)
+    """One indented JSON document (what a single-result command prints): results in their
+    `--json` shape (spurguard.vocab.to_json)."""
+    return json.dumps(to_json(value), indent=2, allow_nan=False)
 
 
 def json_line(value: Any) -> str:
     """One compact JSON line (what streaming commands print, one per item)."""
-    return json.dumps(json_safe(value), separators=(",", ":"), allow_nan=False)
-
-
-def _iso(when: datetime | None) -> str | None:
-    return None if when is None else when.isoformat()
-
-
-def model_to_dict(model: t.ModelInfo) -> dict[str, Any]:
-    """A `models --json` entry; `classes` only when the server sent them (GetModel)."""
-    out: dict[str, Any] = {
-        "name": model.name,
-        "num_classes": model.num_classes,
-        "feature_dim": model.feature_dim,
-        "input_size": model.input_size,
-        "backend": model.backend,
-        "device": model.device,
-        "ready": model.ready,
-        "supports_gradients": model.supports_gradients,
-        "max_batch_size": model.max_batch_size,
-        "digest": model.digest,
-        "fit_id": model.fit_id,
-        "fitted_classes": list(model.fitted_classes),
-    }
-    if model.classes:
-        out["classes"] = [{"index": c.index, "name": c.name, "wnid": c.wnid} for c in model.classes]
-    return out
-
-
-def fit_progress_to_dict(progress: t.FitProgress) -> dict[str, Any]:
-    return {
-        "phase": progress.phase,
-        "images_done": progress.images_done,
-        "images_total": progress.images_total,
-        "classes_done": progress.classes_done,
-        "classes_total": progress.classes_total,
-        "elapsed_s": progress.elapsed_s,
-    }
-
-
-def fit_summary_to_dict(summary: t.FitSummary) -> dict[str, Any]:
-    """`fit --json`: the committed fit."""
-    return {
-        "job_id": summary.job_id,
-        "fit_id": summary.fit_id,
-        "model": summary.model,
-        "digest": summary.digest,
-        "images": summary.images,
-        "skipped_images": summary.skipped_images,
-        "classes": [
-            {"class": c.class_index, "images": c.images, "num_components": c.num_components}
-            for c in summary.classes
-        ],
-        "elapsed_s": summary.elapsed_s,
-    }
-
-
-def job_to_dict(job: t.Job) -> dict[str, Any]:
-    """`jobs --json` entries, and what `cancel` and `fit --detach` print."""
-    request = job.request
-    return {
-        "job_id": job.job_id,
-        "model": job.model,
-        "state": job.state,
-        "request": {
-            "model": request.model,
-            "dataset": request.dataset,
-            "classes": list(request.classes),
-            "num_components": request.num_components,
-            "batch_size": request.batch_size,
-            "extend": request.extend,
-        },
-        "progress": None if job.progress is None else fit_progress_to_dict(job.progress),
-        "summary": None if job.summary is None else fit_summary_to_dict(job.summary),
-        "error": None if job.error is None else {"code": job.error.code, "message": job.error.message},
-        "created": _iso(job.created),
-        "updated": _iso(job.updated),
-    }
-
-
-def label_to_dict(record: t.LabelRecord) -> dict[str, Any]:
-    """`label --json`: the stored label."""
-    return {
-        "model": record.model,
-        "fit_id": record.fit_id,
-        "class": record.class_index,
-        "component": record.component,
-        "label": record.label,
-        "note": record.note,
-        "updated": _iso(record.updated),
-    }
-
-
-def components_to_dict(components: t.ClassComponents) -> dict[str, Any]:
-    """`components --json`: SPEC's {model, class, images, components}, plus the fit's context."""
-    out = components.to_dict()
-    for entry, component in zip(out["components"], components.components):
-        entry["note"] = component.note
-    out.update(
-        fit_id=components.fit_id,
-        num_components=components.num_components,
-        floor_percentile=components.floor_percentile,
-        bias_term=components.bias_term,
-    )
-    return out
+    return json.dumps(to_json(value), separators=(",", ":"), allow_nan=False)
 
 
 # ---- tables ----
@@ -214,7 +99,7 @@ def models_table(models: Sequence[t.ModelInfo]) -> str:
     return render_table(headers, rows, right=(1, 2, 3))
 
 
-def components_table(components: t.ClassComponents) -> str:
+def components_table(components: t.Components) -> str:
     head = (
         f"model {components.model}  class {components.class_index}  fit {components.fit_id}  "
         f"images {components.images}  components {components.num_components}  "
@@ -293,12 +178,12 @@ def score_table(results: Sequence[t.ScoreResult]) -> str:
     rows = []
     for r in results:
         if r.error is not None:
-            rows.append([r.image, f"error: {r.error.code}"] + [MISSING] * 4)
+            rows.append([r.image_id, f"error: {r.error.code}"] + [MISSING] * 4)
             continue
         top = r.predictions[0] if r.predictions else None
         rows.append(
             [
-                r.image,
+                r.image_id,
                 MISSING if top is None else top.name,
                 MISSING if top is None else fraction(top.prob),
                 "yes" if r.trigger else "no",

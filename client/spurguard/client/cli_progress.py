@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from spurguard.client import types as t
+from spurguard import vocab as t
 
 BAR_WIDTH = 20
 
@@ -59,7 +59,7 @@ def visualize_line(update: t.VisualizeUpdate) -> str:
     """What just arrived from a Visualize stream."""
     head = f"visualize component {update.component}:"
     if isinstance(update, t.TopImage):
-        return f"{head} top image {update.rank} alpha {update.alpha:.4g} ({update.image})"
+        return f"{head} top image {update.rank} alpha {update.alpha:.4g} ({update.image_id})"
     if isinstance(update, t.Heatmap):
         return f"{head} heatmap {update.rank} ({update.method})"
     if isinstance(update, t.AttackFrame):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spurguard.client import types as t
+from spurguard import vocab as t
 
 
 def png_path(out: Path, class_index: int, update: t.VisualizeUpdate) -> Path:
@@ -50,15 +50,17 @@ class VisualizeWriter:
                 "final_alpha": None,
                 "final_prob": None,
                 "steps": None,
+                "eps": None,
                 "attack_image": None,
                 "frames": [],
             },
         )
         if isinstance(update, (t.TopImage, t.Heatmap)):
             ranks = self._top_images.setdefault(update.component, {})
-            top = ranks.setdefault(
-                update.rank, {"image": update.image, "alpha": update.alpha, "heatmap": None, "heatmap_method": None, "png": None}
-            )
+            top = ranks.setdefault(update.rank, {
+                "image": update.path, "image_id": update.image_id, "alpha": update.alpha,
+                "heatmap": None, "heatmap_method": None, "png": None,
+            })
             if isinstance(update, t.Heatmap):
                 top.update(heatmap=str(path), heatmap_method=update.method)
             else:
@@ -71,14 +73,16 @@ class VisualizeWriter:
                 final_alpha=update.final_alpha,
                 final_prob=update.final_prob,
                 steps=update.steps,
+                eps=update.eps,
                 attack_image=str(path),
             )
         return path
 
     def summary(self, model: str) -> dict[str, Any]:
         """`visualize --json`: {model, class, components: [{index, start_alpha, final_alpha,
-        final_prob, attack_image, top_images: [{image, alpha, heatmap}]}]}; `png` (the top image's
-        copy), `heatmap_method`, `steps` and `frames` are extra keys."""
+        final_prob, attack_image, top_images: [{image, alpha, heatmap}]}]}, `image` the fit image's
+        path as the server read it; `image_id` (relative to the fit's dataset), `png` (the top
+        image's copy), `heatmap_method`, `steps`, `eps` and `frames` are extra keys."""
         components = []
         for index, entry in self._components.items():
             ranks = self._top_images.get(index, {})

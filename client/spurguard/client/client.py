@@ -16,16 +16,15 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import grpc
 import numpy as np
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from spurguard.client import types as t
+from spurguard import vocab as t
 from spurguard.v1 import spurguard_pb2 as pb
+from spurguard.wire import from_message, from_update, to_message
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:  # for the annotation only: PIL is never imported at run time
@@ -46,15 +45,6 @@ ImageItem = Union[ImageLike, tuple[str, ImageLike]]
 
 _T = TypeVar("_T")
 _M = TypeVar("_M")
-_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-_HEATMAPS = {
-    None: pb.HEATMAP_DEFAULT,
-    "grad_cam": pb.GRAD_CAM,
-    "integrated_gradients": pb.INTEGRATED_GRADIENTS,
-    "input_gradient": pb.INPUT_GRADIENT,
-    "none": pb.HEATMAP_NONE,
-}
-HEATMAP_METHODS = tuple(name for name in _HEATMAPS if name is not None)  # what `heatmap=` takes
 
 
 class SpurguardClientError(Exception):
@@ -166,11 +156,12 @@ class Client:
     def list_models(self) -> list[t.ModelInfo]:
         """Every loaded model (without class names)."""
         response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), idempotent=True)
-        return [_model(m) for m in response.models]
+        return [from_message(m, t.ModelInfo) for m in response.models]
 
     def get_model(self, model: str) -> t.ModelInfo:
         """One model, with its class names and fit state."""
-        return _model(self._unary(self._stub.GetModel, pb.GetModelRequest(model=model), idempotent=True))
+        info = self._unary(self._stub.GetModel, pb.GetModelRequest(model=model), idempotent=True)
+        return from_message(info, t.ModelInfo)
 
     # ---- fit jobs ----
 
@@ -189,15 +180,7 @@ class Client:
 
         The job keeps running if the iteration stops; follow it again with `watch_job`.
         """
-        request = pb.FitRequest(
-            model=model,
-            dataset=dataset,
-            classes=list(classes),
-            num_components=num_components,
-            batch_size=batch_size,
-            job_id=job_id,
-            extend=extend,
-        )
+        request = to_message(t.FitRequest(model, dataset, tuple(classes), num_components, batch_size, job_id, extend))
         return self._stream(self._stub.Fit(request, timeout=self.stream_timeout), _fit_update)
 
     def watch_job(self, job_id: str) -> Iterator[t.FitUpdate]:
@@ -206,15 +189,17 @@ class Client:
         return self._stream(call, _fit_update)
 
     def get_job(self, job_id: str) -> t.Job:
-        return _job(self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), idempotent=True))
+        job = self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), idempotent=True)
+        return from_message(job, t.Job)
 
     def list_jobs(self, model: str | None = None) -> list[t.Job]:
         """Running and recently finished jobs, newest first."""
         response = self._unary(self._stub.ListJobs, pb.ListJobsRequest(model=model), idempotent=True)
-        return [_job(j) for j in response.jobs]
+        return [from_message(j, t.Job) for j in response.jobs]
 
     def cancel_job(self, job_id: str) -> t.Job:
-        return _job(self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), idempotent=False))
+        job = self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), idempotent=False)
+        return from_message(job, t.Job)
 
     # ---- components and labels ----
 
@@ -226,51 +211,37 @@ class Client:
         top: int | None = None,
         include_vectors: bool = False,
         fit_id: str | None = None,
-    ) -> t.ClassComponents:
+    ) -> t.Components:
         """One class's components (the first `top`, or all), with vectors only if asked."""
-        request = pb.GetComponentsRequest(
-            model=model, class_index=class_index, top=top, include_vectors=include_vectors, fit_id=fit_id
-        )
-        return _components(self._unary(self._stub.GetComponents, request, idempotent=True))
+        request = to_message(t.GetComponentsRequest(model, class_index, top, include_vectors, fit_id))
+        return from_message(self._unary(self._stub.GetComponents, request, idempotent=True), t.Components)
 
     def label(
         self,
         model: str,
         class_index: int,
         component: int,
-        label: str,
+        label: t.LabelName,
         *,
         note: str = "",
         fit_id: str | None = None,
     ) -> t.LabelRecord:
         """Label a component "spurious", "not_spurious", "inconsistent" or "unlabeled" (clears)."""
-        request = pb.LabelRequest(
-            model=model,
-            class_index=class_index,
-            component=component,
-            label=_label_value(label),
-            note=note,
-            fit_id=fit_id,
-        )
-        return _label_record(self._unary(self._stub.Label, request, idempotent=False))
+        request = to_message(t.LabelRequest(model, class_index, component, label, note, fit_id))
+        return from_message(self._unary(self._stub.Label, request, idempotent=False), t.LabelRecord)
 
     def list_labels(
         self,
         model: str,
         *,
         class_index: int | None = None,
-        label: str | None = None,
+        label: t.LabelName | None = None,
         fit_id: str | None = None,
     ) -> list[t.LabelRecord]:
         """Labels of a fit; `label="unlabeled"` lists the components nobody labelled yet."""
-        request = pb.ListLabelsRequest(
-            model=model,
-            class_index=class_index,
-            label=None if label is None else _label_value(label),
-            fit_id=fit_id,
-        )
+        request = to_message(t.ListLabelsRequest(model, class_index, label, fit_id))
         response = self._unary(self._stub.ListLabels, request, idempotent=True)
-        return [_label_record(r) for r in response.labels]
+        return [from_message(r, t.LabelRecord) for r in response.labels]
 
     # ---- visualize ----
 
@@ -285,7 +256,7 @@ class Client:
         frame_every: int | None = None,
         top_k: int | None = None,
         seed: int | None = None,
-        heatmap: str | None = None,
+        heatmap: t.HeatmapMethodName | None = None,
         heatmap_layer: str | None = None,
         fit_id: str | None = None,
     ) -> Iterator[t.VisualizeUpdate]:
@@ -295,22 +266,11 @@ class Client:
         "integrated_gradients", "input_gradient", "none", or None for the server default.
         `heatmap_layer`: the feature map Grad-CAM uses (a submodule name); None: the last spatial one.
         """
-        if heatmap not in _HEATMAPS:
-            raise ValueError(f"heatmap must be one of {list(HEATMAP_METHODS)} or None, got {heatmap!r}")
-        request = pb.VisualizeRequest(
-            model=model,
-            class_index=class_index,
-            components=list(components),
-            steps=steps,
-            eps=eps,
-            frame_every=frame_every,
-            top_k=top_k,
-            seed=seed,
-            heatmap=_HEATMAPS[heatmap],
-            heatmap_layer=heatmap_layer,
-            fit_id=fit_id,
-        )
-        return self._stream(self._stub.Visualize(request, timeout=self.stream_timeout), _visualize_update)
+        request = to_message(t.VisualizeRequest(
+            model, class_index, tuple(components), steps, eps, frame_every, top_k, seed, heatmap, fit_id, heatmap_layer
+        ))
+        call = self._stub.Visualize(request, timeout=self.stream_timeout)
+        return self._stream(call, lambda update: from_update(update, t.VisualizeUpdate))
 
     # ---- score ----
 
@@ -321,7 +281,7 @@ class Client:
         *,
         class_index: int | None = None,
         top: int | None = None,
-        spufix: str | None = None,
+        spufix: t.SpufixModeName | None = None,
         batch_size: int = DEFAULT_SCORE_BATCH,
     ) -> list[t.ScoreResult]:
         """Score images (any number): sent `batch_size` at a time within the message limit.
@@ -331,7 +291,7 @@ class Client:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        options = _score_options(class_index, top, spufix)
+        options = to_message(t.ScoreOptions(class_index, top, spufix))
         budget = MAX_MESSAGE_BYTES - _ENVELOPE_BYTES
         results: list[t.ScoreResult] = []
         pending: list[pb.Image | t.ScoreResult] = []  # in input order; results stand for local failures
@@ -349,7 +309,7 @@ class Client:
                         grpc.StatusCode.INTERNAL,
                         f"server returned {len(response.results)} results for {len(sent)} images",
                     )
-                replies = (_score_result(r, response.fit_id) for r in response.results)
+                replies = (from_message(r, t.ScoreResult) for r in response.results)
             results.extend(slot if isinstance(slot, t.ScoreResult) else next(replies) for slot in pending)
             pending.clear()
             sent_count = pending_bytes = 0
@@ -375,13 +335,13 @@ class Client:
         *,
         class_index: int | None = None,
         top: int | None = None,
-        spufix: str | None = None,
+        spufix: t.SpufixModeName | None = None,
     ) -> Iterator[t.ScoreResult]:
         """Score a (possibly endless) iterable over one bidirectional stream; results in input order.
 
         Images are read lazily as the stream has room, so memory stays bounded by what is in flight.
         """
-        options = _score_options(class_index, top, spufix)
+        options = to_message(t.ScoreOptions(class_index, top, spufix))
         local_failure: list[BaseException] = []
 
         def requests() -> Iterator[pb.ScoreStreamRequest]:
@@ -395,7 +355,7 @@ class Client:
                 raise
 
         call = self._stub.ScoreStream(requests(), timeout=self.stream_timeout)
-        replies = self._stream(call, lambda r: (int(r.request_id), _score_result(r.result, r.fit_id)))
+        replies = self._stream(call, lambda r: (int(r.request_id), from_message(r.result, t.ScoreResult)))
         return _in_order(replies, local_failure)
 
     # ---- evaluate ----
@@ -406,20 +366,14 @@ class Client:
         clean: str,
         spurious: str,
         *,
-        spufix: str | None = None,
+        spufix: t.SpufixModeName | None = None,
         classes: Iterable[int] = (),
         batch_size: int | None = None,
     ) -> Iterator[t.EvaluateUpdate]:
         """The spurious score benchmark on server-side folders: EvaluateProgress, then EvaluateResult."""
-        request = pb.EvaluateRequest(
-            model=model,
-            clean=clean,
-            spurious=spurious,
-            spufix=_spufix_value(spufix),
-            classes=list(classes),
-            batch_size=batch_size,
-        )
-        return self._stream(self._stub.Evaluate(request, timeout=self.stream_timeout), _evaluate_update)
+        request = to_message(t.EvaluateRequest(model, clean, spurious, spufix, tuple(classes), batch_size))
+        call = self._stub.Evaluate(request, timeout=self.stream_timeout)
+        return self._stream(call, lambda update: from_update(update, t.EvaluateUpdate))
 
 
 # ---- stream ordering ----
@@ -449,25 +403,7 @@ def _in_order(replies: Iterator[tuple[int, _T]], local_failure: list[BaseExcepti
         )
 
 
-# ---- requests from Python values ----
-
-
-def _enum_value(enum: Any, name: str, what: str, allowed: Sequence[str]) -> int:
-    if name not in allowed:
-        raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {name!r}")
-    return int(enum.Value(name.upper()))
-
-
-def _label_value(label: str) -> int:
-    return _enum_value(pb.ComponentLabel, label, "label", ("spurious", "not_spurious", "inconsistent", "unlabeled"))
-
-
-def _spufix_value(mode: str | None) -> int:
-    return pb.SPUFIX_MODE_DEFAULT if mode is None else _enum_value(pb.SpufixMode, mode, "spufix", ("paper", "floor"))
-
-
-def _score_options(class_index: int | None, top: int | None, spufix: str | None) -> pb.ScoreOptions:
-    return pb.ScoreOptions(class_index=class_index, top=top, spufix=_spufix_value(spufix))
+# ---- images ----
 
 
 def _is_pil_image(value: object) -> bool:
@@ -517,232 +453,10 @@ def _image(item: ImageItem, default_id: str) -> pb.Image:
 
 def _too_large(image_id: str, size: int, budget: int) -> t.ScoreResult:
     message = f"image is {size} bytes encoded, over the {budget}-byte request budget; downscale it"
-    return _failed(image_id, t.ErrorInfo(grpc.StatusCode.RESOURCE_EXHAUSTED.name, message))
-
-
-# ---- results from messages ----
-
-
-def _name(enum: Any, value: int) -> str:
-    return str(enum.Name(value)).lower()
-
-
-def _optional(message: Any, field: str) -> Any:
-    return getattr(message, field) if message.HasField(field) else None
-
-
-def _time(stamp: Timestamp, present: bool) -> datetime | None:
-    return stamp.ToDatetime(tzinfo=timezone.utc) if present else None
-
-
-def _error(status: pb.ErrorStatus) -> t.ErrorInfo:
-    return t.ErrorInfo(_STATUS_NAMES.get(status.code, f"CODE_{status.code}"), status.message)
-
-
-def _tensor(tensor: pb.Tensor) -> np.ndarray:
-    shape = tuple(int(n) for n in tensor.shape)
-    if len(tensor.data) != 4 * int(np.prod(shape, dtype=np.int64)):
-        raise SpurguardClientError(
-            grpc.StatusCode.INTERNAL, f"tensor of shape {shape} has {len(tensor.data)} bytes"
-        )
-    return np.frombuffer(tensor.data, dtype="<f4").astype(np.float32).reshape(shape)
-
-
-def _model(m: pb.ModelInfo) -> t.ModelInfo:
-    return t.ModelInfo(
-        name=m.name,
-        backend=m.backend,
-        device=m.device,
-        num_classes=m.num_classes,
-        feature_dim=m.feature_dim,
-        input_size=m.input_size,
-        digest=m.digest,
-        ready=m.ready,
-        supports_gradients=m.supports_gradients,
-        fit_id=_optional(m, "fit_id"),
-        fitted_classes=tuple(m.fitted_classes),
-        max_batch_size=m.max_batch_size,
-        classes=tuple(t.ClassInfo(c.index, c.name, _optional(c, "wnid")) for c in m.classes),
-    )
-
-
-def _fit_progress(job_id: str, p: pb.FitProgress) -> t.FitProgress:
-    return t.FitProgress(
-        job_id, p.phase, p.images_done, p.images_total, p.classes_done, p.classes_total, p.elapsed_s
-    )
-
-
-def _fit_summary(job_id: str, s: pb.FitSummary) -> t.FitSummary:
-    return t.FitSummary(
-        job_id=job_id,
-        fit_id=s.fit_id,
-        model=s.model,
-        digest=s.digest,
-        images=s.images,
-        skipped_images=s.skipped_images,
-        classes=tuple(t.FitClass(c.class_index, c.images, c.num_components) for c in s.classes),
-        elapsed_s=s.elapsed_s,
-    )
+    return t.ScoreResult.failed(image_id, grpc.StatusCode.RESOURCE_EXHAUSTED.name, message)
 
 
 def _fit_update(update: pb.FitUpdate) -> t.FitUpdate:
-    kind = update.WhichOneof("update")
-    if kind == "progress":
-        return _fit_progress(update.job_id, update.progress)
-    if kind == "summary":
-        return _fit_summary(update.job_id, update.summary)
-    raise SpurguardClientError(grpc.StatusCode.INTERNAL, "fit update without progress or summary")
+    return from_update(update, t.FitUpdate)  # type: ignore[no-any-return]
 
 
-def _job(j: pb.Job) -> t.Job:
-    r = j.request
-    request = t.FitOptions(
-        model=r.model,
-        dataset=r.dataset,
-        classes=tuple(r.classes),
-        num_components=_optional(r, "num_components"),
-        batch_size=_optional(r, "batch_size"),
-        job_id=_optional(r, "job_id"),
-        extend=r.extend,
-    )
-    return t.Job(
-        job_id=j.job_id,
-        model=j.model,
-        state=_name(pb.JobState, j.state),
-        request=request,
-        progress=_fit_progress(j.job_id, j.progress) if j.HasField("progress") else None,
-        summary=_fit_summary(j.job_id, j.summary) if j.HasField("summary") else None,
-        error=_error(j.error) if j.HasField("error") else None,
-        created=_time(j.created, j.HasField("created")),
-        updated=_time(j.updated, j.HasField("updated")),
-    )
-
-
-def _components(r: pb.GetComponentsResponse) -> t.ClassComponents:
-    return t.ClassComponents(
-        model=r.model,
-        class_index=r.class_index,
-        fit_id=r.fit_id,
-        images=r.images,
-        num_components=r.num_components,
-        floor_percentile=r.floor_percentile,
-        bias_term=r.bias_term,
-        components=tuple(
-            t.Component(
-                index=c.index,
-                eigenvalue=c.eigenvalue,
-                explained_variance=c.explained_variance,
-                alpha_mean=c.alpha_mean,
-                alpha_floor=c.alpha_floor,
-                alpha_max=c.alpha_max,
-                label=_name(pb.ComponentLabel, c.label),
-                note=c.note,
-            )
-            for c in r.components
-        ),
-        vectors=_tensor(r.vectors) if r.HasField("vectors") else None,
-        mean=_tensor(r.mean) if r.HasField("mean") else None,
-    )
-
-
-def _label_record(r: pb.LabelRecord) -> t.LabelRecord:
-    return t.LabelRecord(
-        model=r.model,
-        fit_id=r.fit_id,
-        class_index=r.class_index,
-        component=r.component,
-        label=_name(pb.ComponentLabel, r.label),
-        note=r.note,
-        updated=_time(r.updated, r.HasField("updated")),
-    )
-
-
-def _visualize_update(u: pb.VisualizeUpdate) -> t.VisualizeUpdate:
-    kind = u.WhichOneof("update")
-    if kind == "top_image":
-        x = u.top_image
-        return t.TopImage(u.component, x.rank, x.image_id, x.alpha, x.png.data)
-    if kind == "heatmap":
-        h = u.heatmap
-        return t.Heatmap(u.component, h.rank, h.image_id, h.alpha, _name(pb.HeatmapMethod, h.method), h.png.data)
-    if kind == "frame":
-        f = u.frame
-        return t.AttackFrame(u.component, f.step, f.alpha, f.prob, f.png.data)
-    if kind == "result":
-        a = u.result
-        return t.AttackResult(u.component, a.start_alpha, a.final_alpha, a.final_prob, a.steps, a.png.data)
-    raise SpurguardClientError(grpc.StatusCode.INTERNAL, "visualize update without content")
-
-
-def _predictions(predictions: Iterable[pb.Prediction]) -> tuple[t.Prediction, ...]:
-    return tuple(t.Prediction(p.class_index, p.name, p.prob, p.logit) for p in predictions)
-
-
-def _failed(image_id: str, error: t.ErrorInfo) -> t.ScoreResult:
-    return t.ScoreResult(image_id, error, (), -1, 0.0, None, None, (), 0.0, False, None, "")
-
-
-def _score_result(r: pb.ScoreResult, fit_id: str) -> t.ScoreResult:
-    if r.HasField("error"):
-        return _failed(r.image_id, _error(r.error))
-    spufix = None
-    if r.HasField("spufix"):
-        mode = _name(pb.SpufixMode, r.spufix.mode)
-        spufix = t.SpufixOutcome(mode, r.spufix.logit, _predictions(r.spufix.predictions))
-    return t.ScoreResult(
-        image=r.image_id,
-        error=None,
-        predictions=_predictions(r.predictions),
-        class_index=r.class_index,
-        logit=r.logit,
-        bias_term=_optional(r, "bias_term"),
-        residual=_optional(r, "residual"),
-        components=tuple(t.ComponentAlpha(c.index, c.alpha, _name(pb.ComponentLabel, c.label)) for c in r.components),
-        spurious_alpha=r.spurious_alpha,
-        trigger=r.trigger,
-        spufix=spufix,
-        fit_id=fit_id,
-    )
-
-
-def _score_table(s: pb.ScoreTable) -> t.ScoreTable:
-    return t.ScoreTable(
-        mean_auc=s.mean_auc,
-        mean_ap=s.mean_ap,
-        classes=tuple(
-            t.ClassScore(
-                c.class_index,
-                c.auc,
-                c.ap,
-                c.clean_mean_prob,
-                c.spurious_mean_prob,
-                c.clean_frac_predicted,
-                c.spurious_frac_predicted,
-            )
-            for c in s.classes
-        ),
-        clean_accuracy=s.clean_accuracy,
-        spurious_frac_predicted=s.spurious_frac_predicted,
-    )
-
-
-def _evaluate_update(u: pb.EvaluateUpdate) -> t.EvaluateUpdate:
-    kind = u.WhichOneof("update")
-    if kind == "progress":
-        p = u.progress
-        return t.EvaluateProgress(p.phase, p.images_done, p.images_total, p.elapsed_s)
-    if kind == "result":
-        r = u.result
-        fixed = r.HasField("spufix")
-        return t.EvaluateResult(
-            model=r.model,
-            fit_id=r.fit_id,
-            baseline=_score_table(r.baseline),
-            spufix=_score_table(r.spufix) if fixed else None,
-            spufix_mode=_name(pb.SpufixMode, r.spufix_mode) if fixed else None,
-            clean_images=r.clean_images,
-            spurious_images=r.spurious_images,
-            skipped_images=r.skipped_images,
-            evaluation_id=r.evaluation_id,
-        )
-    raise SpurguardClientError(grpc.StatusCode.INTERNAL, "evaluate update without progress or result")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from spurguard.client import types as t
+from spurguard import vocab as t
 from spurguard.client.cli_format import fraction, number
 from spurguard.client.cli_progress import visualize_line
 from spurguard.client.cli_visualize import VisualizeWriter
@@ -172,7 +172,7 @@ class ReportWriter:
     # ---- HTML ----
 
     def _class_page(
-        self, components: t.ClassComponents, shown: dict[int, dict[str, Any]], eps: float | None, layer: str | None
+        self, components: t.Components, shown: dict[int, dict[str, Any]], eps: float | None, layer: str | None
     ) -> str:
         k, model = components.class_index, self.info.name
         title = f"{model} — class {k}: {class_name(self.info, k)}"

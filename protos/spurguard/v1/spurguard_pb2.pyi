@@ -439,30 +439,34 @@ class VisualizeUpdate(_message.Message):
     def __init__(self, component: _Optional[int] = ..., top_image: _Optional[_Union[TopImage, _Mapping]] = ..., heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., frame: _Optional[_Union[AttackFrame, _Mapping]] = ..., result: _Optional[_Union[AttackResult, _Mapping]] = ...) -> None: ...
 
 class TopImage(_message.Message):
-    __slots__ = ("rank", "image_id", "alpha", "png")
+    __slots__ = ("rank", "image_id", "alpha", "png", "path")
     RANK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     rank: int
     image_id: str
     alpha: float
     png: PngImage
-    def __init__(self, rank: _Optional[int] = ..., image_id: _Optional[str] = ..., alpha: _Optional[float] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ...) -> None: ...
+    path: str
+    def __init__(self, rank: _Optional[int] = ..., image_id: _Optional[str] = ..., alpha: _Optional[float] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ..., path: _Optional[str] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("rank", "image_id", "alpha", "method", "png")
+    __slots__ = ("rank", "image_id", "alpha", "method", "png", "path")
     RANK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     rank: int
     image_id: str
     alpha: float
     method: HeatmapMethod
     png: PngImage
-    def __init__(self, rank: _Optional[int] = ..., image_id: _Optional[str] = ..., alpha: _Optional[float] = ..., method: _Optional[_Union[HeatmapMethod, str]] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ...) -> None: ...
+    path: str
+    def __init__(self, rank: _Optional[int] = ..., image_id: _Optional[str] = ..., alpha: _Optional[float] = ..., method: _Optional[_Union[HeatmapMethod, str]] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ..., path: _Optional[str] = ...) -> None: ...
 
 class AttackFrame(_message.Message):
     __slots__ = ("step", "alpha", "prob", "png")
@@ -477,18 +481,20 @@ class AttackFrame(_message.Message):
     def __init__(self, step: _Optional[int] = ..., alpha: _Optional[float] = ..., prob: _Optional[float] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ...) -> None: ...
 
 class AttackResult(_message.Message):
-    __slots__ = ("start_alpha", "final_alpha", "final_prob", "steps", "png")
+    __slots__ = ("start_alpha", "final_alpha", "final_prob", "steps", "png", "eps")
     START_ALPHA_FIELD_NUMBER: _ClassVar[int]
     FINAL_ALPHA_FIELD_NUMBER: _ClassVar[int]
     FINAL_PROB_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
     start_alpha: float
     final_alpha: float
     final_prob: float
     steps: int
     png: PngImage
-    def __init__(self, start_alpha: _Optional[float] = ..., final_alpha: _Optional[float] = ..., final_prob: _Optional[float] = ..., steps: _Optional[int] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ...) -> None: ...
+    eps: float
+    def __init__(self, start_alpha: _Optional[float] = ..., final_alpha: _Optional[float] = ..., final_prob: _Optional[float] = ..., steps: _Optional[int] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ..., eps: _Optional[float] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
     __slots__ = ("class_index", "top", "spufix")
@@ -511,12 +517,10 @@ class ScoreRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("results", "fit_id")
+    __slots__ = ("results",)
     RESULTS_FIELD_NUMBER: _ClassVar[int]
-    FIT_ID_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
-    fit_id: str
-    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., fit_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "name", "prob", "logit")
@@ -551,7 +555,7 @@ class SpufixResult(_message.Message):
     def __init__(self, mode: _Optional[_Union[SpufixMode, str]] = ..., logit: _Optional[float] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("image_id", "error", "predictions", "class_index", "logit", "bias_term", "residual", "components", "spurious_alpha", "trigger", "spufix")
+    __slots__ = ("image_id", "error", "predictions", "class_index", "logit", "bias_term", "residual", "components", "spurious_alpha", "trigger", "spufix", "fit_id")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -563,6 +567,7 @@ class ScoreResult(_message.Message):
     SPURIOUS_ALPHA_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
     SPUFIX_FIELD_NUMBER: _ClassVar[int]
+    FIT_ID_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     error: ErrorStatus
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
@@ -574,7 +579,8 @@ class ScoreResult(_message.Message):
     spurious_alpha: float
     trigger: bool
     spufix: SpufixResult
-    def __init__(self, image_id: _Optional[str] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., class_index: _Optional[int] = ..., logit: _Optional[float] = ..., bias_term: _Optional[float] = ..., residual: _Optional[float] = ..., components: _Optional[_Iterable[_Union[ComponentAlpha, _Mapping]]] = ..., spurious_alpha: _Optional[float] = ..., trigger: _Optional[bool] = ..., spufix: _Optional[_Union[SpufixResult, _Mapping]] = ...) -> None: ...
+    fit_id: str
+    def __init__(self, image_id: _Optional[str] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., class_index: _Optional[int] = ..., logit: _Optional[float] = ..., bias_term: _Optional[float] = ..., residual: _Optional[float] = ..., components: _Optional[_Iterable[_Union[ComponentAlpha, _Mapping]]] = ..., spurious_alpha: _Optional[float] = ..., trigger: _Optional[bool] = ..., spufix: _Optional[_Union[SpufixResult, _Mapping]] = ..., fit_id: _Optional[str] = ...) -> None: ...
 
 class ScoreStreamRequest(_message.Message):
     __slots__ = ("request_id", "model", "image", "options")
@@ -589,14 +595,12 @@ class ScoreStreamRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
 
 class ScoreStreamResponse(_message.Message):
-    __slots__ = ("request_id", "result", "fit_id")
+    __slots__ = ("request_id", "result")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
-    FIT_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     result: ScoreResult
-    fit_id: str
-    def __init__(self, request_id: _Optional[str] = ..., result: _Optional[_Union[ScoreResult, _Mapping]] = ..., fit_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., result: _Optional[_Union[ScoreResult, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("model", "clean", "spurious", "spufix", "classes", "batch_size")

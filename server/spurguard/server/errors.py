@@ -1,9 +1,15 @@
 """Typed errors of the server side, each carrying the gRPC status code it maps to.
 
-The engine, backends and store raise these and never import grpc; the rpc layer maps
-`error.code` (a `grpc.StatusCode` member name) to the status in one place.
+The engine, backends and store raise these and never import grpc; `error_status` turns any
+exception into the status a client sees (the rpc layer only maps its code name to grpc's).
 """
 from __future__ import annotations
+
+import logging
+
+from spurguard.vocab import ErrorStatus
+
+log = logging.getLogger("spurguard.server")
 
 
 class SpurguardError(Exception):
@@ -52,3 +58,30 @@ class Cancelled(SpurguardError):
     """A job stopped on request (CancelJob, a client gone, server shutdown); its state is kept."""
 
     code = "CANCELLED"
+
+
+MAX_MESSAGE_CHARS = 1000
+
+
+def first_line(text: str) -> str:
+    """First non-empty line, capped: messages are for people, not for dumping state."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def exception_line(error: BaseException) -> str:
+    """A third-party exception inside one of ours: its type and the first line of its message."""
+    line = first_line(str(error))
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def error_status(error: BaseException, where: str) -> ErrorStatus:
+    """What a client sees of `error`: a typed error keeps its code and message; anything else is
+    INTERNAL with a short message, its traceback logged (`where`: the RPC or job) but never sent.
+
+    The one mapping from exceptions to statuses: every RPC, per-image error and job error uses it.
+    """
+    if isinstance(error, SpurguardError):
+        return ErrorStatus(error.code, first_line(str(error)) or error.code.lower())
+    log.error("%s: unexpected %s", where, type(error).__name__, exc_info=error)
+    return ErrorStatus("INTERNAL", f"internal error in {where} ({type(error).__name__}); see the server log")

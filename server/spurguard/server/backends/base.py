@@ -20,12 +20,6 @@ ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image]
 INTERPOLATIONS = ("bicubic", "bilinear")
 
 
-def one_line(error: BaseException) -> str:
-    """An exception as one line for a client: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
-
-
 @dataclass(frozen=True)
 class ImageLimits:
     """Caps on one input image; over a cap is RESOURCE_EXHAUSTED, checked before decoding.

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig, one_line
-from spurguard.server.errors import InvalidInput, ResourceExhausted, SpurguardError
+from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig
+from spurguard.server.errors import InvalidInput, ResourceExhausted, SpurguardError, exception_line
 
 # PIL warns between MAX_IMAGE_PIXELS and twice that, and raises above. The warning is made an
 # exception process-wide (warnings.catch_warnings() would scope it but is not thread-safe, and
@@ -100,7 +100,7 @@ def decode_image(data: bytes | bytearray | memoryview, limits: ImageLimits = DEF
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ResourceExhausted(f"image rejected as a decompression bomb: {error}") from None
     except Exception as error:  # noqa: BLE001 - any decoder failure on untrusted bytes is bad input
-        raise InvalidInput(f"corrupt or truncated image: {one_line(error)}") from None
+        raise InvalidInput(f"corrupt or truncated image: {exception_line(error)}") from None
 
 
 def array_to_rgb(array: np.ndarray, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
@@ -124,7 +124,7 @@ def load_rgb(image: ImageInput, limits: ImageLimits = DEFAULT_LIMITS) -> Image.I
         try:
             return to_rgb(image)
         except Exception as error:  # noqa: BLE001 - a lazily loaded PIL image may be corrupt
-            raise InvalidInput(f"cannot convert image to RGB: {one_line(error)}") from None
+            raise InvalidInput(f"cannot convert image to RGB: {exception_line(error)}") from None
     raise InvalidInput(
         f"unsupported image type {type(image).__name__}: expected encoded bytes, a uint8 array or a PIL image"
     )

@@ -24,11 +24,10 @@ from spurguard.server.backends.base import (
     INTERPOLATIONS,
     ImageLimits,
     PreprocessConfig,
-    one_line,
 )
 from spurguard.server.backends.device import resolve_device
 from spurguard.server.backends.torch_backend import TorchBackend
-from spurguard.server.errors import InvalidInput, NotFound
+from spurguard.server.errors import InvalidInput, NotFound, exception_line
 
 MODEL_TOML = "model.toml"
 _TOP_KEYS = {"name", "backbone", "head", "classes", "preprocess"}
@@ -118,7 +117,7 @@ def read_model_toml(root: str | Path) -> ModelSpec:
     try:
         table = tomllib.loads(toml_path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise InvalidInput(f"{where}: not valid TOML: {one_line(error)}") from None
+        raise InvalidInput(f"{where}: not valid TOML: {exception_line(error)}") from None
     unknown = sorted(set(table) - _TOP_KEYS)
     if unknown:
         raise InvalidInput(f"{where}: unknown key(s): {', '.join(unknown)}")
@@ -143,7 +142,7 @@ def read_classes(path: Path) -> list[tuple[str | None, str]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise InvalidInput(f"{path}: cannot read class names: {one_line(error)}") from None
+        raise InvalidInput(f"{path}: cannot read class names: {exception_line(error)}") from None
     classes: list[tuple[str | None, str]] = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()
@@ -183,7 +182,7 @@ def _check_pt2_archive(path: Path) -> None:
                         if entry.get("use_pickle") or pickled_object:
                             raise InvalidInput(f"{path}: tensor {fqn!r} is stored pickled; refusing to unpickle")
     except (zipfile.BadZipFile, KeyError, ValueError, AttributeError, TypeError) as error:
-        raise InvalidInput(f"{path}: not a valid torch.export archive: {one_line(error)}") from None
+        raise InvalidInput(f"{path}: not a valid torch.export archive: {exception_line(error)}") from None
 
 
 def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
@@ -193,14 +192,14 @@ def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
             return torch.jit.load(str(path), map_location=device)
         except (RuntimeError, ValueError) as error:
             raise InvalidInput(
-                f"{path}: not a TorchScript archive (torch.jit.save): {one_line(error)}"
+                f"{path}: not a TorchScript archive (torch.jit.save): {exception_line(error)}"
             ) from None
     if path.suffix == ".pt2":
         _check_pt2_archive(path)
         try:
             return move_to_device_pass(torch.export.load(str(path)), device).module()
         except (RuntimeError, ValueError, KeyError) as error:
-            raise InvalidInput(f"{path}: cannot load torch.export archive: {one_line(error)}") from None
+            raise InvalidInput(f"{path}: cannot load torch.export archive: {exception_line(error)}") from None
     raise InvalidInput(f"{path}: backbone must be TorchScript (.pt) or a torch.export archive (.pt2)")
 
 
@@ -209,7 +208,7 @@ def load_head(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         tensors = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        raise InvalidInput(f"{path}: not a safetensors file: {one_line(error)}") from None
+        raise InvalidInput(f"{path}: not a safetensors file: {exception_line(error)}") from None
     if set(tensors) != _HEAD_KEYS:
         raise InvalidInput(
             f"{path}: head must hold exactly tensors 'weight' and 'bias', found {sorted(tensors)}"

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig, one_line
+from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig
 from spurguard.server.backends.device import configure_cpu_threads, default_batch_size, resolve_device
 from spurguard.server.backends.images import decode_crop, preprocess_images, stack_crops
-from spurguard.server.errors import InvalidInput, ResourceExhausted
+from spurguard.server.errors import InvalidInput, ResourceExhausted, exception_line
 
 
 def _freeze(module: torch.nn.Module) -> None:
@@ -101,7 +101,7 @@ class TorchBackend:
                     out = self.module(torch.zeros(batch, 3, size, size, device=self.torch_device))
             except Exception as error:  # noqa: BLE001 - any failure of a user's module is a bad model
                 raise InvalidInput(
-                    f"{source}: backbone fails on a [{batch},3,{size},{size}] input: {one_line(error)}"
+                    f"{source}: backbone fails on a [{batch},3,{size},{size}] input: {exception_line(error)}"
                 ) from None
             if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
                 shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -21,7 +21,7 @@ from spurguard.client import Client, ScoreResult
 from spurguard.client.cli_format import render_table
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line
 from spurguard.client.report import write_report
-from spurguard.client.types import EvaluateResult, FitSummary
+from spurguard.vocab import EvaluateResult, FitSummary
 from spurguard.server.demo.generator import GroundTruth, generate, load_ground_truth, without_feature
 from spurguard.server.engine import roc_auc
 from spurguard.server.rpc.process import ServerProcess

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from spurguard.server.backends import Backend, PreprocessConfig, load_model_dir, preprocess_images
-from spurguard.client.types import ScoreTable
+from spurguard.vocab import ScoreTable
 from spurguard.server.datasets import ClassResolver, ImageEntry, list_image_folder, list_spurious_folder
 from spurguard.server.demo.generator import GROUND_TRUTH, generate, load_ground_truth
 from spurguard.server.demo.model import DemoCNN

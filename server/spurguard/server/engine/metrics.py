@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from spurguard.client.types import ClassScore, ScoreTable
+from spurguard.vocab import ClassScore, ScoreTable
 from spurguard.server.errors import InvalidInput
 
 

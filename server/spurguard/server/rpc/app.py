@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,12 +38,14 @@ from spurguard.server.backends import Backend
 from spurguard.server.backends.builtins import model_name
 from spurguard.server.backends.device import available_cpus, resolve_device
 from spurguard.server.errors import InvalidInput, SpurguardError
-from spurguard.server.rpc.jobs import JobRegistry
-from spurguard.server.rpc.metrics import Metrics
-from spurguard.server.rpc.models import ModelRegistry, ServedModel
-from spurguard.server.rpc.paths import DataRoots
 from spurguard.server.rpc.servicer import SpurguardServicer
+from spurguard.server.serving.dataplane import DataPlane
+from spurguard.server.serving.jobs import JobRegistry
+from spurguard.server.serving.metrics import Metrics
+from spurguard.server.serving.models import ModelRegistry, ServedModel
+from spurguard.server.serving.paths import DataRoots
 from spurguard.server.store import Store
+from spurguard.vocab import SPUFIX_MODES, SpufixModeName
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 
@@ -66,7 +70,7 @@ class ServerConfig:
     device: str = "auto"
     max_batch_size: int | None = None
     max_delay_ms: float = 5.0
-    spufix_default: str = "floor"
+    spufix_default: SpufixModeName = "floor"
     max_message_mb: int = MIN_MESSAGE_MB
     grace_s: float = 10.0
     max_request_images: int = 1024
@@ -164,16 +168,16 @@ class SpurguardServer:
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
             ]
         )
-        servicer = SpurguardServicer(
+        plane = DataPlane(
             self.models,
             self.store,
             self.jobs,
             DataRoots(config.data_roots),
-            self.metrics,
             spufix_default=config.spufix_default,
             max_request_images=config.max_request_images,
             max_heavy_calls=config.max_heavy_calls,
         )
+        servicer = SpurguardServicer(plane, self.metrics)
         pb_grpc.add_SpurguardServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -352,71 +356,70 @@ def _non_negative(text: str) -> float:
     return value
 
 
+_DEFAULTS = ServerConfig(models=(), store=Path())
+
+
+def _default(name: str) -> Any:
+    """A flag's default is the config's, so the two cannot drift apart."""
+    return getattr(_DEFAULTS, name)
+
+
 def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
-    """The arguments of `spurguard serve` (the CLI hands them to `main`)."""
+    """The arguments of `spurguard serve` (the CLI hands them to `main`); each flag's `dest` is
+    the ServerConfig field it sets."""
     p = argparse.ArgumentParser(prog=prog, description="Serve models over gRPC (spurguard.v1.Spurguard).")
-    p.add_argument("--model", action="append", required=True, metavar="SPEC",
+    p.add_argument("--model", dest="models", action="append", required=True, metavar="SPEC",
                    help="built-in model name or model directory; repeat for several models")
     p.add_argument("--store", required=True, type=Path, metavar="DIR", help="fits and labels live here")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
-    p.add_argument("--port", type=_port, default=50051, help="gRPC port (default 50051; 0: pick a free one)")
+    p.add_argument("--host", default=_default("host"),
+                   help=f"address to listen on (default {_default('host')}; 0.0.0.0: all)")
+    p.add_argument("--port", type=_port, default=_default("port"),
+                   help=f"gRPC port (default {_default('port')}; 0: pick a free one)")
     p.add_argument("--metrics-port", type=_port, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: pick a free one)")
-    p.add_argument("--data-root", action="append", type=Path, default=[], metavar="DIR",
+    p.add_argument("--data-root", dest="data_roots", action="append", type=Path, default=[], metavar="DIR",
                    help="folders Fit and Evaluate may read datasets under (repeatable); none: no dataset")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default=_default("device"), help=f"auto, cpu, cuda or cuda:N (default {_default('device')})")
     p.add_argument("--max-batch-size", type=_positive_int, metavar="N",
                    help="images per forward pass (default: 32 on CPU, 64-256 on GPU)")
-    p.add_argument("--max-delay-ms", type=_non_negative, default=5.0, metavar="MS",
-                   help="longest an image waits for others to share its forward pass (default 5)")
-    p.add_argument("--spufix-default", choices=("paper", "floor"), default="floor",
-                   help="SpuFix mode when a request names none (default floor)")
-    p.add_argument("--max-message-mb", type=_message_mb, default=MIN_MESSAGE_MB, metavar="MB",
+    p.add_argument("--max-delay-ms", type=_non_negative, default=_default("max_delay_ms"), metavar="MS",
+                   help=f"longest an image waits for others to share its forward pass (default {_default('max_delay_ms'):g})")
+    p.add_argument("--spufix-default", choices=SPUFIX_MODES, default=_default("spufix_default"),
+                   help=f"SpuFix mode when a request names none (default {_default('spufix_default')})")
+    p.add_argument("--max-message-mb", type=_message_mb, default=_default("max_message_mb"), metavar="MB",
                    help=f"largest gRPC message either way, MiB (default and minimum {MIN_MESSAGE_MB})")
-    p.add_argument("--max-request-images", type=_positive_int, default=1024, metavar="N",
-                   help="most images in one Score request; more is RESOURCE_EXHAUSTED (default 1024)")
-    p.add_argument("--fit-workers", type=_positive_int, default=1, metavar="N",
-                   help="fit jobs running at once; more wait QUEUED (default 1)")
-    p.add_argument("--grace-s", type=_non_negative, default=10.0, metavar="S",
-                   help="on SIGTERM, how long in-flight calls may take to finish (default 10)")
-    p.add_argument("--max-heavy-calls", type=_positive_int, default=2, metavar="N",
-                   help="Visualize and Evaluate calls computing at once; more wait their turn (default 2)")
+    p.add_argument("--max-request-images", type=_positive_int, default=_default("max_request_images"), metavar="N",
+                   help="most images in one Score request; more is RESOURCE_EXHAUSTED "
+                        f"(default {_default('max_request_images')})")
+    p.add_argument("--fit-workers", type=_positive_int, default=_default("fit_workers"), metavar="N",
+                   help=f"fit jobs running at once; more wait QUEUED (default {_default('fit_workers')})")
+    p.add_argument("--grace-s", type=_non_negative, default=_default("grace_s"), metavar="S",
+                   help=f"on SIGTERM, how long in-flight calls may take to finish (default {_default('grace_s'):g})")
+    p.add_argument("--max-heavy-calls", type=_positive_int, default=_default("max_heavy_calls"), metavar="N",
+                   help="Visualize and Evaluate calls computing at once; more wait their turn "
+                        f"(default {_default('max_heavy_calls')})")
     p.add_argument("--tls-cert", type=Path, metavar="PEM",
                    help="serve TLS with this certificate chain (with --tls-key); default: plaintext")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
                    help="require client certificates signed by this CA (mutual TLS)")
-    p.add_argument("--store-poll-s", type=_non_negative, default=2.0, metavar="S",
+    p.add_argument("--store-poll-s", type=_non_negative, default=_default("store_poll_s"), metavar="S",
                    help="how often to pick up labels and fits that other servers sharing --store made "
-                        "(default 2; 0: only this server's own)")
+                        f"(default {_default('store_poll_s'):g}; 0: only this server's own)")
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The parsed flags as a config: every field by its own name."""
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServerConfig)}
+    return ServerConfig(**{**values, "models": tuple(values["models"]), "data_roots": tuple(values["data_roots"])})
 
 
 def main(argv: list[str] | None = None) -> int:
     """`spurguard serve …`: returns the process exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(
-        models=tuple(args.model),
-        store=args.store,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        data_roots=tuple(args.data_root),
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_delay_ms=args.max_delay_ms,
-        spufix_default=args.spufix_default,
-        max_message_mb=args.max_message_mb,
-        grace_s=args.grace_s,
-        max_request_images=args.max_request_images,
-        fit_workers=args.fit_workers,
-        store_poll_s=args.store_poll_s,
-        max_heavy_calls=args.max_heavy_calls,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-    )
+    config = config_from_args(args)
     return asyncio.run(serve(config))
 
 

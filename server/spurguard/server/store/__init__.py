@@ -5,12 +5,10 @@ atomic writes throughout, never pickle. `Store` is the entry point; the rest is 
 """
 from spurguard.server.store.codec import ClassSummary
 from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter
-from spurguard.server.store.labels import LABELS, UNLABELED, Label
+from spurguard.server.store.labels import Label
 from spurguard.server.store.store import Store
 
 __all__ = [
-    "LABELS",
-    "UNLABELED",
     "ClassSummary",
     "Fit",
     "FitMeta",

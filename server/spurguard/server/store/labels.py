@@ -19,9 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from spurguard.server.errors import InvalidInput
-
-UNLABELED = "unlabeled"
-LABELS = ("spurious", "not_spurious", "inconsistent", UNLABELED)
+from spurguard.vocab import LABELS, UNLABELED
 MAX_NOTE_CHARS = 10_000
 _BUSY_TIMEOUT_S = 30.0
 

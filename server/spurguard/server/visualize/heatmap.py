@@ -36,8 +36,8 @@ from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import InvalidInput
 from spurguard.server.visualize._objective import ComponentObjective
 
-HeatmapMethod = Literal["gradcam", "integrated_gradients", "saliency"]
-HEATMAP_METHODS: tuple[HeatmapMethod, ...] = ("gradcam", "integrated_gradients", "saliency")
+HeatmapMethod = Literal["grad_cam", "integrated_gradients", "input_gradient"]  # the vocabulary's names
+HEATMAP_METHODS: tuple[HeatmapMethod, ...] = ("grad_cam", "integrated_gradients", "input_gradient")
 SALIENCY_SIGMA_AT_224 = 2.0  # blur of saliency maps in pixels at 224², scaled with the input side
 # Midpoint rule along the path from gray. The map settles long before the attributions' sum:
 # on the demo data 16 and 32 steps put the same mass on the planted features.
@@ -160,12 +160,12 @@ def component_heatmaps(
     indices: int | Sequence[int],
     inputs: torch.Tensor,
     *,
-    method: HeatmapMethod = "gradcam",
+    method: HeatmapMethod = "grad_cam",
     layer: str | None = None,
 ) -> Heatmaps:
     """Heatmaps of alpha for model inputs [N,3,S,S] (from backend.preprocess).
 
-    `indices` is one component for every image or one per image. "gradcam" runs on `layer` when
+    `indices` is one component for every image or one per image. "grad_cam" runs on `layer` when
     one is named and the backbone is a plain nn.Module, and falls back to integrated gradients
     otherwise (the result says which). Runs in chunks of the backend's max_batch_size.
     """
@@ -179,7 +179,7 @@ def component_heatmaps(
         raise InvalidInput(f"{len(rows)} component indices for {count} images")
     objective = ComponentObjective(backend, components, rows, "heatmaps")
     gradcam_layer = None
-    if method == "gradcam":
+    if method == "grad_cam":
         if layer is not None and is_plain_module(objective.backend.module):
             find_layer(objective.backend.module, layer, backend.name)  # fail before any work
             gradcam_layer = layer

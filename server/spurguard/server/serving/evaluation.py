@@ -7,26 +7,25 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import torch
 
-from spurguard.client.types import EvaluateResult
 from spurguard.server.backends.base import Backend
 from spurguard.server.datasets import ClassResolver, ImageEntry, list_image_folder, list_spurious_folder
 from spurguard.server.engine import spurious_score_table
 from spurguard.server.errors import Cancelled, InvalidInput
-from spurguard.server.guard import Guard, check_spufix_mode
 from spurguard.server.loader import iter_features
+from spurguard.server.serving.guard import Guard
+from spurguard.server.serving.options import EvaluateSettings
+from spurguard.vocab import EvaluateProgress, EvaluateResult, SpufixModeName, to_json
 
-
-@dataclass(frozen=True)
-class EvaluateProgress:
-    phase: str  # "scanning", "clean", "spurious"
-    images_done: int
-    images_total: int
+MAX_KEPT_SKIPPED = 100  # unreadable files named in a kept evaluation (all are counted)
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,18 @@ class EvaluationOutcome:
     result: EvaluateResult
     skipped: list[tuple[str, str]]
 
+    def record(self, clean: str | os.PathLike[str], spurious: str | os.PathLike[str],
+               settings: EvaluateSettings) -> dict[str, Any]:
+        """What the store keeps of a finished evaluation: the request, the tables (as `evaluate
+        --json`) and the first unreadable files."""
+        return {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "request": {"clean": str(clean), "spurious": str(spurious), "spufix": settings.mode,
+                        "classes": list(settings.classes or ()), "batch_size": settings.batch_size},
+            **to_json(self.result),
+            "skipped": [list(entry) for entry in self.skipped[:MAX_KEPT_SKIPPED]],
+        }
+
 
 def run_evaluate(
     backend: Backend,
@@ -43,7 +54,7 @@ def run_evaluate(
     clean_root: str | os.PathLike[str],
     spurious_root: str | os.PathLike[str],
     *,
-    mode: str = "floor",
+    mode: SpufixModeName = "floor",
     classes: Sequence[int] | None = None,
     batch_size: int | None = None,
     progress: Callable[[EvaluateProgress], None] | None = None,
@@ -54,21 +65,21 @@ def run_evaluate(
     The table covers the classes with spurious images (or `classes`); clean accuracy is over
     every clean image.
     """
-    check_spufix_mode(mode)
-    report = progress or (lambda _: None)
+    started = time.monotonic()
+
+    def report(phase: str, done: int) -> None:
+        if progress is not None:
+            progress(EvaluateProgress(phase, done, total, time.monotonic() - started))
+
     batch_size = batch_size or backend.max_batch_size
-    if batch_size < 1:
-        raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
     resolver = ClassResolver(backend.class_names, backend.class_wnids)
     clean_entries = list_image_folder(clean_root, resolver)
     spurious_entries: list[ImageEntry] = list(list_spurious_folder(spurious_root, backend.num_classes))
     if classes is not None:
-        for k in classes:
-            guard.check_class(k)
         wanted = set(classes)
         spurious_entries = [e for e in spurious_entries if e.class_index in wanted]
     total = len(clean_entries) + len(spurious_entries)
-    report(EvaluateProgress("scanning", 0, total))
+    report("scanning", 0)
     done = [0]
     skipped: list[tuple[str, str]] = []
 
@@ -81,7 +92,7 @@ def run_evaluate(
                 fixed.append(guard.fixed_logits(features, mode).cpu())
                 labels.extend(e.class_index for e in batch.entries)
             done[0] += len(batch.entries) + len(batch.skipped)
-            report(EvaluateProgress(phase, done[0], total))
+            report(phase, done[0])
         if cancel is not None and cancel.is_set():
             raise Cancelled("evaluation cancelled")
         if not plain:

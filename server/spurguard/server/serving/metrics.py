@@ -14,7 +14,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from spurguard.server.rpc.batcher import BatchStats
+from spurguard.server.serving.batcher import BatchStats
 
 # Unary calls take milliseconds; Fit and Evaluate streams can run for an hour.
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -1,10 +1,9 @@
 """The models a server serves: loading and readiness, the Guard in use, the scoring path and
 the entry to Visualize (its work is in visualizing.py).
 
-Why here and not in the servicer: this is the engine side of Score (decode per image on a
-thread pool, batch forward passes per model, decompose + SpuFix in the same worker thread),
-independent of protobuf. A request captures the Guard once, so all its images, whichever
-batches they land in, are scored against one (fit, labels) snapshot and its fit_id.
+Score's path: decode per image on a thread pool, batch forward passes per model, decompose +
+SpuFix in the same worker thread. A request captures the Guard once, so all its images,
+whichever batches they land in, are scored against one (fit, labels) snapshot and its fit_id.
 """
 from __future__ import annotations
 
@@ -22,11 +21,12 @@ import numpy as np
 from spurguard.server.backends import Backend, GradientBackend, ImageInput, load_model
 from spurguard.server.engine import ClassComponents
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
-from spurguard.client.types import ScoreResult, VisualizeUpdate
-from spurguard.server.guard import Guard, check_spufix_mode
-from spurguard.server.rpc.batcher import Batcher
-from spurguard.server.rpc.metrics import Metrics
-from spurguard.server.rpc.visualizing import VisualizeOptions, visualize
+from spurguard.server.serving.batcher import Batcher
+from spurguard.server.serving.guard import Guard
+from spurguard.server.serving.metrics import Metrics
+from spurguard.server.serving.options import ScoreSettings, VisualizeSettings
+from spurguard.server.serving.visualizing import visualize
+from spurguard.vocab import ScoreResult, VisualizeUpdate
 from spurguard.server.visualize.heatmap import default_gradcam_layer
 from spurguard.server.store import Store
 
@@ -37,20 +37,11 @@ ImageSource = ImageInput | BaseException
 
 
 @dataclass(frozen=True)
-class ScoreOptions:
-    """How to analyse each image of a request (ScoreOptions of the proto, resolved)."""
-
-    class_index: int | None  # None: each image's top-1 prediction
-    top: int | None  # None: the Guard's default; 0: every kept component
-    mode: str  # "paper" or "floor"
-
-
-@dataclass(frozen=True)
 class _Item:
     crop: np.ndarray  # uint8 [H, W, 3]: normalised with its batch on the model's thread
     image_id: str
     guard: Guard
-    options: ScoreOptions
+    options: ScoreSettings
 
 
 def _decode_crop(backend: Backend, source: ImageSource) -> np.ndarray | BaseException:
@@ -193,16 +184,11 @@ class ServedModel:
                 log.warning("model %s: could not check the store: %s", self.name, error)
 
     async def score(
-        self, images: Sequence[tuple[str, ImageSource]], options: ScoreOptions
-    ) -> tuple[str | None, list[ScoreResult | BaseException]]:
-        """(fit id used, one result or exception per image in order); bad options fail the call."""
+        self, images: Sequence[tuple[str, ImageSource]], options: ScoreSettings
+    ) -> list[ScoreResult | BaseException]:
+        """One result, or the exception that failed it, per image in order (each result names its fit)."""
         backend = self.backend
         guard = self.guard
-        check_spufix_mode(options.mode)
-        if options.class_index is not None:
-            guard.check_class(options.class_index)
-        if options.top is not None and options.top < 0:
-            raise InvalidInput(f"top must be >= 0, got {options.top}")
         loop = asyncio.get_running_loop()
         crops = await asyncio.gather(
             *(loop.run_in_executor(self._decode_pool, _decode_crop, backend, source) for _, source in images)
@@ -215,14 +201,14 @@ class ServedModel:
         )
         for i, result in zip(decoded, scored):
             results[i] = result
-        return guard.fit_id, results
+        return results
 
     def _process(self, items: list[_Item]) -> list[ScoreResult | BaseException]:
         """One batch in the worker thread: one forward pass, then per (guard, options) group the scores."""
         assert self._backend is not None
         features = self._backend.features(self._backend.stack_crops([item.crop for item in items]))
         results: list[ScoreResult | BaseException] = [None] * len(items)  # type: ignore[list-item]
-        groups: dict[tuple[Guard, ScoreOptions], list[int]] = {}
+        groups: dict[tuple[Guard, ScoreSettings], list[int]] = {}
         for row, item in enumerate(items):
             groups.setdefault((item.guard, item.options), []).append(row)
         for (guard, options), rows in groups.items():
@@ -243,7 +229,7 @@ class ServedModel:
         return results
 
     def visualize(
-        self, components: ClassComponents, dataset_root: str, options: VisualizeOptions, cancel: threading.Event
+        self, components: ClassComponents, dataset_root: str, options: VisualizeSettings, cancel: threading.Event
     ) -> Iterator[VisualizeUpdate]:
         """Top images, heatmaps and the feature attack of one class's components (see
         visualizing.visualize); blocking, checks the request before it returns."""

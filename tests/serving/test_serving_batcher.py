@@ -8,7 +8,7 @@ import time
 import pytest
 
 from spurguard.server.errors import InvalidInput, Unavailable
-from spurguard.server.rpc.batcher import Batcher, BatchStats
+from spurguard.server.serving.batcher import Batcher, BatchStats
 
 
 class FakeForward:

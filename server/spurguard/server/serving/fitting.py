@@ -27,30 +27,27 @@ from spurguard.server.backends.base import Backend
 from spurguard.server.datasets import ClassResolver, list_image_folder
 from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, ClassComponents, NeuralPCAFit, fit_alphas
 from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput
-from spurguard.client.types import FitClass
 from spurguard.server.loader import iter_features
 from spurguard.server.store import FitMeta, FitWriter, Store
+from spurguard.vocab import FitClass, FitProgress, FitSummary
 
 ALPHA_CHUNK_ROWS = 4096  # fit-image features are read back this many rows at a time
 
 
 @dataclass(frozen=True)
-class FitProgress:
-    phase: str  # "scanning", "features", "committing"
-    images_done: int
-    images_total: int
-    classes_done: int
-    classes_total: int
-
-
-@dataclass(frozen=True)
 class FitOutcome:
     meta: FitMeta
-    classes: list[FitClass]  # every class of the committed fit, ascending (the client's type)
+    classes: list[FitClass]  # every class of the committed fit, ascending
     images: int  # images whose features went into this run
     skipped: list[tuple[str, str]]  # (image id, why) of unreadable images
     skipped_classes: list[tuple[int, str]]  # (class, why) of classes too small to fit
     elapsed_s: float
+
+    def summary(self) -> FitSummary:
+        """What the fit's job reports (the job id is the fit id)."""
+        meta = self.meta
+        return FitSummary(meta.fit_id, meta.fit_id, meta.model, meta.digest, self.images, len(self.skipped),
+                          tuple(self.classes), self.elapsed_s)
 
 
 class _FeatureSpill:
@@ -138,21 +135,21 @@ def run_fit(
 
     Raises Cancelled when `cancel` is set; the finished classes stay for a resume with the same
     fit_id. A class with fewer than 2 readable images has no covariance: it is skipped and named
-    in `skipped_classes`, the others are committed.
+    in `skipped_classes`, the others are committed. `progress` gets FitProgress under the fit id.
     """
     started = time.monotonic()
-    if num_components < 1:
-        raise InvalidInput(f"num_components must be >= 1, got {num_components}")
     batch_size = batch_size or backend.max_batch_size
-    if batch_size < 1:
-        raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
     root = Path(dataset_root).resolve()
     entries = list_image_folder(root, ClassResolver(backend.class_names, backend.class_wnids), classes)
     selected = sorted({e.class_index for e in entries})
-    report = progress or (lambda _: None)
-    report(FitProgress("scanning", 0, len(entries), 0, len(selected)))
-
     writer, resuming = _open_writer(backend, store, root, num_components, fit_id, extend)
+
+    def report(phase: str, images_done: int, classes_done: int) -> None:
+        if progress is not None:
+            elapsed = time.monotonic() - started
+            progress(FitProgress(writer.fit_id, phase, images_done, len(entries), classes_done, len(selected), elapsed))
+
+    report("scanning", 0, 0)
     with writer:
         skip = set(writer.done_classes) if resuming else set()
         todo = [e for e in entries if e.class_index not in skip]
@@ -201,7 +198,7 @@ def run_fit(
                         pending.append(finalizer.submit(finalize, k, spills.pop(k)))
                 images_done += len(seen)
                 classes_done = already_done + sum(future.done() for future in pending)
-                report(FitProgress("features", images_done, len(entries), classes_done, len(selected)))
+                report("features", images_done, classes_done)
                 _raise_failed(pending)
             for future in pending:
                 future.result()
@@ -213,7 +210,7 @@ def run_fit(
                 f"fit {writer.fit_id} of model {backend.name} cancelled after {already_done + len(pending)} of "
                 f"{len(selected)} classes; fit again with job/fit id {writer.fit_id} to resume"
             )
-        report(FitProgress("committing", images_done, len(entries), already_done + len(pending), len(selected)))
+        report("committing", images_done, already_done + len(pending))
         written = set(writer.done_classes)
         fitted = [k for k in selected if k in written]
         if not fitted:

@@ -14,28 +14,30 @@ buffering it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, SpurguardError, Unavailable
-from spurguard.server.rpc.status import status_of
-from spurguard.v1 import spurguard_pb2 as pb
+from spurguard.server.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    SpurguardError,
+    Unavailable,
+    error_status,
+)
+from spurguard.vocab import FINISHED_JOB_STATES, ErrorStatus, FitProgress, FitRequest, FitSummary, FitUpdate, Job, JobStateName
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 KEEP_FINISHED = 100  # finished jobs remembered for GetJob / ListJobs / WatchJob
-_TERMINAL = frozenset({pb.SUCCEEDED, pb.FAILED, pb.CANCELLED})
 
 # The work of a job, run on a worker thread: (job id, report progress, cancel) -> summary.
 # Raises Cancelled (a cancelled job) or another error (a failed job, with that error's status).
-JobWork = Callable[[str, Callable[[pb.FitProgress], None], threading.Event], pb.FitSummary]
+JobWork = Callable[[str, Callable[[FitProgress], None], threading.Event], FitSummary]
 
 
 def check_job_id(job_id: str) -> str:
@@ -46,24 +48,10 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def _stamp(when: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(when)
-    return stamp
-
-
-@dataclass(frozen=True)
-class JobError:
-    """Why a job ended without a summary: a gRPC status code name and a one-line message."""
-
-    code: str
-    message: str
-
-
 class JobFailure(SpurguardError):
     """A finished job's error, raised to each of its watchers with the job's own status code."""
 
-    def __init__(self, error: JobError) -> None:
+    def __init__(self, error: ErrorStatus) -> None:
         super().__init__(error.message)
         self.code = error.code
 
@@ -71,8 +59,9 @@ class JobFailure(SpurguardError):
 class FitJob:
     """One fit job's state; mutated only by the registry, read by anyone."""
 
-    def __init__(self, request: pb.FitRequest, work: JobWork, loop: asyncio.AbstractEventLoop) -> None:
-        self.job_id = request.job_id
+    def __init__(self, request: FitRequest, work: JobWork, loop: asyncio.AbstractEventLoop) -> None:
+        assert request.job_id is not None  # the registry names every job before it exists
+        self.job_id: str = request.job_id
         self.model = request.model
         self.request = request
         self.work = work
@@ -82,67 +71,56 @@ class FitJob:
         self._created = datetime.now(timezone.utc)
         self._started = time.monotonic()  # reset when it starts running: elapsed_s excludes the queue
         self._updated = self._created
-        self._state: int = pb.QUEUED
-        self._progress = pb.FitProgress(phase="queued")
-        self._summary: pb.FitSummary | None = None
-        self._error: JobError | None = None
+        self._state: JobStateName = "queued"
+        self._progress = FitProgress(self.job_id, "queued", 0, 0, 0, 0, 0.0)
+        self._summary: FitSummary | None = None
+        self._error: ErrorStatus | None = None
         self._version = 0
         self._waiters: set[asyncio.Future[None]] = set()
 
     @property
-    def state(self) -> int:
+    def state(self) -> JobStateName:
         return self._state
 
     @property
     def finished(self) -> bool:
-        return self._state in _TERMINAL
+        return self._state in FINISHED_JOB_STATES
 
     @property
     def created(self) -> datetime:
         return self._created
 
-    def snapshot(self) -> tuple[int, int, pb.FitProgress, pb.FitSummary | None, JobError | None]:
+    def snapshot(self) -> tuple[int, JobStateName, FitProgress, FitSummary | None, ErrorStatus | None]:
         """(version, state, progress, summary, error), consistent with each other."""
         with self._lock:
             return self._version, self._state, self._progress, self._summary, self._error
 
-    def to_proto(self) -> pb.Job:
+    def info(self) -> Job:
+        """What GetJob / ListJobs / CancelJob report."""
         with self._lock:
-            job = pb.Job(
-                job_id=self.job_id,
-                model=self.model,
-                state=self._state,  # type: ignore[arg-type]
-                request=self.request,
-                progress=self._progress,
-                created=_stamp(self._created),
-                updated=_stamp(self._updated),
+            return Job(
+                self.job_id, self.model, self._state, self.request, self._progress, self._summary, self._error,
+                self._created, self._updated,
             )
-            if self._summary is not None:
-                job.summary.CopyFrom(self._summary)
-            if self._error is not None:
-                code = int(grpc.StatusCode[self._error.code].value[0])
-                job.error.CopyFrom(pb.ErrorStatus(code=code, message=self._error.message))
-            return job
 
     def update(
         self,
         *,
-        state: int | None = None,
-        progress: pb.FitProgress | None = None,
-        summary: pb.FitSummary | None = None,
-        error: JobError | None = None,
+        state: JobStateName | None = None,
+        progress: FitProgress | None = None,
+        summary: FitSummary | None = None,
+        error: ErrorStatus | None = None,
     ) -> None:
         """Change the state (from any thread) and wake the watchers; a finished job stays as it is."""
         with self._lock:
-            if self._state in _TERMINAL:
+            if self._state in FINISHED_JOB_STATES:
                 return
-            if state == pb.RUNNING:
+            if state == "running":
                 self._started = time.monotonic()
             if state is not None:
                 self._state = state
             if progress is not None:
-                progress.elapsed_s = time.monotonic() - self._started
-                self._progress = progress
+                self._progress = dataclasses.replace(progress, elapsed_s=time.monotonic() - self._started)
             self._summary = summary or self._summary
             self._error = error or self._error
             self._updated = datetime.now(timezone.utc)
@@ -158,7 +136,7 @@ class FitJob:
                 waiter.set_result(None)
         self._waiters.clear()
 
-    async def updates(self) -> AsyncIterator[pb.FitUpdate]:
+    async def updates(self) -> AsyncIterator[FitUpdate]:
         """The latest progress, then each change, then the summary; a failed or cancelled job raises."""
         sent = -1
         while True:
@@ -168,12 +146,12 @@ class FitJob:
                 version, state, progress, summary, error = self.snapshot()
                 if version != sent:
                     sent = version
-                    yield pb.FitUpdate(job_id=self.job_id, progress=progress)
-                if state == pb.SUCCEEDED:
+                    yield progress
+                if state == "succeeded":
                     assert summary is not None
-                    yield pb.FitUpdate(job_id=self.job_id, summary=summary)
+                    yield summary
                     return
-                if state in _TERMINAL:
+                if state in FINISHED_JOB_STATES:
                     assert error is not None
                     raise JobFailure(error)
                 await waiter
@@ -192,14 +170,14 @@ class JobRegistry:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spurguard-fit")
         self._closed = False
 
-    def submit(self, request: pb.FitRequest, work: JobWork) -> FitJob:
+    def submit(self, request: FitRequest, work: JobWork) -> FitJob:
         """Start a job, or return the live or succeeded job of that id (re-attach).
 
         A failed or cancelled job's id starts a new run under the same id, which resumes its fit.
         """
-        check_job_id(request.job_id)
-        existing = self._jobs.get(request.job_id)
-        if existing is not None and existing.state not in (pb.FAILED, pb.CANCELLED):
+        check_job_id(request.job_id or "")
+        existing = self._jobs.get(request.job_id or "")
+        if existing is not None and existing.state not in ("failed", "cancelled"):
             if existing.request != request:
                 raise FailedPrecondition(
                     f"job {request.job_id} exists (model {existing.model}, dataset {existing.request.dataset!r}) "
@@ -218,15 +196,14 @@ class JobRegistry:
     def _run(self, job: FitJob) -> None:
         if job.cancel_event.is_set():
             return  # cancelled while queued: already marked
-        job.update(state=pb.RUNNING)
+        job.update(state="running")
         try:
             summary = job.work(job.job_id, lambda p: job.update(progress=p), job.cancel_event)
         except Exception as error:  # noqa: BLE001 - reported on the job, not lost in a worker thread
-            status = status_of(error, f"fit job {job.job_id}")
-            state = pb.CANCELLED if status.code == grpc.StatusCode.CANCELLED else pb.FAILED
-            job.update(state=state, error=JobError(status.code.name, status.message))
+            status = error_status(error, f"fit job {job.job_id}")
+            job.update(state="cancelled" if status.code == "CANCELLED" else "failed", error=status)
         else:
-            job.update(state=pb.SUCCEEDED, summary=summary)
+            job.update(state="succeeded", summary=summary)
 
     def _forget_old(self) -> None:
         finished = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.created)
@@ -252,8 +229,8 @@ class JobRegistry:
         if job.finished:
             return job
         job.cancel_event.set()
-        if job.state == pb.QUEUED:
-            job.update(state=pb.CANCELLED, error=JobError("CANCELLED", f"job {job_id} cancelled before it started"))
+        if job.state == "queued":
+            job.update(state="cancelled", error=ErrorStatus("CANCELLED", f"job {job_id} cancelled before it started"))
         return job
 
     async def shutdown(self) -> None:

@@ -1,7 +1,7 @@
 """A model's fitted components and human labels, ready to score production images.
 
-Results are the thin client's own dataclasses (`spurguard.client.types`), so the server, the
-client and the CLI share one definition of a result and of its `score --json` line.
+Results are the vocabulary's dataclasses (`spurguard.vocab`), so the server, the client and
+the CLI share one definition of a result and of its `score --json` line.
 
 Why a snapshot: scoring must see one consistent (fit, labels) pair for a whole batch, while
 labels change under it. A Guard never changes; after a Label or a committed fit the server
@@ -13,11 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
-from spurguard.client.types import ComponentAlpha, Prediction, ScoreResult, SpufixOutcome
+from spurguard.vocab import SPURIOUS, UNLABELED, ComponentAlpha, Prediction, ScoreResult, SpufixModeName, SpufixResult
 from spurguard.server.backends.base import Backend
-from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, SPUFIX_MODES, ClassComponents, Decomposer, SpuFix
-from spurguard.server.errors import InvalidInput, NotFound
-from spurguard.server.store import UNLABELED, Store
+from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, ClassComponents, Decomposer, SpuFix
+from spurguard.server.errors import InvalidInput
+from spurguard.server.serving.options import check_class
+from spurguard.server.store import Store
 
 TOP_PREDICTIONS = 5
 DEFAULT_TOP_COMPONENTS = 5
@@ -43,7 +44,7 @@ class Guard:
         self.num_components = {k: c.num_components for k, c in components.items()}
         spurious: dict[int, list[int]] = {}
         for (k, component), label in sorted(self.labels.items()):
-            if label == "spurious":
+            if label == SPURIOUS:
                 spurious.setdefault(k, []).append(component)
         self.spurious = spurious
         self.decomposer = Decomposer(components, weight, bias)
@@ -78,17 +79,16 @@ class Guard:
     def fitted_classes(self) -> list[int]:
         return self.decomposer.fitted_classes
 
-    def check_class(self, class_index: int) -> None:
-        if not 0 <= class_index < self.num_classes:
-            raise NotFound(f"class {class_index} does not exist: the model has classes 0..{self.num_classes - 1}")
+    def check_class(self, class_index: int) -> int:
+        """NOT_FOUND for a class the model does not have."""
+        return check_class(class_index, self.num_classes)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits [N, C] of the head."""
         return self.decomposer.logits(features)
 
-    def fixed_logits(self, features: torch.Tensor, mode: str) -> torch.Tensor:
+    def fixed_logits(self, features: torch.Tensor, mode: SpufixModeName) -> torch.Tensor:
         """Logits after SpuFix in `mode` (unchanged for classes without spurious labels)."""
-        check_spufix_mode(mode)
         return self.spufix.apply(features, self.decomposer.logits(features), mode)
 
     def score_features(
@@ -98,18 +98,17 @@ class Guard:
         *,
         class_index: int | None = None,
         top: int | None = DEFAULT_TOP_COMPONENTS,
-        mode: str = "floor",
+        mode: SpufixModeName = "floor",
     ) -> list[ScoreResult]:
-        """Score a batch of features [N, d]; `top` components by alpha (0: all kept ones)."""
-        check_spufix_mode(mode)
-        if top is not None and top < 0:
-            raise InvalidInput(f"top must be >= 0, got {top}")
+        """Score a batch of features [N, d]; `top` components by alpha (0: all kept ones).
+
+        The options are trusted (serving.options checked them); the engine checks the mode.
+        """
         x = self.decomposer.features(features)
         if x.shape[0] != len(image_ids):
             raise InvalidInput(f"{x.shape[0]} feature rows for {len(image_ids)} image ids")
         logits = self.decomposer.logits(x)
         if class_index is not None:
-            self.check_class(class_index)
             index = torch.full((x.shape[0],), class_index, dtype=torch.int64, device=logits.device)
         else:
             index = logits.argmax(dim=1)
@@ -135,7 +134,7 @@ class Guard:
                 components = self._top_components(k, decomposition.alphas[j], top)
             results.append(
                 ScoreResult(
-                    image=image_id,
+                    image_id=image_id,
                     error=None,
                     predictions=self._predictions(probs[i], logits[i]),
                     class_index=k,
@@ -145,7 +144,7 @@ class Guard:
                     components=components,
                     spurious_alpha=float(fix.spurious_alpha[i]),
                     trigger=bool(fix.trigger[i]),
-                    spufix=SpufixOutcome(
+                    spufix=SpufixResult(
                         mode, float(fix.logits[i, k]), self._predictions(fixed_probs[i], fix.logits[i])
                     ),
                     fit_id=self.fit_id or "",
@@ -168,8 +167,3 @@ class Guard:
             for p, c in zip(values.tolist(), classes.tolist())
         )
 
-
-def check_spufix_mode(mode: str) -> None:
-    """InvalidInput for a mode that is neither paper nor floor."""
-    if mode not in SPUFIX_MODES:
-        raise InvalidInput(f"unknown SpuFix mode {mode!r}; expected one of {', '.join(SPUFIX_MODES)}")

@@ -1,7 +1,6 @@
-"""The engine side of Visualize: top fit images, heatmaps and the feature attack, as client items.
+"""Visualize's work: top fit images, heatmaps and the feature attack, as vocabulary items.
 
-Why here and not in the servicer: like models.py for Score, this is the work (reading fit images
-from the store's dataset root, gradients, PNG encoding), independent of protobuf. `visualize`
+Reading fit images from the fit's dataset root, gradients, PNG encoding. `visualize`
 checks everything it can before it returns, so a bad request fails before the first message;
 what it returns is a generator, so the attack advances only as fast as the stream is read (no
 unbounded buffer of frames) and the cancel event stops it at its next step.
@@ -9,113 +8,48 @@ unbounded buffer of frames) and the cancel event stops it at its next step.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import torch
 
-from spurguard.client import types as t
+from spurguard import vocab
 from spurguard.server.backends import Backend
 from spurguard.server.backends.images import encode_png
 from spurguard.server.engine import ClassComponents
-from spurguard.server.errors import FailedPrecondition, InvalidInput, SpurguardError
+from spurguard.server.errors import FailedPrecondition, SpurguardError
 from spurguard.server.visualize import (
-    DEFAULT_STEPS,
     AttackFrame,
     AttackResult,
     component_heatmaps,
     feature_attack,
+    fit_image_path,
     overlay_pngs,
     read_fit_image,
     thumbnail_pngs,
     top_images,
 )
 from spurguard.server.visualize._objective import require_gradients
+from spurguard.server.serving.options import VisualizeSettings
 from spurguard.server.visualize.heatmap import find_layer, is_plain_module
 
 log = logging.getLogger("spurguard.server")
 
-MAX_COMPONENTS = 16  # per request: one attack batch, so gradient memory grows with it
-MAX_STEPS = 5000  # 25x the paper's 200
-MAX_TOP_K = 64
-MAX_FRAMES = 1000  # attack frames per component and request
-DEFAULT_TOP_K = 8
-FRAMES_PER_ATTACK = 10  # frame_every unset: steps / 10
-# client name -> engine name ("none": no heatmaps)
-_ENGINE_METHODS = {"grad_cam": "gradcam", "integrated_gradients": "integrated_gradients", "input_gradient": "saliency"}
-HEATMAPS = (*_ENGINE_METHODS, "none")
-_METHOD_NAMES = {engine: client for client, engine in _ENGINE_METHODS.items()}
-
 # Called after each attack: (model steps run, seconds of computing them).
 AttackObserver = Callable[[int, float], None]
-
-
-@dataclass(frozen=True)
-class VisualizeOptions:
-    """A Visualize request's settings, checked and with defaults filled in (eps None: the engine's)."""
-
-    components: tuple[int, ...]
-    steps: int
-    eps: float | None
-    frame_every: int  # 0: no frames
-    top_k: int
-    seed: int
-    heatmap: str  # one of HEATMAPS
-    heatmap_layer: str | None = None  # Grad-CAM's feature map; None: the model's default
-
-
-def visualize_options(
-    components: Sequence[int],
-    *,
-    steps: int | None,
-    eps: float | None,
-    frame_every: int | None,
-    top_k: int | None,
-    seed: int,
-    heatmap: str,
-    heatmap_layer: str | None = None,
-) -> VisualizeOptions:
-    """Check the request's limits (INVALID_ARGUMENT); eps and component indices are left to the engine."""
-    if not components:
-        raise InvalidInput("no components given; name at least one component index")
-    if len(components) > MAX_COMPONENTS:
-        raise InvalidInput(f"{len(components)} components in one request, over the limit of {MAX_COMPONENTS}; split it")
-    repeated = [c for c, n in Counter(components).items() if n > 1]
-    if repeated:
-        raise InvalidInput(f"component {repeated[0]} is given more than once")
-    steps = DEFAULT_STEPS if steps is None else steps
-    if not 1 <= steps <= MAX_STEPS:
-        raise InvalidInput(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    frame_every = max(1, steps // FRAMES_PER_ATTACK) if frame_every is None else frame_every
-    if frame_every and steps // frame_every + 1 > MAX_FRAMES:
-        raise InvalidInput(
-            f"frame_every {frame_every} gives {steps // frame_every + 1} frames for {steps} steps, over the limit "
-            f"of {MAX_FRAMES}; use frame_every >= {math.ceil(steps / (MAX_FRAMES - 1))}"
-        )
-    top_k = DEFAULT_TOP_K if top_k is None else top_k
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
-    if heatmap not in HEATMAPS:
-        raise InvalidInput(f"unknown heatmap method {heatmap!r}; use one of {', '.join(HEATMAPS)}")
-    if heatmap_layer is not None and heatmap != "grad_cam":
-        raise InvalidInput(f"heatmap_layer is for grad_cam heatmaps, not {heatmap}")
-    return VisualizeOptions(tuple(components), steps, eps, frame_every, top_k, seed, heatmap, heatmap_layer)
 
 
 def visualize(
     backend: Backend,
     components: ClassComponents,
     dataset_root: str,
-    options: VisualizeOptions,
+    options: VisualizeSettings,
     *,
     gradcam_layer: str | None,
     cancel: threading.Event,
     on_attack: AttackObserver | None = None,
-) -> Iterator[t.VisualizeUpdate]:
+) -> Iterator[vocab.VisualizeUpdate]:
     """Per component its top fit images and their heatmaps, then the attack of all components as
     one batch: frames, then one result per component (its last item).
 
@@ -151,26 +85,24 @@ def _updates(
     backend: Backend,
     components: ClassComponents,
     dataset_root: str,
-    options: VisualizeOptions,
+    options: VisualizeSettings,
     gradcam_layer: str | None,
     attack: Iterator[AttackFrame | AttackResult],
     on_attack: AttackObserver | None,
-) -> Iterator[t.VisualizeUpdate]:
+) -> Iterator[vocab.VisualizeUpdate]:
     config = backend.preprocess_config
     for index in options.components:
         ranks, ids, alphas, inputs = _top_inputs(backend, components, index, dataset_root, options.top_k)
         if not ranks:
             continue
         for rank, image_id, alpha, png in zip(ranks, ids, alphas, thumbnail_pngs(inputs, config)):
-            yield t.TopImage(index, rank, image_id, alpha, png)
+            yield vocab.TopImage(index, rank, image_id, str(fit_image_path(dataset_root, image_id)), alpha, png)
         if options.heatmap == "none":
             continue
-        heatmaps = component_heatmaps(
-            backend, components, index, inputs, method=_ENGINE_METHODS[options.heatmap], layer=gradcam_layer
-        )
-        method = _METHOD_NAMES[heatmaps.method]
+        heatmaps = component_heatmaps(backend, components, index, inputs, method=options.heatmap, layer=gradcam_layer)
         for rank, image_id, alpha, png in zip(ranks, ids, alphas, overlay_pngs(inputs, heatmaps, config)):
-            yield t.Heatmap(index, rank, image_id, alpha, method, png)
+            path = str(fit_image_path(dataset_root, image_id))
+            yield vocab.Heatmap(index, rank, image_id, path, alpha, heatmaps.method, png)
 
     computing = 0.0  # seconds inside the attack, not waiting for the stream's reader
     while True:
@@ -185,10 +117,12 @@ def _updates(
             for index, start, final, prob, image in zip(
                 item.components, item.start_alphas, item.final_alphas, item.final_probs, item.images
             ):
-                yield t.AttackResult(index, float(start), float(final), float(prob), item.steps, encode_png(image))
+                yield vocab.AttackResult(
+                    index, float(start), float(final), float(prob), item.steps, item.eps, encode_png(image)
+                )
         else:  # an AttackFrame: one image per component, in request order
             for index, alpha, prob, image in zip(options.components, item.alphas, item.probs, item.images):
-                yield t.AttackFrame(index, item.step, float(alpha), float(prob), encode_png(image))
+                yield vocab.AttackFrame(index, item.step, float(alpha), float(prob), encode_png(image))
 
 
 def _top_inputs(

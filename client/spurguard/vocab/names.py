@@ -1,0 +1,41 @@
+"""The spelling of every enumerated value, once: what the CLI, JSON, the store and both sides'
+Python code write. The proto's enum value names are these upper-cased (spurguard.wire maps
+them); a request that leaves an enum unset is None here ("the server's default").
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal, TypeVar
+
+LabelName = Literal["unlabeled", "spurious", "not_spurious", "inconsistent"]
+SpufixModeName = Literal["paper", "floor"]
+HeatmapMethodName = Literal["grad_cam", "integrated_gradients", "input_gradient", "none"]
+JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+UNLABELED: LabelName = "unlabeled"
+SPURIOUS: LabelName = "spurious"
+LABELS: tuple[LabelName, ...] = ("spurious", "not_spurious", "inconsistent", "unlabeled")
+SPUFIX_MODES: tuple[SpufixModeName, ...] = ("paper", "floor")
+# "none": no heatmaps. grad_cam falls back to integrated_gradients where layers cannot be hooked.
+HEATMAP_METHODS: tuple[HeatmapMethodName, ...] = ("grad_cam", "integrated_gradients", "input_gradient", "none")
+DEFAULT_HEATMAP_METHOD: HeatmapMethodName = "grad_cam"
+JOB_STATES: tuple[JobStateName, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_JOB_STATES: frozenset[JobStateName] = frozenset({"succeeded", "failed", "cancelled"})
+
+# google.rpc.Code by number: a status travels as a number inside messages (ErrorStatus.code)
+# and as its name everywhere else. Kept here so that nothing torch- or grpc-free needs grpc.
+STATUS_CODES: tuple[str, ...] = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)
+
+_Name = TypeVar("_Name", bound=str)
+
+
+def choice(value: str, allowed: Iterable[_Name], what: str) -> _Name:
+    """`value` if it is one of `allowed`, else ValueError naming them (the one check of a name)."""
+    options = tuple(allowed)
+    if value not in options:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(options)}")
+    return value  # type: ignore[return-value]

@@ -1,0 +1,319 @@
+"""The result vocabulary: what a spurguard call returns, as frozen dataclasses both sides share.
+
+The server builds these, spurguard.wire carries them over gRPC, and the client hands the same
+types to its callers. Names are the proto's: a class and its fields are spelled like the
+message and its fields (spurguard.wire converts by name), except `Components`, the
+GetComponents reply (the engine's ClassComponents is the stored fit). Enumerations are the
+lowercase strings of `names`; a field the server left unset is None. `to_dict()` gives each
+type's documented `--json` shape (SPEC §3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Union
+
+import numpy as np
+
+from spurguard.vocab.names import HeatmapMethodName, JobStateName, LabelName, SpufixModeName
+from spurguard.vocab.requests import FitRequest
+
+
+class Result:
+    """What every result has: its `--json` shape."""
+
+    def to_dict(self) -> Any:
+        """The documented `--json` shape (SPEC §3): `jsonshape.to_json`, where every shape is defined."""
+        from spurguard.vocab.jsonshape import to_json  # a module-level import would be circular
+
+        return to_json(self)
+
+
+@dataclass(frozen=True)
+class ErrorStatus(Result):
+    """Why one image of a batch (or one stream message) failed while the call went on, or a job failed."""
+
+    code: str  # gRPC status code name, e.g. "INVALID_ARGUMENT"
+    message: str
+
+
+# ---- models ----
+
+
+@dataclass(frozen=True)
+class ClassInfo(Result):
+    index: int
+    name: str
+    wnid: str | None
+
+
+@dataclass(frozen=True)
+class ModelInfo(Result):
+    """A loaded model; `classes` is empty in `list_models()` (use `get_model()`)."""
+
+    name: str
+    backend: str
+    device: str
+    num_classes: int
+    feature_dim: int
+    input_size: int
+    digest: str
+    ready: bool
+    supports_gradients: bool
+    fit_id: str | None
+    fitted_classes: tuple[int, ...]
+    max_batch_size: int
+    classes: tuple[ClassInfo, ...]
+
+
+# ---- fit jobs ----
+
+
+
+@dataclass(frozen=True)
+class FitProgress(Result):
+    job_id: str
+    phase: str  # "queued", "scanning", "features", "components", "committing"
+    images_done: int
+    images_total: int
+    classes_done: int
+    classes_total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class FitClass(Result):
+    class_index: int
+    images: int
+    num_components: int
+
+
+@dataclass(frozen=True)
+class FitSummary(Result):
+    """The last item of a fit stream: the committed fit."""
+
+    job_id: str
+    fit_id: str
+    model: str
+    digest: str
+    images: int
+    skipped_images: int
+    classes: tuple[FitClass, ...]
+    elapsed_s: float
+
+
+FitUpdate = Union[FitProgress, FitSummary]
+
+
+@dataclass(frozen=True)
+class Job(Result):
+    job_id: str
+    model: str
+    state: JobStateName
+    request: FitRequest
+    progress: FitProgress | None
+    summary: FitSummary | None  # when state == "succeeded"
+    error: ErrorStatus | None  # when state == "failed" or "cancelled"
+    created: datetime | None
+    updated: datetime | None
+
+
+# ---- components and labels ----
+
+
+@dataclass(frozen=True)
+class Component(Result):
+    """One component's statistics: a `components --json` entry."""
+
+    index: int
+    eigenvalue: float
+    explained_variance: float
+    alpha_mean: float
+    alpha_floor: float
+    alpha_max: float
+    label: LabelName
+    note: str
+
+
+@dataclass(frozen=True)
+class Components(Result):
+    """One class's components in one fit; `vectors` [L, d] and `mean` [d] only when requested."""
+
+    model: str
+    class_index: int
+    fit_id: str
+    images: int
+    num_components: int
+    floor_percentile: float
+    bias_term: float
+    components: tuple[Component, ...]
+    vectors: np.ndarray | None = None
+    mean: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class LabelRecord(Result):
+    model: str
+    fit_id: str
+    class_index: int
+    component: int
+    label: LabelName
+    note: str
+    updated: datetime | None  # None for an unlabeled component
+
+
+# ---- visualize ----
+
+
+
+@dataclass(frozen=True)
+class TopImage(Result):
+    """A fit image with one of the largest alphas of `component`."""
+
+    component: int
+    rank: int
+    image_id: str  # relative to the fit dataset's root
+    path: str  # the file the server read: the fit's dataset root joined with image_id
+    alpha: float
+    png: bytes
+
+
+@dataclass(frozen=True)
+class Heatmap(Result):
+    """Where `component`'s alpha comes from in the top image of the same rank."""
+
+    component: int
+    rank: int
+    image_id: str
+    path: str
+    alpha: float
+    method: HeatmapMethodName  # never "none"
+    png: bytes
+
+
+@dataclass(frozen=True)
+class AttackFrame(Result):
+    component: int
+    step: int
+    alpha: float
+    prob: float
+    png: bytes
+
+
+@dataclass(frozen=True)
+class AttackResult(Result):
+    """The final feature-attack image of `component`: its last item in a visualize stream."""
+
+    component: int
+    start_alpha: float
+    final_alpha: float
+    final_prob: float
+    steps: int
+    eps: float  # the L2 radius the attack ran with (the server's default where none was asked)
+    png: bytes
+
+
+VisualizeUpdate = Union[TopImage, Heatmap, AttackFrame, AttackResult]
+
+
+# ---- score ----
+
+
+
+@dataclass(frozen=True)
+class Prediction(Result):
+    class_index: int
+    name: str
+    prob: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class ComponentAlpha(Result):
+    index: int
+    alpha: float
+    label: LabelName
+
+
+@dataclass(frozen=True)
+class SpufixResult(Result):
+    mode: SpufixModeName
+    logit: float
+    predictions: tuple[Prediction, ...]
+
+
+@dataclass(frozen=True)
+class ScoreResult(Result):
+    """One image's score; when `error` is set only `image_id` is meaningful.
+
+    `bias_term` and `residual` are None when the analysed class has no fitted components;
+    `fit_id` names the fit whose components and labels scored it ("" for none).
+    """
+
+    image_id: str
+    error: ErrorStatus | None = None
+    predictions: tuple[Prediction, ...] = ()
+    class_index: int = -1
+    logit: float = 0.0
+    bias_term: float | None = None
+    residual: float | None = None
+    components: tuple[ComponentAlpha, ...] = ()
+    spurious_alpha: float = 0.0
+    trigger: bool = False
+    spufix: SpufixResult | None = None
+    fit_id: str = ""
+
+    @classmethod
+    def failed(cls, image_id: str, code: str, message: str) -> ScoreResult:
+        """The result of an image that could not be scored."""
+        return cls(image_id, ErrorStatus(code, message))
+
+
+# ---- evaluate ----
+
+
+
+@dataclass(frozen=True)
+class EvaluateProgress(Result):
+    phase: str  # "queued", "scanning", "clean", "spurious"
+    images_done: int
+    images_total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class ClassScore(Result):
+    class_index: int
+    auc: float
+    ap: float
+    clean_mean_prob: float
+    spurious_mean_prob: float
+    clean_frac_predicted: float
+    spurious_frac_predicted: float
+
+
+@dataclass(frozen=True)
+class ScoreTable(Result):
+    mean_auc: float
+    mean_ap: float
+    classes: tuple[ClassScore, ...]
+    clean_accuracy: float
+    spurious_frac_predicted: float
+
+
+@dataclass(frozen=True)
+class EvaluateResult(Result):
+    """The spurious score table without (`baseline`) and with SpuFix (`spufix`, in `spufix_mode`)."""
+
+    model: str
+    fit_id: str
+    baseline: ScoreTable
+    spufix: ScoreTable | None
+    spufix_mode: SpufixModeName | None
+    clean_images: int
+    spurious_images: int
+    skipped_images: int = 0  # unreadable files, left out of both sets
+    evaluation_id: str = ""  # the server's kept copy (its store's evaluations/<id>.json); "" if none
+
+
+EvaluateUpdate = Union[EvaluateProgress, EvaluateResult]

@@ -1,0 +1,345 @@
+"""The data plane: every operation of the service, in vocabulary types, without protobuf.
+
+The rpc layer's servicer only converts messages and delegates here (KServe's split of a thin
+servicer over a data plane). Each method checks its request once (serving.options), then works
+on the served models, the job registry and the store; blocking work (store reads, fits,
+evaluations, forward passes) runs on worker threads, never on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from spurguard import vocab
+from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE
+from spurguard.server.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    SpurguardError,
+    error_status,
+)
+from spurguard.server.serving.evaluation import run_evaluate
+from spurguard.server.serving.fitting import run_fit
+from spurguard.server.serving.jobs import JobRegistry
+from spurguard.server.serving.models import ImageSource, ModelRegistry, ServedModel
+from spurguard.server.serving.options import (
+    EvaluateSettings,
+    ScoreSettings,
+    VisualizeSettings,
+    evaluate_settings,
+    fit_request,
+    score_settings,
+    visualize_settings,
+)
+from spurguard.server.serving.paths import DataRoots
+from spurguard.server.store import Fit, Label, Store
+from spurguard.vocab import SPUFIX_MODES, UNLABELED, SpufixModeName
+
+log = logging.getLogger("spurguard.server")
+
+
+def label_record(label: Label) -> vocab.LabelRecord:
+    """A stored label as a result (an unlabeled component has no time)."""
+    updated = None if label.label == UNLABELED or label.updated is None else datetime.fromisoformat(label.updated)
+    return vocab.LabelRecord(label.model, label.fit_id, label.class_index, label.component, label.label,  # type: ignore[arg-type]
+                             label.note, updated)
+
+
+class DataPlane:
+    """The service's operations over its models, store, jobs and data roots."""
+
+    def __init__(
+        self,
+        models: ModelRegistry,
+        store: Store,
+        jobs: JobRegistry,
+        roots: DataRoots,
+        *,
+        spufix_default: SpufixModeName = "floor",
+        max_request_images: int = 1024,
+        max_heavy_calls: int = 2,
+    ) -> None:
+        if spufix_default not in SPUFIX_MODES:
+            raise InvalidInput(f"spufix default must be 'paper' or 'floor', got {spufix_default!r}")
+        if max_heavy_calls < 1:
+            raise InvalidInput(f"max_heavy_calls must be >= 1, got {max_heavy_calls}")
+        self.models = models
+        self.store = store
+        self.jobs = jobs
+        self.roots = roots
+        self.spufix_default = spufix_default
+        self.max_request_images = max_request_images
+        # Visualize and Evaluate each keep a worker thread busy for seconds to minutes; capped so
+        # that they leave cores (and the shared thread pool) to Score. More wait their turn.
+        self._heavy = asyncio.Semaphore(max_heavy_calls)
+
+    def _fitted(self, served: ServedModel, fit_id: str | None, class_index: int) -> Fit:
+        """The fit (current unless named) after checking the class: NOT_FOUND out of range,
+        FAILED_PRECONDITION when the fit has no components for it. Blocking (reads the store)."""
+        served.guard.check_class(class_index)
+        fit = self.store.load_fit(served.name, served.backend.digest, fit_id)
+        if class_index not in fit:
+            raise FailedPrecondition(
+                f"class {class_index} of model {served.name} is not fitted in fit {fit.fit_id} "
+                f"(fitted classes: {list(fit.classes)}); fit it first, e.g. Fit with extend"
+            )
+        return fit
+
+    # ---- models ----
+
+    def model_info(self, served: ServedModel, *, with_classes: bool) -> vocab.ModelInfo:
+        if not served.ready:
+            return vocab.ModelInfo(served.name, "", "", 0, 0, 0, "", False, False, None, (), 0, ())
+        backend, guard = served.backend, served.guard
+        classes = tuple(
+            vocab.ClassInfo(k, name, wnid) for k, (name, wnid) in enumerate(zip(backend.class_names, backend.class_wnids))
+        ) if with_classes else ()
+        return vocab.ModelInfo(
+            served.name, backend.kind, backend.device, backend.num_classes, backend.feature_dim, backend.input_size,
+            backend.digest, True, served.supports_gradients, guard.fit_id, tuple(guard.fitted_classes),
+            backend.max_batch_size, classes,
+        )
+
+    def list_models(self) -> list[vocab.ModelInfo]:
+        return [self.model_info(m, with_classes=False) for m in self.models]
+
+    def get_model(self, name: str) -> vocab.ModelInfo:
+        return self.model_info(self.models.get(name), with_classes=True)
+
+    # ---- fit jobs ----
+
+    def fit(self, request: vocab.FitRequest) -> AsyncIterator[vocab.FitUpdate]:
+        """Start (or re-attach to) a fit job and follow it."""
+        served = self.models.get(request.model)
+        backend = served.backend
+        dataset = self.roots.resolve(request.dataset)
+        request = fit_request(request, backend.num_classes)
+
+        def work(job_id: str, progress: Callable[[vocab.FitProgress], None], cancel: threading.Event) -> vocab.FitSummary:
+            assert request.num_components is not None  # fit_request filled it in
+            outcome = run_fit(
+                backend,
+                self.store,
+                dataset,
+                classes=list(request.classes) or None,
+                num_components=request.num_components,
+                batch_size=request.batch_size,
+                fit_id=job_id,
+                extend=request.extend,
+                progress=progress,
+                cancel=cancel,
+            )
+            served.reload_guard()  # before the job reports success, so callers then see the new fit
+            return outcome.summary()
+
+        return self.jobs.submit(request, work).updates()
+
+    def watch_job(self, job_id: str) -> AsyncIterator[vocab.FitUpdate]:
+        return self.jobs.get(job_id).updates()
+
+    def get_job(self, job_id: str) -> vocab.Job:
+        return self.jobs.get(job_id).info()
+
+    def list_jobs(self, model: str | None) -> list[vocab.Job]:
+        return [job.info() for job in self.jobs.list(model)]
+
+    def cancel_job(self, job_id: str) -> vocab.Job:
+        return self.jobs.cancel(job_id).info()
+
+    # ---- components and labels ----
+
+    async def components(self, request: vocab.GetComponentsRequest) -> vocab.Components:
+        served = self.models.get(request.model)
+        return await asyncio.to_thread(self._components, served, request)
+
+    def _components(self, served: ServedModel, request: vocab.GetComponentsRequest) -> vocab.Components:
+        k = request.class_index
+        fit = self._fitted(served, request.fit_id, k)
+        components = fit.components(k)
+        labels = {r.component: r for r in self.store.list_labels(
+            served.name, served.backend.digest, fit_id=fit.fit_id, class_index=k
+        )}
+        count = min(request.top or components.num_components, components.num_components)
+        floor = components.alpha_floor(DEFAULT_FLOOR_PERCENTILE)
+        _, bias = served.backend.head()
+        return vocab.Components(
+            model=served.name,
+            class_index=k,
+            fit_id=fit.fit_id,
+            images=components.count,
+            num_components=components.num_components,
+            floor_percentile=DEFAULT_FLOOR_PERCENTILE,
+            bias_term=float(bias[k]) + float(components.mean.sum()),
+            components=tuple(
+                vocab.Component(
+                    index=l,
+                    eigenvalue=float(components.eigenvalues[l]),
+                    explained_variance=float(components.explained_variance[l]),
+                    alpha_mean=float(components.alpha_mean[l]),
+                    alpha_floor=float(floor[l]),
+                    alpha_max=float(components.alpha_max[l]),
+                    label=labels[l].label if l in labels else UNLABELED,  # type: ignore[arg-type]
+                    note=labels[l].note if l in labels else "",
+                )
+                for l in range(count)
+            ),
+            vectors=components.vectors[:count] if request.include_vectors else None,
+            mean=components.mean if request.include_vectors else None,
+        )
+
+    async def label(self, request: vocab.LabelRequest) -> vocab.LabelRecord:
+        served = self.models.get(request.model)
+        return label_record(await asyncio.to_thread(self._set_label, served, request))
+
+    def _set_label(self, served: ServedModel, request: vocab.LabelRequest) -> Label:
+        k, component = request.class_index, request.component
+        fit = self._fitted(served, request.fit_id, k)
+        count = fit.summary(k).num_components
+        if component >= count:
+            raise NotFound(
+                f"component {component} does not exist: class {k} has components 0..{count - 1} in fit {fit.fit_id}"
+            )
+        record = self.store.set_label(
+            served.name, served.backend.digest, k, component, request.label, request.note, fit_id=fit.fit_id
+        )
+        if fit.fit_id == served.guard.fit_id:
+            served.reload_guard()  # SpuFix and scores use the new label from the next request on
+        return record
+
+    async def list_labels(self, request: vocab.ListLabelsRequest) -> tuple[str, list[vocab.LabelRecord]]:
+        """(the fit's id, its labels in (class, component) order)."""
+        served = self.models.get(request.model)
+        return await asyncio.to_thread(self._labels, served, request)
+
+    def _labels(self, served: ServedModel, request: vocab.ListLabelsRequest) -> tuple[str, list[vocab.LabelRecord]]:
+        if request.class_index is None:
+            fit = self.store.load_fit(served.name, served.backend.digest, request.fit_id)
+        else:
+            fit = self._fitted(served, request.fit_id, request.class_index)
+        records = self.store.list_labels(
+            served.name, served.backend.digest, fit_id=fit.fit_id, class_index=request.class_index, label=request.label
+        )
+        return fit.fit_id, [label_record(r) for r in records]
+
+    # ---- visualize ----
+
+    async def visualize(self, request: vocab.VisualizeRequest) -> AsyncIterator[vocab.VisualizeUpdate]:
+        """Top images, heatmaps, attack frames and results, computed as the stream is read."""
+        served = self.models.get(request.model)
+        settings = visualize_settings(request)
+        cancel = threading.Event()
+        updates = await asyncio.to_thread(self._visualization, served, request, settings, cancel)
+        loop = asyncio.get_running_loop()
+        async with self._heavy:
+            try:
+                # Pulled item by item on a worker thread: the work advances only as the stream is sent.
+                while (update := await loop.run_in_executor(None, next, updates, None)) is not None:
+                    yield update
+            except (asyncio.CancelledError, GeneratorExit):
+                cancel.set()  # the attack, if running, stops at its next step
+                log.info("Visualize %s class %d: the call ended early (client gone or server stopping); "
+                         "attack cancelled", served.name, request.class_index)
+                raise
+
+    def _visualization(
+        self, served: ServedModel, request: vocab.VisualizeRequest, settings: VisualizeSettings, cancel: threading.Event
+    ) -> Iterator[vocab.VisualizeUpdate]:
+        k = request.class_index
+        fit = self._fitted(served, request.fit_id, k)
+        return served.visualize(fit.components(k), fit.meta.dataset_root, settings, cancel)
+
+    # ---- score ----
+
+    def _score_settings(self, served: ServedModel, options: vocab.ScoreOptions) -> ScoreSettings:
+        return score_settings(options, served.backend.num_classes, self.spufix_default)
+
+    async def score(
+        self, model: str, images: Sequence[tuple[str, ImageSource]], options: vocab.ScoreOptions
+    ) -> list[vocab.ScoreResult]:
+        """One result per image, in order; an image that fails gets its error, the others are scored."""
+        served = self.models.get(model)
+        if len(images) > self.max_request_images:
+            raise ResourceExhausted(
+                f"{len(images)} images in one Score request, over the limit of {self.max_request_images}; "
+                "send smaller batches"
+            )
+        results = await served.score(images, self._score_settings(served, options))
+        return [image_result(image_id, result, "Score") for (image_id, _), result in zip(images, results)]
+
+    async def score_one(self, model: str, image_id: str, image: ImageSource, options: vocab.ScoreOptions) -> vocab.ScoreResult:
+        """One image of a stream; anything wrong with it, even an unknown model, is its error."""
+        try:
+            served = self.models.get(model)
+            (result,) = await served.score([(image_id, image)], self._score_settings(served, options))
+        except Exception as error:  # noqa: BLE001 - this image's error, not the stream's
+            result = error
+        return image_result(image_id, result, "ScoreStream")
+
+    # ---- evaluate ----
+
+    async def evaluate(self, request: vocab.EvaluateRequest) -> AsyncIterator[vocab.EvaluateUpdate]:
+        """Progress (first "queued" if other heavy calls run), then the table, kept in the store."""
+        served = self.models.get(request.model)
+        clean = self.roots.resolve(request.clean, "clean dataset")
+        spurious = self.roots.resolve(request.spurious, "spurious dataset")
+        settings = evaluate_settings(request, served.backend.num_classes, self.spufix_default)
+        if self._heavy.locked():
+            yield vocab.EvaluateProgress("queued", 0, 0, 0.0)
+        async with self._heavy, contextlib.aclosing(self._evaluate(served, clean, spurious, settings)) as updates:
+            async for update in updates:
+                yield update
+
+    async def _evaluate(
+        self, served: ServedModel, clean: Path, spurious: Path, settings: EvaluateSettings
+    ) -> AsyncIterator[vocab.EvaluateUpdate]:
+        backend = served.backend
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+        work = loop.run_in_executor(None, functools.partial(
+            run_evaluate, backend, served.guard, clean, spurious,
+            mode=settings.mode,
+            classes=settings.classes,
+            batch_size=settings.batch_size,
+            progress=lambda p: loop.call_soon_threadsafe(updates.put_nowait, p),
+            cancel=cancel,
+        ))
+        work.add_done_callback(lambda _: updates.put_nowait(None))  # after every progress put
+        try:
+            while (progress := await updates.get()) is not None:
+                yield progress
+            outcome = work.result()
+            if outcome.skipped:
+                image_id, why = outcome.skipped[0]
+                log.warning("Evaluate %s: %d unreadable images left out (first: %s: %s)",
+                            backend.name, len(outcome.skipped), image_id, why)
+        finally:
+            if not work.done():  # the client went away: stop at the next batch, expect Cancelled
+                cancel.set()
+                work.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:  # the client gets its table even if the store cannot keep a copy
+            record = outcome.record(clean, spurious, settings)
+            evaluation_id = await asyncio.to_thread(self.store.save_evaluation, backend.name, backend.digest, record)
+        except (OSError, SpurguardError) as error:
+            log.warning("Evaluate %s: could not keep the result in the store: %s", backend.name, error)
+            evaluation_id = ""
+        yield dataclasses.replace(outcome.result, evaluation_id=evaluation_id)
+
+
+def image_result(image_id: str, result: vocab.ScoreResult | BaseException, where: str) -> vocab.ScoreResult:
+    """An image's result; an exception (`where`: the RPC, for the log) becomes its error."""
+    if isinstance(result, BaseException):
+        status = error_status(result, where)
+        return vocab.ScoreResult.failed(image_id, status.code, status.message)
+    return result
+
