@@ -363,7 +363,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     score.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     score.add_argument("--model", required=True, metavar="NAME", help="model name")
     score.add_argument("--class", dest="class_index", type=_index, metavar="K", help="class to analyse (default: each image's top-1)")
-    score.add_argument("--top", type=_index, metavar="N", help="components reported, largest alpha first (server default: 5; 0: every kept one)")
+    score.add_argument("--top", type=_index, metavar="N", help="components reported, largest alpha first (server default: 5; 0: every kept one); the class's spurious-labelled ones are added")
     score.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode for spufix and trigger (default: the server's)")
     score.add_argument(
         "--batch-size",
