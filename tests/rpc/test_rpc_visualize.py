@@ -256,6 +256,9 @@ def test_errors_have_their_status_before_any_message(server: BackgroundServer, c
         "too many steps": (first(steps=MAX_STEPS + 1), CODE.INVALID_ARGUMENT, str(MAX_STEPS)),
         "negative eps": (first(eps=-1.0), CODE.INVALID_ARGUMENT, "eps"),
         "nan eps": (first(eps=float("nan")), CODE.INVALID_ARGUMENT, "eps"),
+        "eps that overflows": (first(eps=1e308), CODE.INVALID_ARGUMENT, "and 27.71 (from gray to a corner"),
+        "eps beyond the box": (first(eps=27.72), CODE.INVALID_ARGUMENT, "32x32 input; a larger radius bounds nothing"),
+        "eps that underflows": (first(eps=1e-300), CODE.INVALID_ARGUMENT, "between 0.004 (one grey level)"),
         "zero top_k": (first(top_k=0), CODE.INVALID_ARGUMENT, "top_k"),
         "too many frames": (first(steps=MAX_STEPS, frame_every=1), CODE.INVALID_ARGUMENT, "frame_every >= 6"),
         "no gradients": (first("forward_only"), CODE.FAILED_PRECONDITION, "need a local torch backend with gradients"),
@@ -274,6 +277,16 @@ def test_errors_have_their_status_before_any_message(server: BackgroundServer, c
             list(pb_grpc.SpurguardStub(channel).Visualize(
                 pb.VisualizeRequest(model="planted", class_index=0, components=[0], heatmap=9), timeout=10))
     assert caught.value.code() == CODE.INVALID_ARGUMENT and "heatmap" in caught.value.details()
+
+
+def test_request_values_at_their_limits_run(client: Client) -> None:
+    """The largest eps quoted in the error, the largest uint64 seed and uint32 frame_every are
+    accepted: a request value must never end in INTERNAL."""
+    *_, result = client.visualize("planted", 0, [0], steps=2, eps=27.71, seed=2**64 - 1, frame_every=2**32 - 1,
+                                  top_k=1, heatmap="none")
+    assert isinstance(result, AttackResult) and result.steps == 2
+    *_, smallest = client.visualize("planted", 0, [0], steps=1, eps=0.004, top_k=1, heatmap="none")
+    assert isinstance(smallest, AttackResult)
 
 
 # ---- cancellation ----

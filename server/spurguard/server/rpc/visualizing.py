@@ -79,7 +79,8 @@ def visualize_options(
     heatmap: str,
     heatmap_layer: str | None = None,
 ) -> VisualizeOptions:
-    """Check the request's limits (INVALID_ARGUMENT); eps and component indices are left to the engine."""
+    """Check the request's limits (INVALID_ARGUMENT); eps and component indices are left to the
+    engine, whose bounds depend on the model (its input size, its fit)."""
     if not components:
         raise InvalidInput("no components given; name at least one component index")
     if len(components) > MAX_COMPONENTS:
