@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 from spurguard.client import types as t
-from spurguard.client.cli_format import fraction, number
+from spurguard.client.cli_format import alpha_statistics, fraction, number
 from spurguard.client.cli_progress import visualize_line
 from spurguard.client.cli_visualize import VisualizeWriter
 from spurguard.client.client import Client
@@ -202,9 +202,7 @@ class ReportWriter:
             for name, value in (
                 ("explained variance", f"{100 * c.explained_variance:.1f}%"),
                 ("eigenvalue", number(c.eigenvalue)),
-                ("alpha mean", number(c.alpha_mean)),
-                ("alpha floor", number(c.alpha_floor)),
-                ("alpha max", number(c.alpha_max)),
+                *zip(("alpha mean", "alpha floor", "alpha max"), alpha_statistics(c)),
             )
         )
         figures = "".join(self._top_figure(top) for top in shown.get("top_images", []))
