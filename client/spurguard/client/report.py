@@ -37,6 +37,33 @@ LABEL_ORDER = ("spurious", "not_spurious", "inconsistent", "unlabeled")
 # Progress: (text, key); a new key (the class) is always shown.
 ReportProgress = Callable[[str, str], None]
 
+# The server's defaults, which the Visualize stream does not report back: the paper's L2 radius
+# 30 at 224 px, scaled with the input side (spurguard.server.visualize.attack.default_eps), and
+# the overlay colormap, stop -> RGB (spurguard.server.visualize.heatmap, an approximation of
+# matplotlib's inferno). The thin client cannot import the server; a test keeps them equal.
+PAPER_EPS, PAPER_SIZE = 30.0, 224
+HEATMAP_COLORMAP = (
+    (0.0, (0.00, 0.00, 0.02)),
+    (0.25, (0.34, 0.06, 0.43)),
+    (0.5, (0.73, 0.21, 0.33)),
+    (0.75, (0.98, 0.55, 0.04)),
+    (1.0, (0.99, 1.00, 0.64)),
+)
+
+
+def default_eps(input_size: int) -> float:
+    """The eps the server attacks with when none is asked for, for a model of this input side."""
+    return PAPER_EPS * input_size / PAPER_SIZE
+
+
+def _gradient() -> str:
+    """HEATMAP_COLORMAP as a CSS gradient, low heat on the left."""
+    stops = ", ".join(
+        f"rgb({', '.join(str(round(255 * c)) for c in rgb)}) {100 * stop:g}%" for stop, rgb in HEATMAP_COLORMAP
+    )
+    return f"linear-gradient(to right, {stops})"
+
+
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; margin: 0 0 .3em; }
@@ -59,7 +86,15 @@ figcaption .id { display: inline-block; max-width: 178px; overflow-wrap: anywher
 .badge.inconsistent { background: #f1e0a6; }
 .note { color: #444; font-style: italic; margin: .3em 0; }
 pre { background: #f5f5f5; padding: .4em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; user-select: all; }
-"""
+.legend { display: flex; align-items: center; gap: .5em; color: #555; margin: 0 0 1em; font-size: 12px; }
+.legend .bar { display: inline-block; width: 160px; height: 12px; border: 1px solid #999; background: GRADIENT; }
+""".replace("GRADIENT", _gradient())
+# The overlays' colour scale; the server blends heat over the image with weight 0.6 * heat.
+_LEGEND = (
+    '<p class="legend">heatmap colour: <span>low (the image shows through)</span>'
+    '<span class="bar" role="img" aria-label="colour scale: dark purple, red, orange, yellow"></span>'
+    "<span>high: where alpha comes from most (each image scaled to its own 95th percentile of heat)</span></p>\n"
+)
 
 
 def _e(value: object) -> str:
@@ -177,7 +212,11 @@ class ReportWriter:
         k, model = components.class_index, self.info.name
         title = f"{model} — class {k}: {class_name(self.info, k)}"
         steps = next((entry["steps"] for entry in shown.values() if entry.get("steps") is not None), None)
-        radius = "the server default (30 at 224 px)" if eps is None else number(eps)
+        size = self.info.input_size
+        radius = number(eps) if eps is not None else (
+            f"{number(default_eps(size))} (the server's default, {number(PAPER_EPS)} × {size}/{PAPER_SIZE} "
+            f"for this {size} px model)"
+        )
         meta = (
             f"fit {components.fit_id} · {components.images} fit images · components 0–{len(components.components) - 1} "
             f"shown of {components.num_components} · floor = {number(components.floor_percentile)}th percentile of "
@@ -185,9 +224,11 @@ class ReportWriter:
             f" · heatmaps: {_heatmap_methods(shown, layer)}"
         )
         rows = "".join(self._component_row(k, c, shown.get(c.index, {})) for c in components.components)
+        heatmaps = any(top.get("heatmap") for entry in shown.values() for top in entry.get("top_images", []))
         body = (
             '<p><a href="index.html">← all classes</a></p>\n'
             f"<h1>{_e(title)}</h1>\n<p class=\"meta\">{_e(meta)}</p>\n"
+            f"{_LEGEND if heatmaps else ''}"
             '<table class="components">\n<colgroup><col class="index"><col class="stats"><col><col class="attack">'
             '<col class="label"></colgroup>\n<thead><tr><th>component</th><th>statistics</th>'
             "<th>top fit images (left) and where alpha comes from (right)</th><th>feature attack</th>"
