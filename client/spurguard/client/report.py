@@ -89,7 +89,7 @@ pre { background: #f5f5f5; padding: .4em; white-space: pre-wrap; overflow-wrap: 
 .legend { display: flex; align-items: center; gap: .5em; color: #555; margin: 0 0 1em; font-size: 12px; }
 .legend .bar { display: inline-block; width: 160px; height: 12px; border: 1px solid #999; background: GRADIENT; }
 """.replace("GRADIENT", _gradient())
-# The overlays' colour scale; the server blends heat over the image with weight 0.6 * heat.
+# The overlays' colour scale: the server blends the colour over the image in proportion to heat.
 _LEGEND = (
     '<p class="legend">heatmap colour: <span>low (the image shows through)</span>'
     '<span class="bar" role="img" aria-label="colour scale: dark purple, red, orange, yellow"></span>'

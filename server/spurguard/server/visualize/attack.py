@@ -38,8 +38,6 @@ DEFAULT_FRAME_EVERY = 20
 BOX_HALF_WIDTH = min(GRAY, 1.0 - GRAY)  # [0, 1] around the gray start: |x - gray| <= 0.5
 MOMENTUM = 0.75  # APGD's alpha
 RHO = 0.75  # APGD: halve the step when fewer than this share of steps since the last checkpoint improved
-
-
 MIN_EPS = 1.0 / 255.0  # below one 8-bit grey level no pixel of the attack image can differ from gray
 
 
