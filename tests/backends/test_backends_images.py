@@ -107,6 +107,17 @@ def test_decompression_bomb_rejected_before_decoding(width: int, height: int, pi
             decode_image(data)
 
 
+@pytest.mark.parametrize("width, height", [(12_000, 10_000), (100_000, 100_000)])
+def test_decompression_bomb_message_names_the_servers_limit(width: int, height: int) -> None:
+    """PIL's own limits (89478485 warns, 178956970 raises) are not the server's; its cap is.
+    The warning is an error, as images.py makes it in a server process."""
+    with warnings.catch_warnings(), pytest.raises(ResourceExhausted, match=r"limit of 3000 pixels \(the server's") as caught:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # type: ignore[arg-type]
+        decode_image(png_with_header(width, height), ImageLimits(max_pixels=3000))
+    assert str(caught.value).startswith("image rejected as a decompression bomb")
+    assert "89478485" not in str(caught.value) and "178956970" not in str(caught.value)
+
+
 def test_no_decompression_bomb_warning_escapes_in_a_fresh_process() -> None:
     """Under the default warning filters of a server process, the warning becomes our error."""
     script = (

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import cli_fakes as f
 from spurguard.client import cli_format as fmt
+from spurguard import vocab as t
 from spurguard.vocab import to_json
 
 SCORE_KEYS = {"image", "predictions", "class", "logit", "bias_term", "residual", "components",
@@ -115,6 +116,17 @@ def test_components_table() -> None:
     assert "class 3" in lines[0] and "fit fit-1" in lines[0] and "images 40" in lines[0]
     assert lines[2].split() == ["0", "4", "50.0%", "0", "-1.25", "3.5", "spurious", "watermark"]
     assert lines[3].split() == ["1", "2", "25.0%", "0", "-0.5", "1.75", "unlabeled"]
+
+
+def test_zero_up_to_rounding_prints_as_zero() -> None:
+    """A mean of centred float32 alphas is 1e-8-ish or -0, not a number worth printing."""
+    rounded = (t.Component(0, 4.0, 0.5, 1.2e-8, -1.25, 3.5, "unlabeled", ""),
+               t.Component(1, 2.0, 0.25, -0.0, -0.5, 1.75, "unlabeled", ""),
+               t.Component(2, 1.0, 0.1, -2e-3, -0.5, 1.75, "unlabeled", ""))
+    lines = fmt.components_table(replace(f.components(), components=rounded)).splitlines()
+    assert [line.split()[3] for line in lines[2:]] == ["0", "0", "-0.002"]  # a real mean stays
+    assert (fmt.number(-0.0), fmt.number(1.2e-17), fmt.number(1.2e-17, scale=1.0), fmt.number(-3e-6, scale=1.0)) == (
+        "0", "1.2e-17", "0", "-3e-06")
 
 
 def test_evaluate_table_shows_without_and_with_spufix_side_by_side() -> None:

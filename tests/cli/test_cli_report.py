@@ -28,8 +28,10 @@ import cli_fakes as f
 from cli_fakes import FakeClient, RunCli
 from spurguard.client import Client
 from spurguard import vocab as t
+from spurguard.client import report as report_module
 from spurguard.client.report import COMPONENTS_PER_CALL
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
+from spurguard.server.visualize.heatmap import _COLORMAP_RGB, _COLORMAP_STOPS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "visualize"))
 from visualize_support import write_dataset, write_model_dir  # noqa: E402
@@ -221,3 +223,37 @@ def test_more_components_than_one_call_takes_are_split(cli_run: RunCli, tmp_path
     assert [args[2] for args, _ in calls] == [list(range(COMPONENTS_PER_CALL)), list(range(COMPONENTS_PER_CALL, len(many)))]
     assert all(kwargs["frame_every"] == 0 and kwargs["fit_id"] == "fit-1" for _, kwargs in calls)
     assert fake.called("get_components") == [(("tiny", 3), {"top": len(many), "fit_id": "fit-1"})]
+
+
+def _fake_report(cli_run: RunCli, out: Path, *argv: str, mean: float = 0.0, eps: float = 8.6) -> str:
+    """The page of class 3 from canned answers: component 0 has heatmaps and alpha mean `mean`,
+    its attack ran with `eps`."""
+    components = f.components(3)
+    rounded = (dataclasses.replace(components.components[0], alpha_mean=mean), *components.components[1:])
+    fake = FakeClient(get_model=f.model(fitted=(3,)), list_labels=[], visualize=f.visualize_updates(0, eps),
+                      get_components=dataclasses.replace(components, components=rounded))
+    outcome = cli_run(fake, "report", "--model", "tiny", "--out", str(out), *argv)
+    assert outcome.code == 0, outcome.err
+    return (out / "class_3.html").read_text(encoding="utf-8")
+
+
+def test_header_states_the_eps_used(cli_run: RunCli, tmp_path: Path) -> None:
+    """The radius the server says its attacks ran with (AttackResult.eps), default or asked for."""
+    assert "L2 radius 2.143 (the server&#x27;s default) · heatmaps" in _fake_report(
+        cli_run, tmp_path / "default", eps=30 * 16 / 224)
+    assert "L2 radius 1.5 · heatmaps" in _fake_report(cli_run, tmp_path / "given", "--eps", "1.5", eps=1.5)
+
+
+def test_heatmaps_come_with_the_servers_colour_scale(cli_run: RunCli, tmp_path: Path) -> None:
+    text = _fake_report(cli_run, tmp_path)
+    stops = [stop for stop, _ in report_module.HEATMAP_COLORMAP]
+    colours = [rgb for _, rgb in report_module.HEATMAP_COLORMAP]
+    assert stops == _COLORMAP_STOPS.tolist() and colours == [tuple(rgb) for rgb in _COLORMAP_RGB.tolist()]
+    gradient = "linear-gradient(to right, rgb(0, 0, 5) 0%, rgb(87, 15, 110) 25%"
+    assert gradient in text and '<p class="legend">heatmap colour: <span>low' in text
+    assert "high: where alpha comes from most" in text
+
+
+def test_an_alpha_mean_zero_up_to_rounding_prints_as_zero(cli_run: RunCli, tmp_path: Path) -> None:
+    text = _fake_report(cli_run, tmp_path, mean=-1.2e-9)
+    assert text.count("<tr><th>alpha mean</th><td>0</td></tr>") == 2 and "e-09" not in text

@@ -195,6 +195,33 @@ def test_guard_decomposes_exactly_and_fixes(backend: TorchBackend, dataset: Path
     store.set_label("tiny", backend.digest, k, 0, "unlabeled")
 
 
+def test_guard_reports_spurious_components_beyond_the_top(backend: TorchBackend, dataset: Path, fitted) -> None:
+    """SPEC §3: a spurious component with a small alpha still shows, after the top N by alpha."""
+    store, outcome, _ = fitted
+    k, spurious = 2, (1, 3)
+    fit = store.load_fit("tiny", backend.digest, outcome.meta.fit_id)
+    weight, bias = backend.head()
+    labels = {(k, 1): "spurious", (k, 3): "spurious", (k, 2): "not_spurious", (0, 0): "spurious"}
+    guard = Guard(class_names=backend.class_names, weight=weight, bias=bias,
+                  components={c: fit.components(c) for c in fit.classes}, labels=labels, fit_id="f")
+    paths = sorted((dataset / "cat").iterdir())
+    features = backend.features(backend.preprocess([p.read_bytes() for p in paths]))
+    alphas = _reference(backend, dataset, k)[2]
+    beyond_top = 0
+    for top in (1, 2, 0):
+        for result, row in zip(guard.score_features(features, [p.name for p in paths], class_index=k, top=top), alphas):
+            order = [int(l) for l in np.argsort(-row, kind="stable")]
+            head = order if top == 0 else order[:top]
+            expected = head + [l for l in order if l in spurious and l not in head]
+            assert [c.index for c in result.components] == expected
+            assert [c.label for c in result.components if c.index in spurious] == ["spurious", "spurious"]
+            beyond_top += len(expected) > len(head)
+            if top == 0:  # every kept component once: the residual identity holds
+                total = result.bias_term + result.residual + sum(c.alpha for c in result.components)
+                assert total == pytest.approx(result.logit, abs=1e-4)
+    assert beyond_top > 0  # the data do put a spurious component outside the top
+
+
 def test_guard_without_fit_still_predicts(backend: TorchBackend, tmp_path: Path) -> None:
     guard = Guard.load(backend, Store(tmp_path / "store"))
     features = torch.rand(2, DIM)

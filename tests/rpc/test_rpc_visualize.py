@@ -27,6 +27,7 @@ from spurguard.client import AttackFrame, AttackResult, Client, Heatmap, Spurgua
 from spurguard.server.backends import TorchBackend
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 from spurguard.server.serving.options import MAX_COMPONENTS, MAX_STEPS
+from spurguard.server.visualize import default_eps
 from spurguard.server.visualize.heatmap import default_gradcam_layer
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
@@ -146,11 +147,12 @@ def test_top_images_heatmaps_frames_and_the_attack_of_the_planted_component(
     stats = client.get_components("planted", 0, top=1).components[0]
     assert alphas[0] == pytest.approx(stats.alpha_max, rel=1e-6)
     for top in tops:  # the model's view of the file: size == resize, so the image itself
-        original = np.asarray(Image.open(root / "data" / "train" / top.image_id).convert("RGB"))
+        assert top.path == str((root / "data" / "train" / top.image_id).resolve())  # the file the server read
+        original = np.asarray(Image.open(top.path).convert("RGB"))
         assert np.abs(_pixels(top.png).astype(int) - original).max() <= 1
 
     heatmaps = kinds[Heatmap]
-    assert [(h.rank, h.image_id, h.alpha) for h in heatmaps] == [(t.rank, t.image_id, t.alpha) for t in tops]
+    assert [(h.rank, h.image_id, h.path, h.alpha) for h in heatmaps] == [(t.rank, t.image_id, t.path, t.alpha) for t in tops]
     assert {h.method for h in heatmaps} == {"integrated_gradients"}  # TorchScript: no layer to hook
     assert all(_pixels(h.png).shape == (SIZE, SIZE, 3) for h in heatmaps)
 
@@ -159,6 +161,7 @@ def test_top_images_heatmaps_frames_and_the_attack_of_the_planted_component(
     assert frames[0].alpha == pytest.approx(result.start_alpha)
     assert np.all(_pixels(frames[0].png) == 128)  # the gray start
     assert result.steps == STEPS and result.final_alpha >= max(f.alpha for f in frames) - 1e-6
+    assert result.eps == pytest.approx(default_eps(SIZE))  # the radius it ran with: the default here
     assert result.final_alpha - result.start_alpha > 2 * stats.alpha_max  # far beyond any fit image
     assert 0.0 < result.final_prob < 1.0 and _pixels(result.png).shape == (SIZE, SIZE, 3)
 
@@ -256,6 +259,9 @@ def test_errors_have_their_status_before_any_message(server: BackgroundServer, c
         "too many steps": (first(steps=MAX_STEPS + 1), CODE.INVALID_ARGUMENT, str(MAX_STEPS)),
         "negative eps": (first(eps=-1.0), CODE.INVALID_ARGUMENT, "eps"),
         "nan eps": (first(eps=float("nan")), CODE.INVALID_ARGUMENT, "eps"),
+        "eps that overflows": (first(eps=1e308), CODE.INVALID_ARGUMENT, "and 27.71 (from gray to a corner"),
+        "eps beyond the box": (first(eps=27.72), CODE.INVALID_ARGUMENT, "32x32 input; a larger radius bounds nothing"),
+        "eps that underflows": (first(eps=1e-300), CODE.INVALID_ARGUMENT, "between 0.004 (one grey level)"),
         "zero top_k": (first(top_k=0), CODE.INVALID_ARGUMENT, "top_k"),
         "too many frames": (first(steps=MAX_STEPS, frame_every=1), CODE.INVALID_ARGUMENT, "frame_every >= 6"),
         "no gradients": (first("forward_only"), CODE.FAILED_PRECONDITION, "need a local torch backend with gradients"),
@@ -274,6 +280,16 @@ def test_errors_have_their_status_before_any_message(server: BackgroundServer, c
             list(pb_grpc.SpurguardStub(channel).Visualize(
                 pb.VisualizeRequest(model="planted", class_index=0, components=[0], heatmap=9), timeout=10))
     assert caught.value.code() == CODE.INVALID_ARGUMENT and "heatmap" in caught.value.details()
+
+
+def test_request_values_at_their_limits_run(client: Client) -> None:
+    """The largest eps quoted in the error, the largest uint64 seed and uint32 frame_every are
+    accepted: a request value must never end in INTERNAL."""
+    *_, result = client.visualize("planted", 0, [0], steps=2, eps=27.71, seed=2**64 - 1, frame_every=2**32 - 1,
+                                  top_k=1, heatmap="none")
+    assert isinstance(result, AttackResult) and result.steps == 2
+    *_, smallest = client.visualize("planted", 0, [0], steps=1, eps=0.004, top_k=1, heatmap="none")
+    assert isinstance(smallest, AttackResult)
 
 
 # ---- cancellation ----

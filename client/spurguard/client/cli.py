@@ -185,7 +185,7 @@ def _global_options(parser: argparse.ArgumentParser, server_default: str | None,
 def _add_view_arguments(parser: argparse.ArgumentParser) -> None:
     """What visualize and report share: how hard to attack, how many top images, which heatmaps."""
     parser.add_argument("--steps", type=_count, metavar="N", help="attack steps (server default: 200)")
-    parser.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px)")
+    parser.add_argument("--eps", type=_positive_float, metavar="E", help="L2 radius in [0,1] pixel units (server default: 30 at 224 px; at most sqrt(3) * side / 2, gray to the box's corner)")
     parser.add_argument("--top-k", type=_count, metavar="N", help="top fit images per component (server default: 8)")
     parser.add_argument("--heatmap", choices=HEATMAP_METHODS,
                         help="heatmap method (server default: grad_cam, or integrated_gradients where the "
@@ -361,7 +361,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     score.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     score.add_argument("--model", required=True, metavar="NAME", help="model name")
     score.add_argument("--class", dest="class_index", type=_index, metavar="K", help="class to analyse (default: each image's top-1)")
-    score.add_argument("--top", type=_index, metavar="N", help="components reported, largest alpha first (server default: 5; 0: every kept one)")
+    score.add_argument("--top", type=_index, metavar="N", help="components reported, largest alpha first (server default: 5; 0: every kept one); the class's spurious-labelled ones are added")
     score.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode for spufix and trigger (default: the server's)")
     score.add_argument(
         "--batch-size",

@@ -14,6 +14,9 @@ from spurguard import vocab as t
 from spurguard.vocab import to_json
 
 MISSING = "-"  # a table cell with no value
+# Relative size below which a value is rounding: float32 alphas and their float64 sums agree to
+# about 1e-7 of the alphas' size.
+ROUNDING = 1e-6
 
 
 # ---- JSON ----
@@ -33,11 +36,23 @@ def json_line(value: Any) -> str:
 # ---- tables ----
 
 
-def number(value: float | None, digits: int = 4) -> str:
-    """A float in `digits` significant digits; MISSING for None or NaN."""
+def number(value: float | None, digits: int = 4, *, scale: float = 0.0) -> str:
+    """A float in `digits` significant digits; MISSING for None or NaN. A value that is zero up to
+    rounding, next to `scale` (the size of the numbers it was computed from), prints as 0, and so
+    does -0: a mean of centred alphas is 0 exactly and must not show as 1.2e-17 or -0."""
     if value is None or math.isnan(value):
         return MISSING
+    if abs(value) <= ROUNDING * abs(scale):
+        return "0"
     return f"{value:.{digits}g}"
+
+
+def alpha_statistics(component: t.Component) -> tuple[str, str, str]:
+    """A component's alpha mean, floor and max as shown; the mean, 0 in exact arithmetic (alphas
+    are centred on the fit images), is measured against the spread of the others."""
+    c = component
+    scale = max(abs(c.alpha_floor), abs(c.alpha_max))
+    return number(c.alpha_mean, scale=scale), number(c.alpha_floor), number(c.alpha_max)
 
 
 def fraction(value: float | None) -> str:
@@ -110,9 +125,7 @@ def components_table(components: t.Components) -> str:
             str(c.index),
             number(c.eigenvalue),
             f"{100 * c.explained_variance:.1f}%",
-            number(c.alpha_mean),
-            number(c.alpha_floor),
-            number(c.alpha_max),
+            *alpha_statistics(c),
             c.label,
             c.note,
         ]

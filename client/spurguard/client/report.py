@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 from spurguard import vocab as t
-from spurguard.client.cli_format import fraction, number
+from spurguard.client.cli_format import MISSING, alpha_statistics, fraction, number
 from spurguard.client.cli_progress import visualize_line
 from spurguard.client.cli_visualize import VisualizeWriter
 from spurguard.client.client import Client
@@ -36,6 +36,26 @@ LABEL_ORDER = ("spurious", "not_spurious", "inconsistent", "unlabeled")
 
 # Progress: (text, key); a new key (the class) is always shown.
 ReportProgress = Callable[[str, str], None]
+
+# The server's overlay colormap, stop -> RGB (spurguard.server.visualize.heatmap, an
+# approximation of matplotlib's inferno), for the legend. The thin client cannot import the
+# server; a test keeps the two equal.
+HEATMAP_COLORMAP = (
+    (0.0, (0.00, 0.00, 0.02)),
+    (0.25, (0.34, 0.06, 0.43)),
+    (0.5, (0.73, 0.21, 0.33)),
+    (0.75, (0.98, 0.55, 0.04)),
+    (1.0, (0.99, 1.00, 0.64)),
+)
+
+
+def _gradient() -> str:
+    """HEATMAP_COLORMAP as a CSS gradient, low heat on the left."""
+    stops = ", ".join(
+        f"rgb({', '.join(str(round(255 * c)) for c in rgb)}) {100 * stop:g}%" for stop, rgb in HEATMAP_COLORMAP
+    )
+    return f"linear-gradient(to right, {stops})"
+
 
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -59,7 +79,15 @@ figcaption .id { display: inline-block; max-width: 178px; overflow-wrap: anywher
 .badge.inconsistent { background: #f1e0a6; }
 .note { color: #444; font-style: italic; margin: .3em 0; }
 pre { background: #f5f5f5; padding: .4em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; user-select: all; }
-"""
+.legend { display: flex; align-items: center; gap: .5em; color: #555; margin: 0 0 1em; font-size: 12px; }
+.legend .bar { display: inline-block; width: 160px; height: 12px; border: 1px solid #999; background: GRADIENT; }
+""".replace("GRADIENT", _gradient())
+# The overlays' colour scale: the server blends the colour over the image in proportion to heat.
+_LEGEND = (
+    '<p class="legend">heatmap colour: <span>low (the image shows through)</span>'
+    '<span class="bar" role="img" aria-label="colour scale: dark purple, red, orange, yellow"></span>'
+    "<span>high: where alpha comes from most (each image scaled to its own 95th percentile of heat)</span></p>\n"
+)
 
 
 def _e(value: object) -> str:
@@ -177,7 +205,8 @@ class ReportWriter:
         k, model = components.class_index, self.info.name
         title = f"{model} — class {k}: {class_name(self.info, k)}"
         steps = next((entry["steps"] for entry in shown.values() if entry.get("steps") is not None), None)
-        radius = "the server default (30 at 224 px)" if eps is None else number(eps)
+        used = next((entry["eps"] for entry in shown.values() if entry.get("eps") is not None), None)
+        radius = MISSING if used is None else number(used) + ("" if eps is not None else " (the server's default)")
         meta = (
             f"fit {components.fit_id} · {components.images} fit images · components 0–{len(components.components) - 1} "
             f"shown of {components.num_components} · floor = {number(components.floor_percentile)}th percentile of "
@@ -185,9 +214,11 @@ class ReportWriter:
             f" · heatmaps: {_heatmap_methods(shown, layer)}"
         )
         rows = "".join(self._component_row(k, c, shown.get(c.index, {})) for c in components.components)
+        heatmaps = any(top.get("heatmap") for entry in shown.values() for top in entry.get("top_images", []))
         body = (
             '<p><a href="index.html">← all classes</a></p>\n'
             f"<h1>{_e(title)}</h1>\n<p class=\"meta\">{_e(meta)}</p>\n"
+            f"{_LEGEND if heatmaps else ''}"
             '<table class="components">\n<colgroup><col class="index"><col class="stats"><col><col class="attack">'
             '<col class="label"></colgroup>\n<thead><tr><th>component</th><th>statistics</th>'
             "<th>top fit images (left) and where alpha comes from (right)</th><th>feature attack</th>"
@@ -202,9 +233,7 @@ class ReportWriter:
             for name, value in (
                 ("explained variance", f"{100 * c.explained_variance:.1f}%"),
                 ("eigenvalue", number(c.eigenvalue)),
-                ("alpha mean", number(c.alpha_mean)),
-                ("alpha floor", number(c.alpha_floor)),
-                ("alpha max", number(c.alpha_max)),
+                *zip(("alpha mean", "alpha floor", "alpha max"), alpha_statistics(c)),
             )
         )
         figures = "".join(self._top_figure(top) for top in shown.get("top_images", []))

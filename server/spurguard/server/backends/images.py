@@ -97,8 +97,13 @@ def decode_image(data: bytes | bytearray | memoryview, limits: ImageLimits = DEF
         raise
     except UnidentifiedImageError:
         raise InvalidInput(f"not an image in a supported format ({', '.join(FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ResourceExhausted(f"image rejected as a decompression bomb: {error}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL checks its own, larger limit while it opens the file, before _check_pixels can run;
+        # a client must learn ours (max_pixels <= PIL's, so this image is over it too).
+        raise ResourceExhausted(
+            f"image rejected as a decompression bomb: over the limit of {limits.max_pixels} pixels "
+            "(the server's ImageLimits.max_pixels)"
+        ) from None
     except Exception as error:  # noqa: BLE001 - any decoder failure on untrusted bytes is bad input
         raise InvalidInput(f"corrupt or truncated image: {exception_line(error)}") from None
 

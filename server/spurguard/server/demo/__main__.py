@@ -4,6 +4,9 @@ Generates the planted-spurious data, starts a real server process with the demo 
 every class, plays the human labeller from the generator's ground truth (through the same
 Label API a person would use), scores a mixed batch of "production" images, and evaluates the
 spurious score without and with SpuFix in both modes. Everything goes over gRPC.
+
+`--data-only DIR` only writes the dataset (train / clean_test / spurious_test folders, masks,
+classes.txt and ground_truth.json) into DIR, for running the steps by hand; no server starts.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +25,14 @@ from spurguard.client import Client, ScoreResult
 from spurguard.client.cli_format import render_table
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line
 from spurguard.client.report import write_report
+from spurguard.server.demo.generator import (
+    GeneratorConfig,
+    GroundTruth,
+    generate,
+    load_ground_truth,
+    without_feature,
+)
 from spurguard.vocab import EvaluateResult, FitSummary
-from spurguard.server.demo.generator import GroundTruth, generate, load_ground_truth, without_feature
 from spurguard.server.engine import roc_auc
 from spurguard.server.rpc.process import ServerProcess
 
@@ -36,18 +46,18 @@ def _progress() -> Progress:
     return Progress(sys.stderr, "tty" if sys.stderr.isatty() else "plain", interval_s=5.0)
 
 
-def _dataset(workdir: Path, seed: int) -> tuple[Path, GroundTruth]:
-    """The generated data; regenerated only when missing or made with another seed."""
+def _dataset(workdir: Path, config: GeneratorConfig) -> tuple[Path, GroundTruth]:
+    """The generated data; regenerated only when missing or made with other settings."""
     root = workdir / "data"
     try:
         truth = load_ground_truth(root)
-        if truth.config.seed == seed:
+        if truth.config == config:
             return root, truth
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     shutil.rmtree(root, ignore_errors=True)
     started = time.monotonic()
-    generate(root, seed)
+    generate(root, **asdict(config))
     print(f"generated the planted-spurious dataset in {time.monotonic() - started:.1f}s: {root}")
     return root, load_ground_truth(root)
 
@@ -199,14 +209,49 @@ def evaluate_both(client: Client, data: Path, truth: GroundTruth) -> dict[str, E
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spurguard demo", description=__doc__.splitlines()[0])
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spurguard demo", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where data and store go (default .demo)")
+    parser.add_argument("--data-only", type=Path, metavar="DIR",
+                        help="only write the dataset and its ground truth into DIR (absent or empty) and exit; no server")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    defaults = GeneratorConfig()
+    for flag, what in (("train-per-class", "training images per class"), ("test-per-class", "clean test images per class"),
+                       ("spurious-per-feature", "spurious test images per planted feature")):
+        default = getattr(defaults, flag.replace("-", "_"))
+        parser.add_argument(f"--{flag}", type=_count, default=default, metavar="N", help=f"{what} (default {default})")
     parser.add_argument("--summary", type=Path, help="also write the numbers as JSON to this file")
+    return parser
+
+
+def write_data_only(root: Path, config: GeneratorConfig) -> None:
+    """The dataset alone, with where each part went."""
+    started = time.monotonic()
+    dataset = generate(root, **asdict(config))
+    print(f"wrote the planted-spurious dataset (seed {config.seed}) in {time.monotonic() - started:.1f}s:")
+    for part, path in dataset.paths.items():
+        print(f"  {part:<14} {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    config = GeneratorConfig(args.seed, args.train_per_class, args.test_per_class, args.spurious_per_feature)
+    if args.data_only is not None:
+        try:
+            write_data_only(args.data_only.resolve(), config)
+        except (FileExistsError, ValueError) as error:
+            parser.error(str(error))
+        return 0
     workdir = args.workdir.resolve()
-    data, truth = _dataset(workdir, args.seed)
+    data, truth = _dataset(workdir, config)
     store = workdir / "store"
     shutil.rmtree(store, ignore_errors=True)  # a fresh fit each run: the demo shows the whole job
     with ServerProcess(["--model", MODEL, "--store", str(store), "--data-root", str(data)]) as server:

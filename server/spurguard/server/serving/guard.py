@@ -100,7 +100,8 @@ class Guard:
         top: int | None = DEFAULT_TOP_COMPONENTS,
         mode: SpufixModeName = "floor",
     ) -> list[ScoreResult]:
-        """Score a batch of features [N, d]; `top` components by alpha (0: all kept ones).
+        """Score a batch of features [N, d]; `top` components by alpha (0: all kept ones), plus
+        the analysed class's spurious-labelled ones.
 
         The options are trusted (serving.options checked them); the engine checks the mode.
         """
@@ -153,11 +154,16 @@ class Guard:
         return results
 
     def _top_components(self, k: int, alphas: torch.Tensor, top: int | None) -> tuple[ComponentAlpha, ...]:
+        """The `top` components by alpha (0: all kept ones), then the class's spurious-labelled
+        components not among them, by alpha: a trigger must be explainable from the result
+        even when the spurious component's alpha is small next to the others'."""
         kept = alphas[: self.num_components[k]]
         count = kept.shape[0] if top == 0 else min(DEFAULT_TOP_COMPONENTS if top is None else top, kept.shape[0])
-        order = torch.argsort(kept, descending=True, stable=True)[:count].tolist()
+        order = torch.argsort(kept, descending=True, stable=True).tolist()
+        spurious = set(self.spurious.get(k, ()))
+        shown = order[:count] + [l for l in order[count:] if l in spurious]
         return tuple(
-            ComponentAlpha(l, float(kept[l]), self.labels.get((k, l), UNLABELED)) for l in order
+            ComponentAlpha(l, float(kept[l]), self.labels.get((k, l), UNLABELED)) for l in shown
         )
 
     def _predictions(self, probs: torch.Tensor, logits: torch.Tensor) -> tuple[Prediction, ...]:

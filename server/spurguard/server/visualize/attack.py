@@ -38,11 +38,18 @@ DEFAULT_FRAME_EVERY = 20
 BOX_HALF_WIDTH = min(GRAY, 1.0 - GRAY)  # [0, 1] around the gray start: |x - gray| <= 0.5
 MOMENTUM = 0.75  # APGD's alpha
 RHO = 0.75  # APGD: halve the step when fewer than this share of steps since the last checkpoint improved
+MIN_EPS = 1.0 / 255.0  # below one 8-bit grey level no pixel of the attack image can differ from gray
 
 
 def default_eps(size: int) -> float:
     """The paper's eps for a size x size input: L2 norms grow with sqrt(pixels), i.e. with the side."""
     return PAPER_EPS * size / PAPER_SIZE
+
+
+def max_eps(size: int) -> float:
+    """The distance from gray to the corners of the [0, 1] box of a 3 x size x size input: the ball
+    of this radius already holds the whole box, so a larger eps attacks exactly the same images."""
+    return BOX_HALF_WIDTH * math.sqrt(3.0) * size
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -93,7 +100,8 @@ def feature_attack(
 ) -> Iterator[AttackFrame | AttackResult]:
     """Attack components `indices` of a class as one batch; yields frames, then one AttackResult.
 
-    eps defaults to the paper's 30 at 224² scaled to the model's input side, steps to 200.
+    eps defaults to the paper's 30 at 224² scaled to the model's input side, steps to 200; it
+    must lie in [MIN_EPS, max_eps(side)], beyond which it bounds nothing (and overflows).
     Frames come every `frame_every` steps (0: none). `seed` drives the only randomness: the
     first step of a component whose gradient vanishes at gray goes in a seeded random direction.
     Setting `cancel` stops the attack at the next step with Cancelled. Arguments are checked
@@ -104,6 +112,14 @@ def feature_attack(
     steps = DEFAULT_STEPS if steps is None else int(steps)
     if not (math.isfinite(eps) and eps > 0):
         raise InvalidInput(f"eps must be a positive number, got {eps}")
+    largest = max_eps(backend.input_size)
+    if not MIN_EPS <= eps <= largest:
+        raise InvalidInput(  # both ends rounded inwards, so that the numbers quoted are accepted
+            f"eps must be between {math.ceil(MIN_EPS * 1e4) / 1e4:g} (one grey level) and "
+            f"{math.floor(largest * 100) / 100:g} (from gray to a corner of the [0, 1] box of model "
+            f"{backend.name}'s {backend.input_size}x{backend.input_size} input; a larger radius bounds nothing), "
+            f"got {eps:g}"
+        )
     if steps < 1:
         raise InvalidInput(f"steps must be at least 1, got {steps}")
     if frame_every < 0:
