@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
+import re
 import shlex
 import sys
 import time
@@ -135,6 +137,27 @@ def _positive_float(text: str) -> float:
 
 # ---- parser ----
 
+
+def version() -> str:
+    """The installed distribution's version; from a source checkout, the one pyproject.toml declares."""
+    try:
+        return importlib.metadata.version("spurguard")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE) if pyproject.is_file() else None
+        return found.group(1) if found else "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: looks the version up only when asked, not on every run (a metadata scan)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"spurguard {version()}")
+        parser.exit()
+
 _EPILOG = f"""\
 The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_SERVER}. --server,
 --tls*, --json and --timeout may be given before or after the command name.
@@ -207,6 +230,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction, help="print `spurguard VERSION` and exit")
     _global_options(parser, server_default, for_command=False)
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, server_default, for_command=True)
