@@ -34,10 +34,10 @@ from spurguard.client.client import (
     tls_credentials,
 )
 from spurguard.client.report import DEFAULT_TOP, write_report
+from spurguard.formats import IMAGE_SUFFIXES
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "SPURGUARD_SERVER"
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")  # what the server decodes (SPEC section 2)
 LABELS = ("spurious", "not_spurious", "inconsistent", "unlabeled")
 SPUFIX_MODES = ("paper", "floor")
 

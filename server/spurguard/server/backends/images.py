@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from spurguard.formats import IMAGE_FORMATS
 from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig, one_line
 from spurguard.server.errors import InvalidInput, ResourceExhausted, SpurguardError
 
@@ -24,8 +25,9 @@ from spurguard.server.errors import InvalidInput, ResourceExhausted, SpurguardEr
 # ImageLimits, whose max_pixels is checked right after the header is read.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
-# Formats whose decoders are in-process and bounded; excludes e.g. EPS (runs Ghostscript).
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
+# Formats whose decoders are in-process and bounded: spurguard.formats' table, which the dataset
+# listing and the CLI's folder expansion share.
+FORMATS = tuple(IMAGE_FORMATS)
 
 # Transparent pixels are composited onto mid-gray: the neutral image (0.5 in [0, 1]) that is
 # closest to "no evidence" for a classifier, and the image the feature attack starts from.
