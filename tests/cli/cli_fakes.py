@@ -127,7 +127,7 @@ class FakeClient:
     def __init__(self, **answers: Any) -> None:
         self.answers = answers
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-        self.error: SpurguardClientError | None = None
+        self.error: Exception | None = None  # a SpurguardClientError, or the ValueError of a bad argument
         self.closed = False
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:

@@ -351,6 +351,21 @@ def test_label_and_list_labels(client: Client, fake: FakeSpurguard) -> None:
     assert fake.calls["Label"] == 2
 
 
+def test_values_out_of_a_fields_range_name_the_argument(client: Client, fake: FakeSpurguard) -> None:
+    """protobuf alone says only "Value out of range: 99999999999"."""
+    with pytest.raises(ValueError, match=r"^bad top=99999999999 for GetComponentsRequest: Value out of range"):
+        client.get_components("demo", 0, top=99999999999)
+    with pytest.raises(ValueError, match=r"^bad top=4294967296 for ScoreOptions: "):
+        client.score("demo", [b"x"], top=2**32)
+    with pytest.raises(ValueError, match=r"^bad class_index=2147483648 for LabelRequest: "):
+        client.label("demo", 2**31, 0, "spurious")
+    with pytest.raises(ValueError, match=r"^bad components=\[-1\] for VisualizeRequest: "):
+        client.visualize("demo", 0, [-1])
+    with pytest.raises(TypeError, match=r"^bad num_components='3' for FitRequest: "):  # a wrong type stays a TypeError
+        client.fit("demo", "/data", num_components="3")  # type: ignore[arg-type]
+    assert sum(fake.calls.values()) == 0
+
+
 # ---- visualize ----
 
 def test_visualize(client: Client, fake: FakeSpurguard) -> None:

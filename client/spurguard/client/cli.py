@@ -16,6 +16,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 from contextlib import closing
 from pathlib import Path
 
@@ -43,7 +44,7 @@ SPUFIX_MODES = ("paper", "floor")
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a call failed: the server's status code is printed
-EXIT_USAGE = 2  # bad arguments (argparse), or the server extra missing for serve/demo
+EXIT_USAGE = 2  # bad arguments (argparse or the client's checks), or the server extra missing for serve/demo
 EXIT_PARTIAL = 3  # score: some images failed, the others were printed
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
@@ -53,6 +54,7 @@ FORWARDED = {
     "demo": "spurguard.server.demo.__main__",
 }
 
+_T = TypeVar("_T")
 ClientFactory = Callable[[str, float | None, grpc.ChannelCredentials | None], Client]
 Handler = Callable[[argparse.Namespace, Client], int]
 
@@ -93,7 +95,14 @@ def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | N
 # ---- argument types ----
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+# The proto fields the integer options fill: a value beyond its field's range is a usage error
+# here rather than protobuf's ValueError when the request is built.
+INT32_MAX = 2**31 - 1  # class indices
+UINT32_MAX = 2**32 - 1  # counts and component indices
+UINT64_MAX = 2**64 - 1  # the attack seed
+
+
+def _int_between(minimum: int, maximum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -101,21 +110,33 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
 
 
-_index = _int_at_least(0)
-_count = _int_at_least(1)
+_class_index = _int_between(0, INT32_MAX)
+_index = _int_between(0, UINT32_MAX)
+_count = _int_between(1, UINT32_MAX)
+_seed = _int_between(0, UINT64_MAX)
 
 
-def _index_list(text: str) -> list[int]:
-    """Comma-separated non-negative indices: "0,3,7"."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated indices like 0,3,7; got {text!r}")
-    return [_index(part) for part in parts]
+def _comma_list(item: Callable[[str], _T], example: str) -> Callable[[str], list[_T]]:
+    """Comma-separated values of one type, e.g. "0,3,7"."""
+
+    def parse(text: str) -> list[_T]:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated values like {example}; got {text!r}")
+        return [item(part) for part in parts]
+
+    return parse
+
+
+_class_list = _comma_list(_class_index, "0,3,7")
+_index_list = _comma_list(_index, "0,3,7")
 
 
 def _float_at_least_zero(text: str) -> float:
@@ -273,7 +294,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         help="image folder ON THE SERVER, laid out DIR/<class>/<image>: absolute, or relative to one "
         "of the server's --data-root folders",
     )
-    fit.add_argument("--classes", type=_index_list, default=[], metavar="K,K,…", help="classes to fit (default: every class with images)")
+    fit.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help="classes to fit (default: every class with images)")
     fit.add_argument("--components", type=_count, metavar="N", help="components kept per class (server default: 50)")
     fit.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
     fit.add_argument(
@@ -315,7 +336,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "over the fit images (mean, floor = the q-th percentile, max) and the label.",
     )
     components.add_argument("--model", required=True, metavar="NAME", help="model name")
-    components.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    components.add_argument("--class", dest="class_index", required=True, type=_class_index, metavar="K", help="class index")
     components.add_argument("--top", type=_index, metavar="N", help="only the first N components (default and 0: all kept)")
 
     label = command(
@@ -326,7 +347,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "spurious evidence use the components labelled spurious; unlabeled clears a label.",
     )
     label.add_argument("--model", required=True, metavar="NAME", help="model name")
-    label.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    label.add_argument("--class", dest="class_index", required=True, type=_class_index, metavar="K", help="class index")
     label.add_argument("--component", required=True, type=_index, metavar="L", help="component index (0 = largest eigenvalue)")
     label.add_argument("--as", dest="label", required=True, choices=LABELS, help="the verdict")
     label.add_argument("--note", default="", metavar="TEXT", help="why (kept with the label)")
@@ -340,7 +361,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "class_<K>/component_<L>/{top_<rank>,heatmap_<rank>,frame_<step>,attack}.png.",
     )
     visualize.add_argument("--model", required=True, metavar="NAME", help="model name")
-    visualize.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    visualize.add_argument("--class", dest="class_index", required=True, type=_class_index, metavar="K", help="class index")
     visualize.add_argument(
         "--component",
         required=True,
@@ -352,7 +373,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     visualize.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the PNGs (created)")
     _add_view_arguments(visualize)
     visualize.add_argument("--frame-every", type=_index, metavar="N", help="an attack frame every N steps (default steps/10; 0: none)")
-    visualize.add_argument("--seed", type=_index, metavar="S", help="attack randomness (default 0: deterministic)")
+    visualize.add_argument("--seed", type=_seed, metavar="S", help="attack randomness (default 0: deterministic)")
 
     report = command(
         "report",
@@ -368,7 +389,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "components}]}.",
     )
     report.add_argument("--model", required=True, metavar="NAME", help="model name")
-    report.add_argument("--class", dest="class_index", type=_index, metavar="K", help="only this class (default: every fitted class)")
+    report.add_argument("--class", dest="class_index", type=_class_index, metavar="K", help="only this class (default: every fitted class)")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the pages and PNGs (created)")
     report.add_argument("--top", type=_count, default=DEFAULT_TOP, metavar="N", help=f"components per class, from index 0 (default {DEFAULT_TOP})")
     _add_view_arguments(report)
@@ -386,7 +407,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     )
     score.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     score.add_argument("--model", required=True, metavar="NAME", help="model name")
-    score.add_argument("--class", dest="class_index", type=_index, metavar="K", help="class to analyse (default: each image's top-1)")
+    score.add_argument("--class", dest="class_index", type=_class_index, metavar="K", help="class to analyse (default: each image's top-1)")
     score.add_argument("--top", type=_index, metavar="N", help="components reported, largest alpha first (server default: 5; 0: every kept one)")
     score.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode for spufix and trigger (default: the server's)")
     score.add_argument(
@@ -414,7 +435,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         help="spurious folder ON THE SERVER in the Spurious ImageNet layout (spurious_imagenet_<class>_…_<component>)",
     )
     evaluate.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode (default: the server's)")
-    evaluate.add_argument("--classes", type=_index_list, default=[], metavar="K,K,…", help="classes to evaluate (default: every class with spurious images)")
+    evaluate.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help="classes to evaluate (default: every class with spurious images)")
     evaluate.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
     return parser
 
@@ -766,7 +787,7 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = c
     except SpurguardClientError as error:
         where = f" (server {args.server})" if error.code == grpc.StatusCode.UNAVAILABLE else ""
         _error(f"{error.code.name}: {' '.join(error.details.split())}{where}")
-    except UsageError as error:
+    except (UsageError, ValueError) as error:  # the client raises ValueError for arguments it cannot send
         args.command_parser.error(str(error))
     except KeyboardInterrupt:
         print("spurguard: interrupted", file=sys.stderr)

@@ -189,7 +189,8 @@ class Client:
 
         The job keeps running if the iteration stops; follow it again with `watch_job`.
         """
-        request = pb.FitRequest(
+        request = _request(
+            pb.FitRequest,
             model=model,
             dataset=dataset,
             classes=list(classes),
@@ -228,7 +229,8 @@ class Client:
         fit_id: str | None = None,
     ) -> t.ClassComponents:
         """One class's components (the first `top`, or all), with vectors only if asked."""
-        request = pb.GetComponentsRequest(
+        request = _request(
+            pb.GetComponentsRequest,
             model=model, class_index=class_index, top=top, include_vectors=include_vectors, fit_id=fit_id
         )
         return _components(self._unary(self._stub.GetComponents, request, idempotent=True))
@@ -244,7 +246,8 @@ class Client:
         fit_id: str | None = None,
     ) -> t.LabelRecord:
         """Label a component "spurious", "not_spurious", "inconsistent" or "unlabeled" (clears)."""
-        request = pb.LabelRequest(
+        request = _request(
+            pb.LabelRequest,
             model=model,
             class_index=class_index,
             component=component,
@@ -263,7 +266,8 @@ class Client:
         fit_id: str | None = None,
     ) -> list[t.LabelRecord]:
         """Labels of a fit; `label="unlabeled"` lists the components nobody labelled yet."""
-        request = pb.ListLabelsRequest(
+        request = _request(
+            pb.ListLabelsRequest,
             model=model,
             class_index=class_index,
             label=None if label is None else _label_value(label),
@@ -297,7 +301,8 @@ class Client:
         """
         if heatmap not in _HEATMAPS:
             raise ValueError(f"heatmap must be one of {list(HEATMAP_METHODS)} or None, got {heatmap!r}")
-        request = pb.VisualizeRequest(
+        request = _request(
+            pb.VisualizeRequest,
             model=model,
             class_index=class_index,
             components=list(components),
@@ -411,7 +416,8 @@ class Client:
         batch_size: int | None = None,
     ) -> Iterator[t.EvaluateUpdate]:
         """The spurious score benchmark on server-side folders: EvaluateProgress, then EvaluateResult."""
-        request = pb.EvaluateRequest(
+        request = _request(
+            pb.EvaluateRequest,
             model=model,
             clean=clean,
             spurious=spurious,
@@ -452,6 +458,20 @@ def _in_order(replies: Iterator[tuple[int, _T]], local_failure: list[BaseExcepti
 # ---- requests from Python values ----
 
 
+def _request(message: Callable[..., _M], **fields: Any) -> _M:
+    """`message(**fields)`; protobuf's bare "Value out of range: 99999999999" (or type error) is
+    raised again naming the argument that caused it, so that the caller knows what to fix."""
+    try:
+        return message(**fields)
+    except (ValueError, TypeError):
+        for name, value in fields.items():
+            try:
+                message(**{name: value})
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"bad {name}={value!r} for {message.__name__}: {error}") from None
+        raise
+
+
 def _enum_value(enum: Any, name: str, what: str, allowed: Sequence[str]) -> int:
     if name not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {name!r}")
@@ -467,7 +487,7 @@ def _spufix_value(mode: str | None) -> int:
 
 
 def _score_options(class_index: int | None, top: int | None, spufix: str | None) -> pb.ScoreOptions:
-    return pb.ScoreOptions(class_index=class_index, top=top, spufix=_spufix_value(spufix))
+    return _request(pb.ScoreOptions, class_index=class_index, top=top, spufix=_spufix_value(spufix))
 
 
 def _is_pil_image(value: object) -> bool:
