@@ -103,4 +103,4 @@ def test_a_call_failure_stops_with_the_status(cli_run: RunCli, images: Path) -> 
     outcome = cli_run(fake, "score", "--json", "--model", "nope", str(images))
     assert outcome.code == cli.EXIT_ERROR
     assert outcome.err == "spurguard: error: NOT_FOUND: no model 'nope'\n"
-    assert outcome.out == ""
+    assert json.loads(outcome.out) == {"error": {"code": "NOT_FOUND", "message": "no model 'nope'"}}  # SPEC section 3

@@ -60,7 +60,14 @@ Handler = Callable[[argparse.Namespace, Client], int]
 
 
 class CliError(Exception):
-    """A failure on the client's side (not a server status): printed as one line, exit 1."""
+    """A failure on the client's side (not a server status): printed as one line, exit 1.
+
+    `code` is the gRPC status that describes it best, for the --json error document.
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class UsageError(Exception):
@@ -185,7 +192,8 @@ The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_SERVER
 
 exit status:
   {EXIT_OK}    success
-  {EXIT_ERROR}    a call failed; "spurguard: error: CODE: message" names the gRPC status
+  {EXIT_ERROR}    a call failed; "spurguard: error: CODE: message" names the gRPC status (with
+       --json, {{"error": {{"code": CODE, "message": …}}}} goes to stdout as well)
   {EXIT_USAGE}    usage error (or serve/demo without the spurguard[server] extra)
   {EXIT_PARTIAL}    score: some images failed (their lines carry the error); the rest were scored
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); a fit job keeps running on the server
@@ -514,7 +522,7 @@ def _follow(args: argparse.Namespace, client: Client, updates: Iterator[t.FitUpd
     finally:
         progress.close()
     if summary is None:
-        raise CliError(f"the server ended fit job {job_id}'s stream without a summary")
+        raise CliError(f"the server ended fit job {job_id}'s stream without a summary", grpc.StatusCode.INTERNAL)
     _print(fmt.json_document(fmt.fit_summary_to_dict(summary)) if args.json else fmt.fit_summary_table(summary))
     return EXIT_OK
 
@@ -533,7 +541,7 @@ def cmd_fit(args: argparse.Namespace, client: Client) -> int:
         return _follow(args, client, updates, args.job_id)
     first = next(updates, None)  # the first update names the job; leaving the stream does not stop it
     if first is None:
-        raise CliError("the server ended the fit stream before naming the job")
+        raise CliError("the server ended the fit stream before naming the job", grpc.StatusCode.INTERNAL)
     job = client.get_job(first.job_id)
     if args.json:
         _print(fmt.json_document(fmt.job_to_dict(job)))
@@ -649,18 +657,21 @@ def expand_images(arguments: Sequence[str]) -> list[str]:
     return paths
 
 
+def _os_error_code(error: OSError) -> grpc.StatusCode:
+    """The status a local file error would have had from the server."""
+    if isinstance(error, FileNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, PermissionError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    return grpc.StatusCode.UNKNOWN
+
+
 def _unreadable(path: str, error: OSError) -> t.ScoreResult:
     """A result line for a file the CLI itself could not read."""
-    if isinstance(error, FileNotFoundError):
-        code = grpc.StatusCode.NOT_FOUND
-    elif isinstance(error, PermissionError):
-        code = grpc.StatusCode.PERMISSION_DENIED
-    else:
-        code = grpc.StatusCode.UNKNOWN
     reason = error.strerror or str(error)
     return t.ScoreResult(
         image=path,
-        error=t.ErrorInfo(code.name, f"cannot read {path}: {reason}"),
+        error=t.ErrorInfo(_os_error_code(error).name, f"cannot read {path}: {reason}"),
         predictions=(),
         class_index=-1,
         logit=0.0,
@@ -746,7 +757,7 @@ def cmd_evaluate(args: argparse.Namespace, client: Client) -> int:
     finally:
         progress.close()
     if result is None:
-        raise CliError("the server ended the evaluate stream without a result")
+        raise CliError("the server ended the evaluate stream without a result", grpc.StatusCode.INTERNAL)
     _print(fmt.json_document(result.to_dict()) if args.json else fmt.evaluate_table(result))
     return EXIT_OK
 
@@ -769,8 +780,13 @@ def _forward(command: str, argv: list[str]) -> int:
     return EXIT_OK if status is None else int(status)
 
 
-def _error(message: str) -> None:
-    print(f"spurguard: error: {message}", file=sys.stderr)
+def _failed(args: argparse.Namespace, code: grpc.StatusCode, message: str, line: str) -> int:
+    """A failed command: `line` on stderr and, with --json, SPEC section 3's error document on
+    stdout too, so that a script reading stdout sees the failure and its code."""
+    if args.json:
+        _print(fmt.json_document({"error": fmt.error_to_dict(t.ErrorInfo(code.name, message))}))
+    print(f"spurguard: error: {line}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = connect) -> int:
@@ -786,7 +802,8 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = c
             return int(args.handler(args, client))
     except SpurguardClientError as error:
         where = f" (server {args.server})" if error.code == grpc.StatusCode.UNAVAILABLE else ""
-        _error(f"{error.code.name}: {' '.join(error.details.split())}{where}")
+        message = f"{' '.join(error.details.split())}{where}"
+        return _failed(args, error.code, message, f"{error.code.name}: {message}")
     except (UsageError, ValueError) as error:  # the client raises ValueError for arguments it cannot send
         args.command_parser.error(str(error))
     except KeyboardInterrupt:
@@ -794,8 +811,10 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = c
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `spurguard score --json … | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (CliError, OSError) as error:
-        _error(str(error))
+    except CliError as error:
+        return _failed(args, error.code, str(error), str(error))
+    except OSError as error:
+        return _failed(args, _os_error_code(error), str(error), str(error))
     return EXIT_ERROR
 
 

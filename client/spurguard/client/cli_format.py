@@ -67,6 +67,11 @@ def model_to_dict(model: t.ModelInfo) -> dict[str, Any]:
     return out
 
 
+def error_to_dict(error: t.ErrorInfo) -> dict[str, str]:
+    """{code, message}: a failed job's error, and the --json document of a failed command."""
+    return {"code": error.code, "message": error.message}
+
+
 def fit_progress_to_dict(progress: t.FitProgress) -> dict[str, Any]:
     return {
         "phase": progress.phase,
@@ -112,7 +117,7 @@ def job_to_dict(job: t.Job) -> dict[str, Any]:
         },
         "progress": None if job.progress is None else fit_progress_to_dict(job.progress),
         "summary": None if job.summary is None else fit_summary_to_dict(job.summary),
-        "error": None if job.error is None else {"code": job.error.code, "message": job.error.message},
+        "error": None if job.error is None else error_to_dict(job.error),
         "created": _iso(job.created),
         "updated": _iso(job.updated),
     }
