@@ -13,7 +13,7 @@ from spurguard.client import SpurguardClientError, cli
 
 
 def test_models_table_and_json(cli_run: RunCli) -> None:
-    fake = FakeClient(list_models=[f.model()])
+    fake = FakeClient(list_models=[f.model()], get_model=f.model(classes=True))
     human = cli_run(fake, "models")
     assert human.code == cli.EXIT_OK and human.out.splitlines()[1].split()[0] == "tiny"
     doc = json.loads(cli_run(fake, "models", "--json").out)

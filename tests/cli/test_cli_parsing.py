@@ -53,7 +53,7 @@ def test_server_default_comes_from_the_environment() -> None:
 
 
 def test_main_connects_to_the_env_server_with_the_timeout(cli_run: RunCli, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeClient(list_models=[model()])
+    fake = FakeClient(list_models=[model()], get_model=model())
     monkeypatch.setenv(cli.SERVER_ENV, "env:7")
     assert cli_run(fake, "models", "--timeout", "2.5").connects == [("env:7", 2.5)]
     assert cli_run(fake, "--timeout", "0", "models").connects == [("env:7", None)]  # 0: no deadline
@@ -74,7 +74,8 @@ def test_index_lists_and_repeatable_components() -> None:
         (["fit", "--model", "m", "--data", "d", "--classes", "0,,3"], "comma-separated"),
         (["fit", "--model", "m", "--data", "d", "--classes", "0,-1"], "must be >= 0"),
         (["fit", "--model", "m", "--data", "d", "--components", "0"], "must be >= 1"),
-        (["components", "--model", "m", "--class", "x"], "not an integer"),
+        (["components", "--model", "m", "--class", "-1"], "must be >= 0"),
+        (["components", "--model", "m", "--class", " "], "expected a class index or name"),
         (["label", "--model", "m", "--class", "1", "--component", "0", "--as", "bad"], "invalid choice"),
         (["score", "--model", "m", "--spufix", "other", "a.png"], "invalid choice"),
         (["score", "--model", "m"], "required: IMAGE"),

@@ -41,6 +41,8 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "SPURGUARD_SERVER"
 LABELS = ("spurious", "not_spurious", "inconsistent", "unlabeled")
 SPUFIX_MODES = ("paper", "floor")
+CLASS_HELP = "class index or name (as in the model's classes.txt; see `spurguard models`)"
+CLASSES_HELP = "indices or names, comma-separated"
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a call failed: the server's status code is printed
@@ -142,7 +144,19 @@ def _comma_list(item: Callable[[str], _T], example: str) -> Callable[[str], list
     return parse
 
 
-_class_list = _comma_list(_class_index, "0,3,7")
+def _class_ref(text: str) -> int | str:
+    """A class index, or a class name that `resolve_classes` looks up once the client is connected."""
+    ref = text.strip()
+    if not ref:
+        raise argparse.ArgumentTypeError("expected a class index or name, got nothing")
+    try:
+        int(ref)
+    except ValueError:
+        return ref
+    return _class_index(ref)
+
+
+_class_list = _comma_list(_class_ref, "0,3,7 or 0,star")
 _index_list = _comma_list(_index, "0,3,7")
 
 
@@ -302,7 +316,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         help="image folder ON THE SERVER, laid out DIR/<class>/<image>: absolute, or relative to one "
         "of the server's --data-root folders",
     )
-    fit.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help="classes to fit (default: every class with images)")
+    fit.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help=f"classes to fit (default: every class with images); {CLASSES_HELP}")
     fit.add_argument("--components", type=_count, metavar="N", help="components kept per class (server default: 50)")
     fit.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
     fit.add_argument(
@@ -344,7 +358,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "over the fit images (mean, floor = the q-th percentile, max) and the label.",
     )
     components.add_argument("--model", required=True, metavar="NAME", help="model name")
-    components.add_argument("--class", dest="class_index", required=True, type=_class_index, metavar="K", help="class index")
+    components.add_argument("--class", dest="class_index", required=True, type=_class_ref, metavar="K", help=CLASS_HELP)
     components.add_argument("--top", type=_index, metavar="N", help="only the first N components (default and 0: all kept)")
 
     label = command(
@@ -355,7 +369,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "spurious evidence use the components labelled spurious; unlabeled clears a label.",
     )
     label.add_argument("--model", required=True, metavar="NAME", help="model name")
-    label.add_argument("--class", dest="class_index", required=True, type=_class_index, metavar="K", help="class index")
+    label.add_argument("--class", dest="class_index", required=True, type=_class_ref, metavar="K", help=CLASS_HELP)
     label.add_argument("--component", required=True, type=_index, metavar="L", help="component index (0 = largest eigenvalue)")
     label.add_argument("--as", dest="label", required=True, choices=LABELS, help="the verdict")
     label.add_argument("--note", default="", metavar="TEXT", help="why (kept with the label)")
@@ -369,7 +383,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "class_<K>/component_<L>/{top_<rank>,heatmap_<rank>,frame_<step>,attack}.png.",
     )
     visualize.add_argument("--model", required=True, metavar="NAME", help="model name")
-    visualize.add_argument("--class", dest="class_index", required=True, type=_class_index, metavar="K", help="class index")
+    visualize.add_argument("--class", dest="class_index", required=True, type=_class_ref, metavar="K", help=CLASS_HELP)
     visualize.add_argument(
         "--component",
         required=True,
@@ -397,7 +411,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "components}]}.",
     )
     report.add_argument("--model", required=True, metavar="NAME", help="model name")
-    report.add_argument("--class", dest="class_index", type=_class_index, metavar="K", help="only this class (default: every fitted class)")
+    report.add_argument("--class", dest="class_index", type=_class_ref, metavar="K", help=f"only this class (default: every fitted class); {CLASS_HELP}")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the pages and PNGs (created)")
     report.add_argument("--top", type=_count, default=DEFAULT_TOP, metavar="N", help=f"components per class, from index 0 (default {DEFAULT_TOP})")
     _add_view_arguments(report)
@@ -415,7 +429,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     )
     score.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     score.add_argument("--model", required=True, metavar="NAME", help="model name")
-    score.add_argument("--class", dest="class_index", type=_class_index, metavar="K", help="class to analyse (default: each image's top-1)")
+    score.add_argument("--class", dest="class_index", type=_class_ref, metavar="K", help=f"class to analyse (default: each image's top-1); {CLASS_HELP}")
     score.add_argument("--top", type=_index, metavar="N", help="components reported, largest alpha first (server default: 5; 0: every kept one)")
     score.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode for spufix and trigger (default: the server's)")
     score.add_argument(
@@ -443,7 +457,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         help="spurious folder ON THE SERVER in the Spurious ImageNet layout (spurious_imagenet_<class>_…_<component>)",
     )
     evaluate.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode (default: the server's)")
-    evaluate.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help="classes to evaluate (default: every class with spurious images)")
+    evaluate.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help=f"classes to evaluate (default: every class with spurious images); {CLASSES_HELP}")
     evaluate.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
     return parser
 
@@ -476,8 +490,40 @@ def _print(text: str) -> None:
 # ---- commands ----
 
 
+def resolve_classes(args: argparse.Namespace, client: Client) -> None:
+    """Class names in --class / --classes become indices, asking the server for the model's
+    classes (GetModel) only when a name was given: indices alone cost no extra call."""
+    single: int | str | None = getattr(args, "class_index", None)
+    many: list[int | str] = getattr(args, "classes", [])
+    if not any(isinstance(ref, str) for ref in [single, *many]):
+        return
+    classes = client.get_model(args.model).classes
+    exact: dict[str, int] = {}
+    loose: dict[str, int] = {}  # as the server matches class folders: any case, "_" for " "
+    for info in classes:
+        for key in filter(None, (info.name, info.wnid)):
+            exact.setdefault(key, info.index)
+            loose.setdefault(key.lower().replace(" ", "_"), info.index)
+
+    def index(ref: int | str) -> int:
+        if isinstance(ref, int):
+            return ref
+        found = exact.get(ref, loose.get(ref.lower().replace(" ", "_")))
+        if found is None:
+            raise UsageError(
+                f"model {args.model} has no class named {ref!r}; its classes: {fmt.class_names(classes, shown=5)} "
+                "(or give the index)"
+            )
+        return found
+
+    if single is not None:
+        args.class_index = index(single)
+    if many:
+        args.classes = [index(ref) for ref in many]
+
+
 def cmd_models(args: argparse.Namespace, client: Client) -> int:
-    models = client.list_models()
+    models = [client.get_model(m.name) for m in client.list_models()]  # ListModels sends no class names
     _print(fmt.json_document([fmt.model_to_dict(m) for m in models]) if args.json else fmt.models_table(models))
     return EXIT_OK
 
@@ -799,6 +845,7 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = c
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with closing(client_factory(args.server, args.timeout or None, channel_credentials(args))) as client:
+            resolve_classes(args, client)
             return int(args.handler(args, client))
     except SpurguardClientError as error:
         where = f" (server {args.server})" if error.code == grpc.StatusCode.UNAVAILABLE else ""
