@@ -16,9 +16,9 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TypeVar
 from contextlib import closing
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -199,6 +199,7 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
         print(f"spurguard {version()}")
         parser.exit()
+
 
 _EPILOG = f"""\
 The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_SERVER}. --server,
