@@ -15,14 +15,15 @@ LAYER_ROOTS = ("protos", "client", "server")
 # package -> the spurguard packages it may import besides itself (ARCHITECTURE.md's table)
 ALLOWED = {
     "spurguard.server": set(),
+    "spurguard.__main__": {"spurguard.client"},  # python -m spurguard: the CLI
     "spurguard.v1": set(),
     "spurguard.vocab": set(),
     "spurguard.wire": {"spurguard.vocab", "spurguard.v1"},
     "spurguard.client": {"spurguard.vocab", "spurguard.wire", "spurguard.v1"},
     "spurguard.server.errors": {"spurguard.vocab"},
     "spurguard.server.engine": {"spurguard.server.errors", "spurguard.vocab"},
-    "spurguard.server.backends": {"spurguard.server.errors", "spurguard.server.demo"},  # the demo's weights
-    "spurguard.server.datasets": {"spurguard.server.errors"},
+    "spurguard.server.backends": {"spurguard.server.errors", "spurguard.server.demo", "spurguard.vocab"},  # demo: its weights
+    "spurguard.server.datasets": {"spurguard.server.errors", "spurguard.vocab"},
     "spurguard.server.loader": {"spurguard.server.datasets", "spurguard.server.errors"},
     "spurguard.server.store": {"spurguard.server.engine", "spurguard.server.errors", "spurguard.vocab"},
     "spurguard.server.visualize": {"spurguard.server.backends", "spurguard.server.engine", "spurguard.server.errors"},

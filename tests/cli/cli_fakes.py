@@ -19,7 +19,11 @@ CORRUPT = b"corrupt"  # image bytes the fake answers with a per-image INVALID_AR
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
-def model(name: str = "tiny", fitted: tuple[int, ...] = (0, 1, 2, 5)) -> t.ModelInfo:
+CLASS_NAMES = ("ant", "bee", "cat", "star", "sea lion")  # classes.txt of the fake model's first classes
+
+
+def model(name: str = "tiny", fitted: tuple[int, ...] = (0, 1, 2, 5), classes: bool = False) -> t.ModelInfo:
+    """A ModelInfo as ListModels sends it, or as GetModel does (with `classes`: the class names)."""
     return t.ModelInfo(
         name=name,
         backend="torch",
@@ -33,7 +37,7 @@ def model(name: str = "tiny", fitted: tuple[int, ...] = (0, 1, 2, 5)) -> t.Model
         fit_id="fit-1" if fitted else None,
         fitted_classes=fitted,
         max_batch_size=32,
-        classes=(),
+        classes=tuple(t.ClassInfo(k, name, f"n{k:08d}") for k, name in enumerate(CLASS_NAMES)) if classes else (),
     )
 
 
@@ -127,7 +131,7 @@ class FakeClient:
     def __init__(self, **answers: Any) -> None:
         self.answers = answers
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-        self.error: SpurguardClientError | None = None
+        self.error: Exception | None = None  # a SpurguardClientError, or the ValueError of a bad argument
         self.closed = False
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:

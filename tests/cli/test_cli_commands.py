@@ -13,7 +13,7 @@ from spurguard.client import SpurguardClientError, cli
 
 
 def test_models_table_and_json(cli_run: RunCli) -> None:
-    fake = FakeClient(list_models=[f.model()])
+    fake = FakeClient(list_models=[f.model()], get_model=f.model(classes=True))
     human = cli_run(fake, "models")
     assert human.code == cli.EXIT_OK and human.out.splitlines()[1].split()[0] == "tiny"
     doc = json.loads(cli_run(fake, "models", "--json").out)
@@ -125,6 +125,41 @@ def test_server_errors_print_one_line_and_exit_1(cli_run: RunCli, error: Spurgua
     outcome = cli_run(fake, "--server", "h:1", "models")
     assert (outcome.code, outcome.out, outcome.err) == (cli.EXIT_ERROR, "", expected)
     assert fake.closed
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (SpurguardClientError(grpc.StatusCode.NOT_FOUND, "no model 'x'"), "NOT_FOUND", "no model 'x'"),
+        (f.unavailable(), "UNAVAILABLE", "failed to connect to all addresses (server h:1)"),
+    ],
+)
+def test_with_json_a_server_error_is_also_a_document_on_stdout(
+    cli_run: RunCli, error: SpurguardClientError, code: str, message: str
+) -> None:
+    fake = FakeClient()
+    fake.error = error
+    outcome = cli_run(fake, "--server", "h:1", "models", "--json")
+    assert outcome.code == cli.EXIT_ERROR
+    assert json.loads(outcome.out) == {"error": {"code": code, "message": message}}
+    assert outcome.err == f"spurguard: error: {code}: {message}\n"
+
+
+def test_with_json_a_client_side_failure_is_also_a_document_on_stdout(cli_run: RunCli, tmp_path: Path) -> None:
+    outcome = cli_run(FakeClient(evaluate=[]), "evaluate", "--model", "m", "--clean", "c", "--spurious", "s", "--json")
+    message = "the server ended the evaluate stream without a result"
+    assert (outcome.code, outcome.err) == (cli.EXIT_ERROR, f"spurguard: error: {message}\n")
+    assert json.loads(outcome.out) == {"error": {"code": "INTERNAL", "message": message}}
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    outcome = cli_run(FakeClient(visualize=f.visualize_updates()), "visualize", "--model", "m", "--class", "3",
+                      "--component", "2", "--out", str(blocker), "--json")
+    assert outcome.code == cli.EXIT_ERROR
+    error = json.loads(outcome.out)["error"]
+    assert error["code"] == "UNKNOWN" and str(blocker) in error["message"]  # an OSError that is no NOT_FOUND
+    outcome = cli_run(FakeClient(get_model=f.model(fitted=())), "report", "--model", "tiny", "--out", str(tmp_path),
+                      "--json")
+    assert json.loads(outcome.out)["error"]["code"] == "FAILED_PRECONDITION"
 
 
 def test_ctrl_c_elsewhere_exits_130(cli_run: RunCli) -> None:

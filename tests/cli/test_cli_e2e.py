@@ -112,6 +112,7 @@ def test_models(server: str) -> None:
     (model,) = json.loads(spurguard(server, "models", "--json").stdout)
     assert (model["name"], model["num_classes"], model["feature_dim"], model["input_size"]) == ("tiny", CLASSES, FEATURES, SIZE)
     assert model["backend"] == "torch" and model["device"] == "cpu"
+    assert [(c["index"], c["name"]) for c in model["classes"]] == [(0, "ant"), (1, "bee"), (2, "cat")]  # classes.txt
     assert spurguard(server, "models").stdout.splitlines()[1].split()[:4] == ["tiny", str(CLASSES), str(FEATURES), str(SIZE)]
 
 
@@ -137,6 +138,13 @@ def test_components_after_labelling(server: str, fitted: dict) -> None:
     eigenvalues = [c["eigenvalue"] for c in doc["components"]]
     assert eigenvalues == sorted(eigenvalues, reverse=True)
     assert all(c["alpha_floor"] <= c["alpha_mean"] <= c["alpha_max"] for c in doc["components"])
+
+
+def test_a_class_by_its_classes_txt_name(server: str, fitted: dict) -> None:
+    doc = json.loads(spurguard(server, "components", "--model", "tiny", "--class", "bee", "--json").stdout)
+    assert (doc["class"], doc["images"]) == (1, PER_CLASS)
+    done = spurguard(server, "components", "--model", "tiny", "--class", "dog", expect=2)
+    assert "model tiny has no class named 'dog'; its classes: ant, bee, cat (or give the index)" in done.stderr
 
 
 def test_score_json_lines_decompose_the_logit(server: str, fitted: dict, root: Path) -> None:

@@ -53,7 +53,7 @@ def test_server_default_comes_from_the_environment() -> None:
 
 
 def test_main_connects_to_the_env_server_with_the_timeout(cli_run: RunCli, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeClient(list_models=[model()])
+    fake = FakeClient(list_models=[model()], get_model=model())
     monkeypatch.setenv(cli.SERVER_ENV, "env:7")
     assert cli_run(fake, "models", "--timeout", "2.5").connects == [("env:7", 2.5)]
     assert cli_run(fake, "--timeout", "0", "models").connects == [("env:7", None)]  # 0: no deadline
@@ -74,7 +74,8 @@ def test_index_lists_and_repeatable_components() -> None:
         (["fit", "--model", "m", "--data", "d", "--classes", "0,,3"], "comma-separated"),
         (["fit", "--model", "m", "--data", "d", "--classes", "0,-1"], "must be >= 0"),
         (["fit", "--model", "m", "--data", "d", "--components", "0"], "must be >= 1"),
-        (["components", "--model", "m", "--class", "x"], "not an integer"),
+        (["components", "--model", "m", "--class", "-1"], "must be >= 0"),
+        (["components", "--model", "m", "--class", " "], "expected a class index or name"),
         (["label", "--model", "m", "--class", "1", "--component", "0", "--as", "bad"], "invalid choice"),
         (["score", "--model", "m", "--spufix", "other", "a.png"], "invalid choice"),
         (["score", "--model", "m"], "required: IMAGE"),
@@ -90,6 +91,50 @@ def test_usage_errors_exit_2(cli_run: RunCli, argv: list[str], message: str) -> 
     assert outcome.code == cli.EXIT_USAGE
     assert message in outcome.err
     assert outcome.connects == []  # nothing was called
+
+
+TOO_LARGE = [  # every integer option at its proto field's maximum, which parses, and one above, which does not
+    (["fit", "--model", "m", "--data", "d", "--classes"], cli.INT32_MAX),
+    (["fit", "--model", "m", "--data", "d", "--components"], cli.UINT32_MAX),
+    (["fit", "--model", "m", "--data", "d", "--batch-size"], cli.UINT32_MAX),
+    (["components", "--model", "m", "--top", "1", "--class"], cli.INT32_MAX),
+    (["components", "--model", "m", "--class", "1", "--top"], cli.UINT32_MAX),
+    (["label", "--model", "m", "--class", "1", "--as", "spurious", "--component"], cli.UINT32_MAX),
+    (["visualize", "--model", "m", "--component", "0", "--out", "o", "--class"], cli.INT32_MAX),
+    (["visualize", "--model", "m", "--class", "1", "--out", "o", "--component"], cli.UINT32_MAX),
+    (["visualize", "--model", "m", "--class", "1", "--component", "0", "--out", "o", "--steps"], cli.UINT32_MAX),
+    (["visualize", "--model", "m", "--class", "1", "--component", "0", "--out", "o", "--top-k"], cli.UINT32_MAX),
+    (["visualize", "--model", "m", "--class", "1", "--component", "0", "--out", "o", "--frame-every"], cli.UINT32_MAX),
+    (["visualize", "--model", "m", "--class", "1", "--component", "0", "--out", "o", "--seed"], cli.UINT64_MAX),
+    (["report", "--model", "m", "--out", "o", "--class"], cli.INT32_MAX),
+    (["report", "--model", "m", "--out", "o", "--top"], cli.UINT32_MAX),
+    (["report", "--model", "m", "--out", "o", "--steps"], cli.UINT32_MAX),
+    (["report", "--model", "m", "--out", "o", "--top-k"], cli.UINT32_MAX),
+    (["score", "--model", "m", "a.png", "--class"], cli.INT32_MAX),
+    (["score", "--model", "m", "a.png", "--top"], cli.UINT32_MAX),
+    (["score", "--model", "m", "a.png", "--batch-size"], cli.UINT32_MAX),
+    (["evaluate", "--model", "m", "--clean", "c", "--spurious", "s", "--classes"], cli.INT32_MAX),
+    (["evaluate", "--model", "m", "--clean", "c", "--spurious", "s", "--batch-size"], cli.UINT32_MAX),
+]
+
+
+@pytest.mark.parametrize(("argv", "maximum"), TOO_LARGE, ids=[f"{argv[0]} {argv[-1]}" for argv, _ in TOO_LARGE])
+def test_integer_options_are_bounded_by_their_proto_field(cli_run: RunCli, argv: list[str], maximum: int) -> None:
+    """`--top 99999999999` was protobuf's ValueError and a traceback; now it is a usage error."""
+    parse(*argv, str(maximum))
+    outcome = cli_run(FakeClient(), *argv, str(maximum + 1))
+    assert outcome.code == cli.EXIT_USAGE
+    assert f"must be <= {maximum}, got {maximum + 1}" in outcome.err and "Traceback" not in outcome.err
+    assert outcome.connects == []
+
+
+def test_an_argument_the_client_cannot_send_is_a_usage_error(cli_run: RunCli) -> None:
+    fake = FakeClient()
+    fake.error = ValueError("bad top=99999999999 for GetComponentsRequest: Value out of range: 99999999999")
+    outcome = cli_run(fake, "components", "--model", "m", "--class", "1")
+    assert outcome.code == cli.EXIT_USAGE
+    assert outcome.err.endswith("spurguard components: error: bad top=99999999999 for GetComponentsRequest: "
+                                "Value out of range: 99999999999\n")
 
 
 # The flags SPEC section 3 names per command (plus the global ones every client command takes).

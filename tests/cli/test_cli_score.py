@@ -10,6 +10,7 @@ import pytest
 import cli_fakes as f
 from cli_fakes import FakeClient, RunCli
 from spurguard.client import SpurguardClientError, cli
+from spurguard.vocab import IMAGE_SUFFIXES
 
 
 @pytest.fixture
@@ -30,11 +31,19 @@ def test_folders_expand_to_their_images_sorted_and_files_stay(images: Path) -> N
                         f"{root}/c.jpeg", "missing.png"]
 
 
+def test_a_folder_stands_for_every_format_the_server_decodes(tmp_path: Path) -> None:
+    """GIF, BMP, TIFF, PPM and AVIF score when named one by one, so a folder must not skip them."""
+    names = ["a.gif", "b.BMP", "c.tif", "d.tiff", "e.ppm", "f.pgm", "g.avif", "h.jpg", "i.png", "j.webp", "k.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert cli.expand_images([str(tmp_path)]) == [str(tmp_path / name) for name in names[:-1]]
+
+
 def test_a_folder_without_images_is_a_usage_error(cli_run: RunCli, images: Path) -> None:
     fake = FakeClient()
     outcome = cli_run(fake, "score", "--model", "tiny", str(images / "a"), str(images / "empty"))
     assert outcome.code == cli.EXIT_USAGE
-    assert f"no image files (.jpeg, .jpg, .png, .webp) under {images / 'empty'}" in outcome.err
+    assert f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {images / 'empty'}" in outcome.err
     assert fake.called("score") == []
 
 
@@ -94,4 +103,4 @@ def test_a_call_failure_stops_with_the_status(cli_run: RunCli, images: Path) -> 
     outcome = cli_run(fake, "score", "--json", "--model", "nope", str(images))
     assert outcome.code == cli.EXIT_ERROR
     assert outcome.err == "spurguard: error: NOT_FOUND: no model 'nope'\n"
-    assert outcome.out == ""
+    assert json.loads(outcome.out) == {"error": {"code": "NOT_FOUND", "message": "no model 'nope'"}}  # SPEC section 3

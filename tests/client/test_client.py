@@ -352,6 +352,21 @@ def test_label_and_list_labels(client: Client, fake: FakeSpurguard) -> None:
     assert fake.calls["Label"] == 2
 
 
+def test_values_out_of_a_fields_range_name_the_argument(client: Client, fake: FakeSpurguard) -> None:
+    """protobuf alone says only "Value out of range: 99999999999"."""
+    with pytest.raises(ValueError, match=r"^GetComponentsRequest.top: Value out of range: 99999999999"):
+        client.get_components("demo", 0, top=99999999999)
+    with pytest.raises(ValueError, match=r"^ScoreOptions.top: .*4294967296"):
+        client.score("demo", [b"x"], top=2**32)
+    with pytest.raises(ValueError, match=r"^LabelRequest.class_index: .*2147483648"):
+        client.label("demo", 2**31, 0, "spurious")
+    with pytest.raises(ValueError, match=r"^VisualizeRequest.components: .*-1"):
+        client.visualize("demo", 0, [-1])
+    with pytest.raises(TypeError, match=r"^FitRequest.num_components: "):  # a wrong type stays a TypeError
+        client.fit("demo", "/data", num_components="3")  # type: ignore[arg-type]
+    assert sum(fake.calls.values()) == 0
+
+
 # ---- visualize ----
 
 def test_visualize(client: Client, fake: FakeSpurguard) -> None:

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
+import re
 import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
-from spurguard.client import cli_format as fmt
 from spurguard import vocab as t
-from spurguard.vocab import HEATMAP_METHODS, LABELS, SPUFIX_MODES
+from spurguard.client import cli_format as fmt
 from spurguard.client.cli_progress import Progress, evaluate_line, fit_line, score_line, visualize_line
 from spurguard.client.cli_visualize import VisualizeWriter
 from spurguard.client.client import (
@@ -32,14 +34,16 @@ from spurguard.client.client import (
     tls_credentials,
 )
 from spurguard.client.report import DEFAULT_TOP, write_report
+from spurguard.vocab import HEATMAP_METHODS, IMAGE_SUFFIXES, LABELS, SPUFIX_MODES
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "SPURGUARD_SERVER"
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")  # what the server decodes (SPEC section 2)
+CLASS_HELP = "class index or name (as in the model's classes.txt; see `spurguard models`)"
+CLASSES_HELP = "indices or names, comma-separated"
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a call failed: the server's status code is printed
-EXIT_USAGE = 2  # bad arguments (argparse), or the server extra missing for serve/demo
+EXIT_USAGE = 2  # bad arguments (argparse or the client's checks), or the server extra missing for serve/demo
 EXIT_PARTIAL = 3  # score: some images failed, the others were printed
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
@@ -49,12 +53,20 @@ FORWARDED = {
     "demo": "spurguard.server.demo.__main__",
 }
 
+_T = TypeVar("_T")
 ClientFactory = Callable[[str, float | None, grpc.ChannelCredentials | None], Client]
 Handler = Callable[[argparse.Namespace, Client], int]
 
 
 class CliError(Exception):
-    """A failure on the client's side (not a server status): printed as one line, exit 1."""
+    """A failure on the client's side (not a server status): printed as one line, exit 1.
+
+    `code` is the gRPC status that describes it best, for the --json error document.
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class UsageError(Exception):
@@ -89,7 +101,14 @@ def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | N
 # ---- argument types ----
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+# The proto fields the integer options fill: a value beyond its field's range is a usage error
+# here rather than protobuf's ValueError when the request is built.
+INT32_MAX = 2**31 - 1  # class indices
+UINT32_MAX = 2**32 - 1  # counts and component indices
+UINT64_MAX = 2**64 - 1  # the attack seed
+
+
+def _int_between(minimum: int, maximum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -97,21 +116,45 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
 
 
-_index = _int_at_least(0)
-_count = _int_at_least(1)
+_class_index = _int_between(0, INT32_MAX)
+_index = _int_between(0, UINT32_MAX)
+_count = _int_between(1, UINT32_MAX)
+_seed = _int_between(0, UINT64_MAX)
 
 
-def _index_list(text: str) -> list[int]:
-    """Comma-separated non-negative indices: "0,3,7"."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated indices like 0,3,7; got {text!r}")
-    return [_index(part) for part in parts]
+def _comma_list(item: Callable[[str], _T], example: str) -> Callable[[str], list[_T]]:
+    """Comma-separated values of one type, e.g. "0,3,7"."""
+
+    def parse(text: str) -> list[_T]:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated values like {example}; got {text!r}")
+        return [item(part) for part in parts]
+
+    return parse
+
+
+def _class_ref(text: str) -> int | str:
+    """A class index, or a class name that `resolve_classes` looks up once the client is connected."""
+    ref = text.strip()
+    if not ref:
+        raise argparse.ArgumentTypeError("expected a class index or name, got nothing")
+    try:
+        int(ref)
+    except ValueError:
+        return ref
+    return _class_index(ref)
+
+
+_class_list = _comma_list(_class_ref, "0,3,7 or 0,star")
+_index_list = _comma_list(_index, "0,3,7")
 
 
 def _float_at_least_zero(text: str) -> float:
@@ -133,13 +176,36 @@ def _positive_float(text: str) -> float:
 
 # ---- parser ----
 
+
+def version() -> str:
+    """The installed distribution's version; from a source checkout, the one pyproject.toml declares."""
+    try:
+        return importlib.metadata.version("spurguard")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE) if pyproject.is_file() else None
+        return found.group(1) if found else "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: looks the version up only when asked, not on every run (a metadata scan)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"spurguard {version()}")
+        parser.exit()
+
+
 _EPILOG = f"""\
 The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_SERVER}. --server,
 --tls*, --json and --timeout may be given before or after the command name.
 
 exit status:
   {EXIT_OK}    success
-  {EXIT_ERROR}    a call failed; "spurguard: error: CODE: message" names the gRPC status
+  {EXIT_ERROR}    a call failed; "spurguard: error: CODE: message" names the gRPC status (with
+       --json, {{"error": {{"code": CODE, "message": …}}}} goes to stdout as well)
   {EXIT_USAGE}    usage error (or serve/demo without the spurguard[server] extra)
   {EXIT_PARTIAL}    score: some images failed (their lines carry the error); the rest were scored
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); a fit job keeps running on the server
@@ -205,6 +271,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction, help="print `spurguard VERSION` and exit")
     _global_options(parser, server_default, for_command=False)
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, server_default, for_command=True)
@@ -247,7 +314,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         help="image folder ON THE SERVER, laid out DIR/<class>/<image>: absolute, or relative to one "
         "of the server's --data-root folders",
     )
-    fit.add_argument("--classes", type=_index_list, default=[], metavar="K,K,…", help="classes to fit (default: every class with images)")
+    fit.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help=f"classes to fit (default: every class with images); {CLASSES_HELP}")
     fit.add_argument("--components", type=_count, metavar="N", help="components kept per class (server default: 50)")
     fit.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
     fit.add_argument(
@@ -289,7 +356,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "over the fit images (mean, floor = the q-th percentile, max) and the label.",
     )
     components.add_argument("--model", required=True, metavar="NAME", help="model name")
-    components.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    components.add_argument("--class", dest="class_index", required=True, type=_class_ref, metavar="K", help=CLASS_HELP)
     components.add_argument("--top", type=_index, metavar="N", help="only the first N components (default and 0: all kept)")
 
     label = command(
@@ -300,7 +367,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "spurious evidence use the components labelled spurious; unlabeled clears a label.",
     )
     label.add_argument("--model", required=True, metavar="NAME", help="model name")
-    label.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    label.add_argument("--class", dest="class_index", required=True, type=_class_ref, metavar="K", help=CLASS_HELP)
     label.add_argument("--component", required=True, type=_index, metavar="L", help="component index (0 = largest eigenvalue)")
     label.add_argument("--as", dest="label", required=True, choices=LABELS, help="the verdict")
     label.add_argument("--note", default="", metavar="TEXT", help="why (kept with the label)")
@@ -314,7 +381,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "class_<K>/component_<L>/{top_<rank>,heatmap_<rank>,frame_<step>,attack}.png.",
     )
     visualize.add_argument("--model", required=True, metavar="NAME", help="model name")
-    visualize.add_argument("--class", dest="class_index", required=True, type=_index, metavar="K", help="class index")
+    visualize.add_argument("--class", dest="class_index", required=True, type=_class_ref, metavar="K", help=CLASS_HELP)
     visualize.add_argument(
         "--component",
         required=True,
@@ -326,7 +393,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     visualize.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the PNGs (created)")
     _add_view_arguments(visualize)
     visualize.add_argument("--frame-every", type=_index, metavar="N", help="an attack frame every N steps (default steps/10; 0: none)")
-    visualize.add_argument("--seed", type=_index, metavar="S", help="attack randomness (default 0: deterministic)")
+    visualize.add_argument("--seed", type=_seed, metavar="S", help="attack randomness (default 0: deterministic)")
 
     report = command(
         "report",
@@ -342,7 +409,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "components}]}.",
     )
     report.add_argument("--model", required=True, metavar="NAME", help="model name")
-    report.add_argument("--class", dest="class_index", type=_index, metavar="K", help="only this class (default: every fitted class)")
+    report.add_argument("--class", dest="class_index", type=_class_ref, metavar="K", help=f"only this class (default: every fitted class); {CLASS_HELP}")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the pages and PNGs (created)")
     report.add_argument("--top", type=_count, default=DEFAULT_TOP, metavar="N", help=f"components per class, from index 0 (default {DEFAULT_TOP})")
     _add_view_arguments(report)
@@ -360,7 +427,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     )
     score.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     score.add_argument("--model", required=True, metavar="NAME", help="model name")
-    score.add_argument("--class", dest="class_index", type=_index, metavar="K", help="class to analyse (default: each image's top-1)")
+    score.add_argument("--class", dest="class_index", type=_class_ref, metavar="K", help=f"class to analyse (default: each image's top-1); {CLASS_HELP}")
     score.add_argument("--top", type=_index, metavar="N", help="components reported, largest alpha first (server default: 5; 0: every kept one); the class's spurious-labelled ones are added")
     score.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode for spufix and trigger (default: the server's)")
     score.add_argument(
@@ -388,7 +455,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         help="spurious folder ON THE SERVER in the Spurious ImageNet layout (spurious_imagenet_<class>_…_<component>)",
     )
     evaluate.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode (default: the server's)")
-    evaluate.add_argument("--classes", type=_index_list, default=[], metavar="K,K,…", help="classes to evaluate (default: every class with spurious images)")
+    evaluate.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help=f"classes to evaluate (default: every class with spurious images); {CLASSES_HELP}")
     evaluate.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
     return parser
 
@@ -421,8 +488,40 @@ def _print(text: str) -> None:
 # ---- commands ----
 
 
+def resolve_classes(args: argparse.Namespace, client: Client) -> None:
+    """Class names in --class / --classes become indices, asking the server for the model's
+    classes (GetModel) only when a name was given: indices alone cost no extra call."""
+    single: int | str | None = getattr(args, "class_index", None)
+    many: list[int | str] = getattr(args, "classes", [])
+    if not any(isinstance(ref, str) for ref in [single, *many]):
+        return
+    classes = client.get_model(args.model).classes
+    exact: dict[str, int] = {}
+    loose: dict[str, int] = {}  # as the server matches class folders: any case, "_" for " "
+    for info in classes:
+        for key in filter(None, (info.name, info.wnid)):
+            exact.setdefault(key, info.index)
+            loose.setdefault(key.lower().replace(" ", "_"), info.index)
+
+    def index(ref: int | str) -> int:
+        if isinstance(ref, int):
+            return ref
+        found = exact.get(ref, loose.get(ref.lower().replace(" ", "_")))
+        if found is None:
+            raise UsageError(
+                f"model {args.model} has no class named {ref!r}; its classes: {fmt.class_names(classes, shown=5)} "
+                "(or give the index)"
+            )
+        return found
+
+    if single is not None:
+        args.class_index = index(single)
+    if many:
+        args.classes = [index(ref) for ref in many]
+
+
 def cmd_models(args: argparse.Namespace, client: Client) -> int:
-    models = client.list_models()
+    models = [client.get_model(m.name) for m in client.list_models()]  # ListModels sends no class names
     _print(fmt.json_document(models) if args.json else fmt.models_table(models))
     return EXIT_OK
 
@@ -467,7 +566,7 @@ def _follow(args: argparse.Namespace, client: Client, updates: Iterator[t.FitUpd
     finally:
         progress.close()
     if summary is None:
-        raise CliError(f"the server ended fit job {job_id}'s stream without a summary")
+        raise CliError(f"the server ended fit job {job_id}'s stream without a summary", grpc.StatusCode.INTERNAL)
     _print(fmt.json_document(summary) if args.json else fmt.fit_summary_table(summary))
     return EXIT_OK
 
@@ -486,7 +585,7 @@ def cmd_fit(args: argparse.Namespace, client: Client) -> int:
         return _follow(args, client, updates, args.job_id)
     first = next(updates, None)  # the first update names the job; leaving the stream does not stop it
     if first is None:
-        raise CliError("the server ended the fit stream before naming the job")
+        raise CliError("the server ended the fit stream before naming the job", grpc.StatusCode.INTERNAL)
     job = client.get_job(first.job_id)
     if args.json:
         _print(fmt.json_document(job))
@@ -602,16 +701,19 @@ def expand_images(arguments: Sequence[str]) -> list[str]:
     return paths
 
 
+def _os_error_code(error: OSError) -> grpc.StatusCode:
+    """The status a local file error would have had from the server."""
+    if isinstance(error, FileNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, PermissionError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    return grpc.StatusCode.UNKNOWN
+
+
 def _unreadable(path: str, error: OSError) -> t.ScoreResult:
     """A result line for a file the CLI itself could not read."""
-    if isinstance(error, FileNotFoundError):
-        code = grpc.StatusCode.NOT_FOUND
-    elif isinstance(error, PermissionError):
-        code = grpc.StatusCode.PERMISSION_DENIED
-    else:
-        code = grpc.StatusCode.UNKNOWN
     reason = error.strerror or str(error)
-    return t.ScoreResult.failed(path, code.name, f"cannot read {path}: {reason}")
+    return t.ScoreResult.failed(path, _os_error_code(error).name, f"cannot read {path}: {reason}")
 
 
 def _score_batch(args: argparse.Namespace, client: Client, paths: Sequence[str]) -> list[t.ScoreResult]:
@@ -686,7 +788,7 @@ def cmd_evaluate(args: argparse.Namespace, client: Client) -> int:
     finally:
         progress.close()
     if result is None:
-        raise CliError("the server ended the evaluate stream without a result")
+        raise CliError("the server ended the evaluate stream without a result", grpc.StatusCode.INTERNAL)
     _print(fmt.json_document(result) if args.json else fmt.evaluate_table(result))
     return EXIT_OK
 
@@ -709,8 +811,13 @@ def _forward(command: str, argv: list[str]) -> int:
     return EXIT_OK if status is None else int(status)
 
 
-def _error(message: str) -> None:
-    print(f"spurguard: error: {message}", file=sys.stderr)
+def _failed(args: argparse.Namespace, code: grpc.StatusCode, message: str, line: str) -> int:
+    """A failed command: `line` on stderr and, with --json, SPEC section 3's error document on
+    stdout too, so that a script reading stdout sees the failure and its code."""
+    if args.json:
+        _print(fmt.json_document({"error": t.ErrorStatus(code.name, message)}))
+    print(f"spurguard: error: {line}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = connect) -> int:
@@ -723,19 +830,23 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = c
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with closing(client_factory(args.server, args.timeout or None, channel_credentials(args))) as client:
+            resolve_classes(args, client)
             return int(args.handler(args, client))
     except SpurguardClientError as error:
         where = f" (server {args.server})" if error.code == grpc.StatusCode.UNAVAILABLE else ""
-        _error(f"{error.code.name}: {' '.join(error.details.split())}{where}")
-    except UsageError as error:
+        message = f"{' '.join(error.details.split())}{where}"
+        return _failed(args, error.code, message, f"{error.code.name}: {message}")
+    except (UsageError, ValueError) as error:  # the client raises ValueError for arguments it cannot send
         args.command_parser.error(str(error))
     except KeyboardInterrupt:
         print("spurguard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `spurguard score --json … | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (CliError, OSError) as error:
-        _error(str(error))
+    except CliError as error:
+        return _failed(args, error.code, str(error), str(error))
+    except OSError as error:
+        return _failed(args, _os_error_code(error), str(error), str(error))
     return EXIT_ERROR
 
 

@@ -94,6 +94,14 @@ def index_ranges(indices: Sequence[int], limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 1].rsplit(",", 1)[0] + ",…"
 
 
+def class_names(classes: Sequence[t.ClassInfo], shown: int = 3) -> str:
+    """The first `shown` class names and how many more, for a table cell or a hint."""
+    if not classes:
+        return MISSING
+    names = ", ".join(c.name for c in classes[:shown])
+    return names + (f", … (+{len(classes) - shown})" if len(classes) > shown else "")
+
+
 def models_table(models: Sequence[t.ModelInfo]) -> str:
     if not models:
         return "no models loaded"
@@ -107,10 +115,11 @@ def models_table(models: Sequence[t.ModelInfo]) -> str:
             m.device,
             "yes" if m.ready else "no",
             f"{len(m.fitted_classes)} ({index_ranges(m.fitted_classes)})" if m.fitted_classes else MISSING,
+            class_names(m.classes),
         ]
         for m in models
     ]
-    headers = ["MODEL", "CLASSES", "FEATURE_DIM", "INPUT_SIZE", "BACKEND", "DEVICE", "READY", "FITTED_CLASSES"]
+    headers = ["MODEL", "CLASSES", "FEATURE_DIM", "INPUT_SIZE", "BACKEND", "DEVICE", "READY", "FITTED_CLASSES", "NAMES"]
     return render_table(headers, rows, right=(1, 2, 3))
 
 

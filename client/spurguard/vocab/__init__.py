@@ -3,6 +3,7 @@
 Imports neither grpc nor the generated stubs nor torch, so the engine, the serving layer, the
 client and the CLI can all use it; spurguard.wire maps it to and from the proto messages.
 """
+from spurguard.vocab.formats import IMAGE_FORMATS, IMAGE_SUFFIXES
 from spurguard.vocab.jsonshape import to_json
 from spurguard.vocab.names import (
     DEFAULT_HEATMAP_METHOD,
@@ -58,6 +59,8 @@ from spurguard.vocab.results import (
 )
 
 __all__ = [
+    "IMAGE_FORMATS",
+    "IMAGE_SUFFIXES",
     "AttackFrame",
     "AttackResult",
     "ClassInfo",

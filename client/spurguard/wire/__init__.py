@@ -11,7 +11,8 @@ dataclass needs no converter code:
 - Timestamp is a datetime (UTC), Tensor a float32 numpy array, PngImage the PNG's bytes (its
   width and height are read from the PNG), ErrorStatus.code a status name.
 A value the message cannot hold (an unknown enum name or number, an integer out of range)
-raises ValueError naming the field; the server answers it INVALID_ARGUMENT.
+raises ValueError naming the field (a value of the wrong type: TypeError); the server answers
+a request's INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
@@ -242,7 +243,7 @@ def _write_field(message: Message, fd: FieldDescriptor, value: Any) -> None:
         else:
             setattr(message, fd.name, items[0])
     except (ValueError, TypeError) as error:  # e.g. an integer out of the field's range
-        raise ValueError(f"{where}: {error}") from None
+        raise type(error)(f"{where}: {error}") from None
 
 
 def _message_class(fd: FieldDescriptor) -> type[Message]:

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig
 from spurguard.server.errors import InvalidInput, ResourceExhausted, SpurguardError, exception_line
+from spurguard.vocab import IMAGE_FORMATS
 
 # PIL warns between MAX_IMAGE_PIXELS and twice that, and raises above. The warning is made an
 # exception process-wide (warnings.catch_warnings() would scope it but is not thread-safe, and
@@ -24,8 +25,9 @@ from spurguard.server.errors import InvalidInput, ResourceExhausted, SpurguardEr
 # ImageLimits, whose max_pixels is checked right after the header is read.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
-# Formats whose decoders are in-process and bounded; excludes e.g. EPS (runs Ghostscript).
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
+# Formats whose decoders are in-process and bounded: spurguard.vocab.formats' table, which the dataset
+# listing and the CLI's folder expansion share.
+FORMATS = tuple(IMAGE_FORMATS)
 
 # Transparent pixels are composited onto mid-gray: the neutral image (0.5 in [0, 1]) that is
 # closest to "no evidence" for a classifier, and the image the feature attack starts from.
