@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import grpc
 import pytest
@@ -41,7 +42,7 @@ def test_fit_json_is_one_document_without_plain_progress(cli_run: RunCli) -> Non
 
 
 def test_a_terminal_gets_a_redrawn_bar(cli_run: RunCli, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     monkeypatch.setenv("COLUMNS", "200")  # the line is cut to the terminal's width
     outcome = cli_run(FakeClient(fit=stream(f.fit_summary())), "--json", *FIT)
     assert "\rfit [" in outcome.err and "scanning" in outcome.err

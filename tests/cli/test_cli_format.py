@@ -6,7 +6,7 @@ import math
 from dataclasses import replace
 
 import cli_fakes as f
-from spurguard.client import cli_format as fmt
+from spurguard.client.cli import format as fmt
 from spurguard import vocab as t
 from spurguard.vocab import to_json
 

@@ -8,6 +8,7 @@ import pytest
 
 from cli_fakes import FakeClient, RunCli, model
 from spurguard.client import cli
+from spurguard.client.cli import commands
 
 
 def parse(*argv: str, environ: dict[str, str] | None = None) -> object:
@@ -40,9 +41,9 @@ def test_tls_options_anywhere_and_in_the_hints() -> None:
     """The copy-paste commands of hints and the report must reach the same server the same way."""
     args = parse("--tls-ca", "my ca.pem", "models", "--server", "h:1", "--tls-cert", "c.pem", "--tls-key", "c.key")
     assert (args.tls, args.tls_ca, args.tls_cert, args.tls_key) == (False, "my ca.pem", "c.pem", "c.key")
-    assert cli._server_option(args) == "--server h:1 --tls-ca 'my ca.pem' --tls-cert c.pem --tls-key c.key "
-    assert cli._server_option(parse("models", "--tls")) == "--tls "
-    assert cli._server_option(parse("models")) == ""
+    assert commands._server_option(args) == "--server h:1 --tls-ca 'my ca.pem' --tls-cert c.pem --tls-key c.key "
+    assert commands._server_option(parse("models", "--tls")) == "--tls "
+    assert commands._server_option(parse("models")) == ""
     assert cli.channel_credentials(parse("models")) is None
 
 

@@ -6,7 +6,7 @@ import io
 import pytest
 
 import cli_fakes as f
-from spurguard.client import cli_progress as p
+from spurguard.client.cli import progress as p
 
 
 class Clock:

@@ -28,8 +28,8 @@ import cli_fakes as f
 from cli_fakes import FakeClient, RunCli
 from spurguard.client import Client
 from spurguard import vocab as t
-from spurguard.client import report as report_module
-from spurguard.client.report import COMPONENTS_PER_CALL
+from spurguard.client.cli import report as report_module
+from spurguard.client.cli.report import COMPONENTS_PER_CALL
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 from spurguard.server.visualize.heatmap import _COLORMAP_RGB, _COLORMAP_STOPS
 

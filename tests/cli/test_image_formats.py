@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image, features
 
-from spurguard.client import cli
+from spurguard.client.cli import commands
 from spurguard.vocab.formats import IMAGE_FORMATS, IMAGE_SUFFIXES
 from spurguard.server import datasets
 from spurguard.server.backends import images
 
 
 def test_the_three_users_take_the_one_table() -> None:
-    assert cli.IMAGE_SUFFIXES is IMAGE_SUFFIXES and datasets.IMAGE_SUFFIXES is IMAGE_SUFFIXES
+    assert commands.IMAGE_SUFFIXES is IMAGE_SUFFIXES and datasets.IMAGE_SUFFIXES is IMAGE_SUFFIXES
     assert images.FORMATS == tuple(IMAGE_FORMATS)
 
 

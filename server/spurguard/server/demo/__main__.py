@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from spurguard.client import Client, ScoreResult
-from spurguard.client.cli_format import render_table
-from spurguard.client.cli_progress import Progress, evaluate_line, fit_line
-from spurguard.client.report import write_report
+from spurguard.client.cli.format import render_table
+from spurguard.client.cli.progress import Progress, evaluate_line, fit_line
+from spurguard.client.cli.report import write_report
 from spurguard.server.demo.generator import (
     GeneratorConfig,
     GroundTruth,

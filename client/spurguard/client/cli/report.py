@@ -25,9 +25,9 @@ from typing import Any
 from urllib.parse import quote
 
 from spurguard import vocab as t
-from spurguard.client.cli_format import MISSING, alpha_statistics, fraction, number
-from spurguard.client.cli_progress import visualize_line
-from spurguard.client.cli_visualize import VisualizeWriter
+from spurguard.client.cli.format import MISSING, alpha_statistics, fraction, number
+from spurguard.client.cli.progress import visualize_line
+from spurguard.client.cli.visualize import VisualizeWriter
 from spurguard.client.client import Client
 
 DEFAULT_TOP = 10
