@@ -33,13 +33,13 @@ from spurguard.server.datasets import ClassResolver, ImageEntry, list_image_fold
 from spurguard.server.demo.generator import GROUND_TRUTH, generate, load_ground_truth
 from spurguard.server.demo.model import DemoCNN
 from spurguard.server.engine import (
-    SPUFIX_MODES,
     SpuFix,
     fit_alphas,
     fit_components,
     roc_auc,
     spurious_score_table,
 )
+from spurguard.vocab import SPUFIX_MODES
 
 DEMO_PREPROCESS = PreprocessConfig(size=64, resize=64, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
 MODEL_NAME = "demo"

@@ -7,8 +7,6 @@ modules; this is the surface the rest of the server uses.
 from spurguard.server.engine.components import DEFAULT_FLOOR_PERCENTILE, ClassComponents
 from spurguard.server.engine.decompose import Decomposer, Decomposition, fit_alphas
 from spurguard.server.engine.metrics import (
-    ClassScore,
-    ScoreTable,
     average_precision,
     roc_auc,
     softmax,
@@ -21,21 +19,17 @@ from spurguard.server.engine.npca import (
     fit_components,
     top_eigenpairs,
 )
-from spurguard.server.engine.spufix import SPUFIX_MODES, SpuFix, SpuFixMode, SpuFixResult
+from spurguard.server.engine.spufix import SpuFix, SpuFixResult
 
 __all__ = [
     "DEFAULT_FLOOR_PERCENTILE",
     "DEFAULT_NUM_COMPONENTS",
-    "SPUFIX_MODES",
     "ClassComponents",
-    "ClassScore",
     "ClassStatistics",
     "Decomposer",
     "Decomposition",
     "NeuralPCAFit",
-    "ScoreTable",
     "SpuFix",
-    "SpuFixMode",
     "SpuFixResult",
     "average_precision",
     "fit_alphas",

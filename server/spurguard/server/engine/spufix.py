@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -27,9 +26,8 @@ from spurguard.server.engine.decompose import (
 )
 from spurguard.server.engine.npca import as_matrix
 from spurguard.server.errors import FailedPrecondition, InvalidInput
+from spurguard.vocab import SPUFIX_MODES, SpufixModeName
 
-SpuFixMode = Literal["paper", "floor"]
-SPUFIX_MODES: tuple[str, ...] = get_args(SpuFixMode)
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ class SpuFix:
         self,
         features: torch.Tensor | np.ndarray,
         logits: torch.Tensor | np.ndarray,
-        mode: SpuFixMode = "floor",
+        mode: SpufixModeName = "floor",
     ) -> torch.Tensor:
         """Fixed logits [N, C]; classes without spurious components are returned unchanged."""
         x, full = self._inputs(features, logits)
@@ -117,7 +115,7 @@ class SpuFix:
         self,
         features: torch.Tensor | np.ndarray,
         logits: torch.Tensor | np.ndarray,
-        mode: SpuFixMode = "floor",
+        mode: SpufixModeName = "floor",
         class_index: ClassIndex = None,
     ) -> SpuFixResult:
         """Fixed logits plus spurious_alpha and trigger for each image's analysed class."""

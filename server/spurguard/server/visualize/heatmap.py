@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import InvalidInput
 from spurguard.server.visualize._objective import ComponentObjective
 
-HeatmapMethod = Literal["grad_cam", "integrated_gradients", "input_gradient"]  # the vocabulary's names
-HEATMAP_METHODS: tuple[HeatmapMethod, ...] = ("grad_cam", "integrated_gradients", "input_gradient")
+HeatmapMethod = Literal["grad_cam", "integrated_gradients", "input_gradient"]  # vocab's HEATMAP_METHODS but "none"
+HEATMAP_METHODS: tuple[HeatmapMethod, ...] = get_args(HeatmapMethod)
 SALIENCY_SIGMA_AT_224 = 2.0  # blur of saliency maps in pixels at 224², scaled with the input side
 # Midpoint rule along the path from gray. The map settles long before the attributions' sum:
 # on the demo data 16 and 32 steps put the same mass on the planted features.
