@@ -259,13 +259,13 @@ class ReportWriter:
 
     def _top_figure(self, top: dict[str, Any]) -> str:
         images = "".join(
-            self._img(top[key], f"{what} {top['image']}")
+            self._img(top[key], f"{what} {top['image_id']}")
             for key, what in (("png", "fit image"), ("heatmap", "heatmap of"))
             if top.get(key)
         )
         return (
             f'<figure><div class="pair">{images}</div><figcaption>alpha {_e(number(top["alpha"]))}<br>'
-            f'<span class="id">{_e(top["image"])}</span></figcaption></figure>'
+            f'<span class="id" title="{_e(top["image"])}">{_e(top["image_id"])}</span></figcaption></figure>'
         )
 
     def _index_page(self, counts: Counter[tuple[int, str]]) -> str:
