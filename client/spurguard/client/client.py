@@ -24,8 +24,8 @@ import numpy as np
 
 from spurguard import vocab as t
 from spurguard.v1 import spurguard_pb2 as pb
-from spurguard.wire import from_message, from_update, to_message
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
+from spurguard.wire import from_message, from_update, to_message
 
 if TYPE_CHECKING:  # for the annotation only: PIL is never imported at run time
     from PIL.Image import Image as PILImage

@@ -4,8 +4,7 @@ them); a request that leaves an enum unset is None here ("the server's default")
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal, TypeVar
+from typing import Literal
 
 LabelName = Literal["unlabeled", "spurious", "not_spurious", "inconsistent"]
 SpufixModeName = Literal["paper", "floor"]
@@ -19,7 +18,6 @@ SPUFIX_MODES: tuple[SpufixModeName, ...] = ("paper", "floor")
 # "none": no heatmaps. grad_cam falls back to integrated_gradients where layers cannot be hooked.
 HEATMAP_METHODS: tuple[HeatmapMethodName, ...] = ("grad_cam", "integrated_gradients", "input_gradient", "none")
 DEFAULT_HEATMAP_METHOD: HeatmapMethodName = "grad_cam"
-JOB_STATES: tuple[JobStateName, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_JOB_STATES: frozenset[JobStateName] = frozenset({"succeeded", "failed", "cancelled"})
 
 # google.rpc.Code by number: a status travels as a number inside messages (ErrorStatus.code)
@@ -29,13 +27,3 @@ STATUS_CODES: tuple[str, ...] = (
     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
     "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )
-
-_Name = TypeVar("_Name", bound=str)
-
-
-def choice(value: str, allowed: Iterable[_Name], what: str) -> _Name:
-    """`value` if it is one of `allowed`, else ValueError naming them (the one check of a name)."""
-    options = tuple(allowed)
-    if value not in options:
-        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(options)}")
-    return value  # type: ignore[return-value]

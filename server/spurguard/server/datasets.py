@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from spurguard.vocab import IMAGE_SUFFIXES
 from spurguard.server.errors import InvalidInput, NotFound
+from spurguard.vocab import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import safetensors.torch
+import tomllib
 import torch
 from torch.export.passes import move_to_device_pass
 

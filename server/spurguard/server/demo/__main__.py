@@ -32,9 +32,9 @@ from spurguard.server.demo.generator import (
     load_ground_truth,
     without_feature,
 )
-from spurguard.vocab import EvaluateResult, FitSummary
 from spurguard.server.engine import roc_auc
 from spurguard.server.rpc.process import ServerProcess
+from spurguard.vocab import EvaluateResult, FitSummary
 
 MODEL = "demo"
 REPORT_COMPONENTS = 5  # per planted class, in the HTML report

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from spurguard.server.backends import Backend, PreprocessConfig, load_model_dir, preprocess_images
-from spurguard.vocab import ScoreTable
 from spurguard.server.datasets import ClassResolver, ImageEntry, list_image_folder, list_spurious_folder
 from spurguard.server.demo.generator import GROUND_TRUTH, generate, load_ground_truth
 from spurguard.server.demo.model import DemoCNN
@@ -39,7 +38,7 @@ from spurguard.server.engine import (
     roc_auc,
     spurious_score_table,
 )
-from spurguard.vocab import SPUFIX_MODES
+from spurguard.vocab import SPUFIX_MODES, ScoreTable
 
 DEMO_PREPROCESS = PreprocessConfig(size=64, resize=64, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
 MODEL_NAME = "demo"

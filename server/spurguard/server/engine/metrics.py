@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from spurguard.vocab import ClassScore, ScoreTable
 from spurguard.server.errors import InvalidInput
+from spurguard.vocab import ClassScore, ScoreTable
 
 
 def _numpy(x: Any) -> np.ndarray:

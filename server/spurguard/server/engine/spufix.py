@@ -29,7 +29,6 @@ from spurguard.server.errors import FailedPrecondition, InvalidInput
 from spurguard.vocab import SPUFIX_MODES, SpufixModeName
 
 
-
 @dataclass(frozen=True)
 class SpuFixResult:
     """One batch under SpuFix, with the per-image spurious evidence for its analysed class."""

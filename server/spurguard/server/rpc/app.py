@@ -45,9 +45,9 @@ from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.models import ModelRegistry, ServedModel
 from spurguard.server.serving.paths import DataRoots
 from spurguard.server.store import Store
-from spurguard.vocab import SPUFIX_MODES, SpufixModeName
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
+from spurguard.vocab import SPUFIX_MODES, SpufixModeName
 
 log = logging.getLogger("spurguard.server")
 

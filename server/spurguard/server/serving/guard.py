@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
-from spurguard.vocab import SPURIOUS, UNLABELED, ComponentAlpha, Prediction, ScoreResult, SpufixModeName, SpufixResult
 from spurguard.server.backends.base import Backend
 from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, ClassComponents, Decomposer, SpuFix
 from spurguard.server.errors import InvalidInput
 from spurguard.server.serving.options import check_class
 from spurguard.server.store import Store
+from spurguard.vocab import SPURIOUS, UNLABELED, ComponentAlpha, Prediction, ScoreResult, SpufixModeName, SpufixResult
 
 TOP_PREDICTIONS = 5
 DEFAULT_TOP_COMPONENTS = 5

@@ -30,7 +30,16 @@ from spurguard.server.errors import (
     Unavailable,
     error_status,
 )
-from spurguard.vocab import FINISHED_JOB_STATES, ErrorStatus, FitProgress, FitRequest, FitSummary, FitUpdate, Job, JobStateName
+from spurguard.vocab import (
+    FINISHED_JOB_STATES,
+    ErrorStatus,
+    FitProgress,
+    FitRequest,
+    FitSummary,
+    FitUpdate,
+    Job,
+    JobStateName,
+)
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 KEEP_FINISHED = 100  # finished jobs remembered for GetJob / ListJobs / WatchJob

@@ -26,9 +26,9 @@ from spurguard.server.serving.guard import Guard
 from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.options import ScoreSettings, VisualizeSettings
 from spurguard.server.serving.visualizing import visualize
-from spurguard.vocab import ScoreResult, VisualizeUpdate
-from spurguard.server.visualize.heatmap import default_gradcam_layer
 from spurguard.server.store import Store
+from spurguard.server.visualize.heatmap import default_gradcam_layer
+from spurguard.vocab import ScoreResult, VisualizeUpdate
 
 log = logging.getLogger("spurguard.server")
 

@@ -19,6 +19,7 @@ from spurguard.server.backends import Backend
 from spurguard.server.backends.images import encode_png
 from spurguard.server.engine import ClassComponents
 from spurguard.server.errors import FailedPrecondition, SpurguardError
+from spurguard.server.serving.options import VisualizeSettings
 from spurguard.server.visualize import (
     AttackFrame,
     AttackResult,
@@ -31,7 +32,6 @@ from spurguard.server.visualize import (
     top_images,
 )
 from spurguard.server.visualize._objective import require_gradients
-from spurguard.server.serving.options import VisualizeSettings
 from spurguard.server.visualize.heatmap import find_layer, is_plain_module
 
 log = logging.getLogger("spurguard.server")

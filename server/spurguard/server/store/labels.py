@@ -20,6 +20,7 @@ from pathlib import Path
 
 from spurguard.server.errors import InvalidInput
 from spurguard.vocab import LABELS, UNLABELED
+
 MAX_NOTE_CHARS = 10_000
 _BUSY_TIMEOUT_S = 30.0
 
