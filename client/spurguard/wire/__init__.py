@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import struct
 import typing
+from collections.abc import Callable
 from datetime import datetime, timezone
 from types import UnionType
 from typing import Any, TypeVar, Union
@@ -127,11 +128,6 @@ _SCALARS: dict[tuple[str, str], tuple[Any, Any]] = {
 # ---- dataclass field types ----
 
 
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _dataclass_in(hint: Any) -> type | None:
     """The dataclass a field holds: `X`, `X | None` and `tuple[X, ...]` give X."""
     if dataclasses.is_dataclass(hint):
@@ -146,49 +142,74 @@ def _dataclass_in(hint: Any) -> type | None:
 
 
 # ---- message -> vocabulary ----
+# Each (message type, dataclass) pair gets a reader compiled once: a list of field readers, so
+# converting a result costs a few dict lookups per field, not a walk over descriptors and hints.
+
+_Read = Callable[[Message, Message | None], Any]
+
+
+def _scalar_reader(descriptor: Descriptor, fd: FieldDescriptor) -> Callable[[Any], Any]:
+    """Raw value -> vocabulary value for one scalar field (enums by name, special spellings)."""
+    where = f"{descriptor.name}.{fd.name}"
+    if fd.enum_type is not None:
+        enum = fd.enum_type
+        names = {value.number: _enum_name(enum, value.number, where) for value in enum.values}
+
+        def enum_name(number: int) -> str | None:
+            return names[number] if number in names else _enum_name(enum, number, where)  # the latter raises
+
+        return enum_name
+    spelling = _SCALARS.get((descriptor.full_name, fd.name))
+    return spelling[0] if spelling is not None else (lambda raw: raw)
+
+
+def _field_reader(descriptor: Descriptor, fd: FieldDescriptor, hint: Any) -> _Read:
+    name = fd.name
+    if fd.message_type is not None:
+        special = _VALUES.get(fd.message_type.full_name)
+        if special is not None:
+            item: Callable[[Message, Message], Any] = lambda sub, _parent, convert=special[0]: convert(sub)
+        else:
+            cls = _dataclass_in(hint)
+            if cls is None:
+                raise TypeError(f"{descriptor.name}.{name}: no dataclass in the field's type {hint}")
+            read = _reader(getattr(pb, fd.message_type.name), cls)
+            item = lambda sub, parent: read(sub, parent)  # noqa: E731
+        if fd.is_repeated:
+            return lambda m, _inherited: tuple(item(sub, m) for sub in getattr(m, name))
+        return lambda m, _inherited: item(getattr(m, name), m) if m.HasField(name) else None
+    convert = _scalar_reader(descriptor, fd)
+    if fd.is_repeated:
+        return lambda m, _inherited: tuple(convert(raw) for raw in getattr(m, name))
+    if fd.has_presence:
+        return lambda m, _inherited: convert(getattr(m, name)) if m.HasField(name) else None
+    return lambda m, _inherited: convert(getattr(m, name))
+
+
+def _inherited_reader(cls: type, descriptor: Descriptor, name: str) -> _Read:
+    def read(_message: Message, inherited: Message | None) -> Any:
+        if inherited is None or name not in inherited.DESCRIPTOR.fields_by_name:
+            raise TypeError(f"{cls.__name__}.{name} is in no message field of {descriptor.full_name}")
+        return getattr(inherited, name)
+
+    return read
+
+
+@functools.cache
+def _reader(message_class: type[Message], cls: type) -> _Read:
+    descriptor = message_class.DESCRIPTOR
+    hints = typing.get_type_hints(cls)
+    fields = [
+        (field.name, _field_reader(descriptor, descriptor.fields_by_name[field.name], hints[field.name])
+         if field.name in descriptor.fields_by_name else _inherited_reader(cls, descriptor, field.name))
+        for field in dataclasses.fields(cls)  # type: ignore[arg-type]
+    ]
+    return lambda message, inherited: cls(**{name: read(message, inherited) for name, read in fields})
 
 
 def from_message(message: Message, cls: type[_T], inherited: Message | None = None) -> _T:
     """The `cls` dataclass of `message`; fields `message` lacks are read from `inherited`."""
-    descriptor: Descriptor = message.DESCRIPTOR
-    values: dict[str, Any] = {}
-    hints = _field_types(cls)
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        fd = descriptor.fields_by_name.get(field.name)
-        if fd is None:
-            if inherited is None or field.name not in inherited.DESCRIPTOR.fields_by_name:
-                raise TypeError(f"{cls.__name__}.{field.name} is in no message field of {descriptor.full_name}")
-            values[field.name] = getattr(inherited, field.name)
-            continue
-        values[field.name] = _read_field(message, fd, hints[field.name])
-    return cls(**values)
-
-
-def _read_field(message: Message, fd: FieldDescriptor, hint: Any) -> Any:
-    where = f"{message.DESCRIPTOR.name}.{fd.name}"
-    raw = getattr(message, fd.name)
-    if fd.message_type is not None:
-        if not fd.is_repeated and not message.HasField(fd.name):
-            return None
-        items = raw if fd.is_repeated else [raw]
-        special = _VALUES.get(fd.message_type.full_name)
-        if special is not None:
-            converted = [special[0](item) for item in items]
-        else:
-            cls = _dataclass_in(hint)
-            if cls is None:
-                raise TypeError(f"{where}: no dataclass in the field's type {hint}")
-            converted = [from_message(item, cls, message) for item in items]
-        return tuple(converted) if fd.is_repeated else converted[0]
-    if fd.has_presence and not fd.is_repeated and not message.HasField(fd.name):
-        return None
-    items = list(raw) if fd.is_repeated else [raw]
-    if fd.enum_type is not None:
-        items = [_enum_name(fd.enum_type, item, where) for item in items]
-    spelling = _SCALARS.get((message.DESCRIPTOR.full_name, fd.name))
-    if spelling is not None:
-        items = [spelling[0](item) for item in items]
-    return tuple(items) if fd.is_repeated else items[0]
+    return _reader(type(message), cls)(message, inherited)  # type: ignore[no-any-return]
 
 
 def from_update(message: Message, union: Any) -> Any:
@@ -205,6 +226,60 @@ def from_update(message: Message, union: Any) -> Any:
 
 
 # ---- vocabulary -> message ----
+# Likewise compiled once per (dataclass, message type): the message is built by one constructor
+# call from converted keyword arguments, the fastest way protobuf offers.
+
+_Write = Callable[[Any], Any]
+
+
+def _field_writer(descriptor: Descriptor, fd: FieldDescriptor) -> _Write:
+    """Vocabulary value -> what the message constructor takes for one field."""
+    where = f"{descriptor.name}.{fd.name}"
+    if fd.message_type is not None:
+        special = _VALUES.get(fd.message_type.full_name)
+        if special is not None:
+            item: _Write = special[1]
+        else:
+            message_class: type[Message] = getattr(pb, fd.message_type.name)
+            item = lambda value: to_message(value, message_class)  # noqa: E731
+    elif fd.enum_type is not None:
+        enum = fd.enum_type
+        item = lambda name: _enum_number(enum, name, where)  # noqa: E731
+    else:
+        spelling = _SCALARS.get((descriptor.full_name, fd.name))
+        item = spelling[1] if spelling is not None else (lambda value: value)
+    if fd.is_repeated:
+        return lambda values: [item(value) for value in values]
+    return item
+
+
+@functools.cache
+def _writer(cls: type, message_class: type[Message]) -> Callable[[Any], Message]:
+    descriptor = message_class.DESCRIPTOR
+    fields = [
+        (field.name, _field_writer(descriptor, descriptor.fields_by_name[field.name]))
+        for field in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if field.name in descriptor.fields_by_name  # the others travel in the enclosing message
+    ]
+
+    def write(value: Any) -> Message:
+        values = {name: convert(item) for name, convert in fields if (item := getattr(value, name)) is not None}
+        try:
+            return message_class(**values)
+        except (ValueError, TypeError) as error:  # e.g. an integer out of its field's range
+            raise _field_error(message_class, values, error) from None
+
+    return write
+
+
+def _field_error(message_class: type[Message], values: dict[str, Any], error: Exception) -> Exception:
+    """The constructor's error again, naming the field that caused it."""
+    for name, value in values.items():
+        try:
+            message_class(**{name: value})
+        except (ValueError, TypeError) as field_error:
+            return type(field_error)(f"{message_class.DESCRIPTOR.name}.{name}: {field_error}")
+    return error
 
 
 def to_message(value: Any, cls: type[_M] | None = None) -> _M:
@@ -212,42 +287,7 @@ def to_message(value: Any, cls: type[_M] | None = None) -> _M:
 
     Fields the message lacks are left to the enclosing message (see `to_update`).
     """
-    message = (cls or message_type(type(value)))()
-    for field in dataclasses.fields(value):
-        fd = message.DESCRIPTOR.fields_by_name.get(field.name)
-        item = getattr(value, field.name)
-        if fd is not None and item is not None:
-            _write_field(message, fd, item)
-    return message  # type: ignore[return-value]
-
-
-def _write_field(message: Message, fd: FieldDescriptor, value: Any) -> None:
-    where = f"{message.DESCRIPTOR.name}.{fd.name}"
-    items = list(value) if fd.is_repeated else [value]
-    if fd.message_type is not None:
-        special = _VALUES.get(fd.message_type.full_name)
-        converted = [special[1](item) if special else to_message(item, _message_class(fd)) for item in items]
-        if fd.is_repeated:
-            getattr(message, fd.name).extend(converted)
-        else:
-            getattr(message, fd.name).CopyFrom(converted[0])
-        return
-    if fd.enum_type is not None:
-        items = [_enum_number(fd.enum_type, item, where) for item in items]
-    spelling = _SCALARS.get((message.DESCRIPTOR.full_name, fd.name))
-    if spelling is not None:
-        items = [spelling[1](item) for item in items]
-    try:
-        if fd.is_repeated:
-            getattr(message, fd.name).extend(items)
-        else:
-            setattr(message, fd.name, items[0])
-    except (ValueError, TypeError) as error:  # e.g. an integer out of the field's range
-        raise type(error)(f"{where}: {error}") from None
-
-
-def _message_class(fd: FieldDescriptor) -> type[Message]:
-    return getattr(pb, fd.message_type.name)
+    return _writer(type(value), cls or message_type(type(value)))(value)  # type: ignore[return-value]
 
 
 def to_update(value: Any, envelope: type[_M]) -> _M:
@@ -255,13 +295,13 @@ def to_update(value: Any, envelope: type[_M]) -> _M:
     (job_id, component) taken from `value`."""
     (oneof,) = envelope.DESCRIPTOR.oneofs
     inner = to_message(value)
-    message = envelope()
+    fields: dict[str, Any] = {}
     for fd in envelope.DESCRIPTOR.fields:
         if fd.containing_oneof is oneof:
             if fd.message_type is inner.DESCRIPTOR:
-                getattr(message, fd.name).CopyFrom(inner)
+                fields[fd.name] = inner
         else:
-            _write_field(message, fd, getattr(value, fd.name))
-    if message.WhichOneof(oneof.name) is None:
+            fields[fd.name] = _field_writer(envelope.DESCRIPTOR, fd)(getattr(value, fd.name))
+    if len(fields) == len(envelope.DESCRIPTOR.fields) - len(oneof.fields):
         raise TypeError(f"{type(value).__name__} fits none of {envelope.DESCRIPTOR.name}.{oneof.name}")
-    return message
+    return envelope(**fields)
