@@ -4,7 +4,7 @@ Per class k: positives = clean images of class k, negatives = images showing k's
 feature without the class object, score = softmax p(k|x). ROC AUC is what the paper's text
 reports; average precision is what its published evaluation code computes, so both are here,
 implemented in numpy (the server does not depend on scikit-learn) and tested against it.
-Rows and tables are the thin client's own ClassScore and ScoreTable, so `evaluate --json` has
+Rows and tables are the vocabulary's ClassScore and ScoreTable, so `evaluate --json` has
 one definition.
 """
 from __future__ import annotations
