@@ -96,6 +96,7 @@ def _gated_backend() -> tuple[TorchBackend, GatedCNN]:
         preprocess_config=PreprocessConfig(SIZE, 20, "bilinear", (0.5,) * 3, (0.25,) * 3),
         device="cpu",
         max_batch_size=4,
+        runtime="torch",  # the gate is Python code in the torch module: an ONNX runtime would pass it by
     )
     return backend, module
 

@@ -64,6 +64,7 @@ class ModelInfo(Result):
     fitted_classes: tuple[int, ...]
     max_batch_size: int
     classes: tuple[ClassInfo, ...]
+    runtime: str = ""  # where forward-only work runs: "torch", "onnxruntime", "openvino"
 
 
 # ---- fit jobs ----

@@ -133,7 +133,7 @@ class ClassInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., wnid: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "device", "num_classes", "feature_dim", "input_size", "digest", "ready", "supports_gradients", "fit_id", "fitted_classes", "max_batch_size", "classes")
+    __slots__ = ("name", "backend", "device", "num_classes", "feature_dim", "input_size", "digest", "ready", "supports_gradients", "fit_id", "fitted_classes", "max_batch_size", "classes", "runtime")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class ModelInfo(_message.Message):
     FITTED_CLASSES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     device: str
@@ -160,7 +161,8 @@ class ModelInfo(_message.Message):
     fitted_classes: _containers.RepeatedScalarFieldContainer[int]
     max_batch_size: int
     classes: _containers.RepeatedCompositeFieldContainer[ClassInfo]
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., input_size: _Optional[int] = ..., digest: _Optional[str] = ..., ready: _Optional[bool] = ..., supports_gradients: _Optional[bool] = ..., fit_id: _Optional[str] = ..., fitted_classes: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ...) -> None: ...
+    runtime: str
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., input_size: _Optional[int] = ..., digest: _Optional[str] = ..., ready: _Optional[bool] = ..., supports_gradients: _Optional[bool] = ..., fit_id: _Optional[str] = ..., fitted_classes: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class FitRequest(_message.Message):
     __slots__ = ("model", "dataset", "classes", "num_components", "batch_size", "job_id", "extend")

@@ -79,6 +79,7 @@ class Backend(Protocol):
     name: str
     digest: str  # sha256 hex over weights, classes and preprocessing: fits are keyed by (name, digest)
     kind: str  # "torch", "triton", ...
+    runtime: str  # where forward-only work runs: "torch", "onnxruntime", "openvino", ...
     device: str  # where the backbone runs, e.g. "cpu", "cuda:0"
     num_classes: int  # C
     feature_dim: int  # d

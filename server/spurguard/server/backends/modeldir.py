@@ -26,11 +26,12 @@ from spurguard.server.backends.base import (
     PreprocessConfig,
 )
 from spurguard.server.backends.device import resolve_device
+from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.backends.torch_backend import TorchBackend
 from spurguard.server.errors import InvalidInput, NotFound, exception_line
 
 MODEL_TOML = "model.toml"
-_TOP_KEYS = {"name", "backbone", "head", "classes", "preprocess"}
+_TOP_KEYS = {"name", "backbone", "head", "classes", "preprocess", "runtime", "onnx"}
 _PREPROCESS_KEYS = {"size", "resize", "interpolation", "mean", "std"}
 # Model names end up in store paths, health-check service names and metric labels.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -54,6 +55,8 @@ class ModelSpec:
     head: Path
     classes: Path | None
     preprocess: PreprocessConfig
+    runtime: str = "auto"  # where forward-only work runs (runtimes.RUNTIME_CHOICES)
+    onnx: Path | None = None  # the backbone as ONNX, when the model ships one
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -127,6 +130,9 @@ def read_model_toml(root: str | Path) -> ModelSpec:
     name = _expect(table["name"], str, where, "'name' must be a string")
     if not _NAME_RE.match(name):
         raise InvalidInput(f"{where}: 'name' {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+    runtime = _expect(table.get("runtime", "auto"), str, where, f"'runtime' must be one of {RUNTIME_CHOICES}")
+    if runtime not in RUNTIME_CHOICES:
+        raise InvalidInput(f"{where}: 'runtime' {runtime!r} must be one of {', '.join(RUNTIME_CHOICES)}")
     return ModelSpec(
         root=root,
         name=name,
@@ -134,6 +140,8 @@ def read_model_toml(root: str | Path) -> ModelSpec:
         head=_model_file(root, table["head"], where, "head"),
         classes=_model_file(root, table["classes"], where, "classes") if "classes" in table else None,
         preprocess=_parse_preprocess(table["preprocess"], where),
+        runtime=runtime,
+        onnx=_model_file(root, table["onnx"], where, "onnx") if "onnx" in table else None,
     )
 
 
@@ -185,8 +193,9 @@ def _check_pt2_archive(path: Path) -> None:
         raise InvalidInput(f"{path}: not a valid torch.export archive: {exception_line(error)}") from None
 
 
-def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
-    """TorchScript (.pt) or torch.export (.pt2) backbone on `device`, never through pickle."""
+def load_backbone(path: Path, device: torch.device) -> torch.nn.Module | torch.export.ExportedProgram:
+    """TorchScript (.pt) or torch.export (.pt2) backbone on `device`, never through pickle (an
+    export archive stays an ExportedProgram: the ONNX exporter works from it)."""
     if path.suffix == ".pt":
         try:
             return torch.jit.load(str(path), map_location=device)
@@ -197,7 +206,7 @@ def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
     if path.suffix == ".pt2":
         _check_pt2_archive(path)
         try:
-            return move_to_device_pass(torch.export.load(str(path)), device).module()
+            return move_to_device_pass(torch.export.load(str(path)), device)
         except (RuntimeError, ValueError, KeyError) as error:
             raise InvalidInput(f"{path}: cannot load torch.export archive: {exception_line(error)}") from None
     raise InvalidInput(f"{path}: backbone must be TorchScript (.pt) or a torch.export archive (.pt2)")
@@ -279,4 +288,6 @@ def load_model_dir(
         max_batch_size=max_batch_size,
         limits=limits,
         source=str(spec.backbone),
+        runtime=spec.runtime,
+        onnx=spec.onnx,
     )

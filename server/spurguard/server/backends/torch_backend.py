@@ -1,7 +1,13 @@
-"""In-process torch backend: a backbone module (TorchScript, torch.export or eager) plus a linear head."""
+"""In-process torch backend: a backbone module (TorchScript, torch.export or eager) plus a linear head.
+
+Its forward-only work (`features`) runs on the runtime `select_runtime` picks (torch, ONNX
+Runtime or OpenVINO, see runtimes.py); gradient work always runs on the torch module.
+"""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -11,6 +17,8 @@ import torch.nn.functional as F
 from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig
 from spurguard.server.backends.device import configure_cpu_threads, default_batch_size, resolve_device
 from spurguard.server.backends.images import decode_crop, preprocess_images, stack_crops
+from spurguard.server.backends.onnx_export import export_onnx
+from spurguard.server.backends.runtimes import Forward, RuntimeChoice, RuntimeName, TorchForward, choose_runtime
 from spurguard.server.errors import InvalidInput, ResourceExhausted, exception_line
 
 
@@ -38,7 +46,7 @@ class TorchBackend:
         *,
         name: str,
         digest: str,
-        backbone: torch.nn.Module,
+        backbone: torch.nn.Module | torch.export.ExportedProgram,
         weight: torch.Tensor,
         bias: torch.Tensor,
         preprocess_config: PreprocessConfig,
@@ -48,9 +56,16 @@ class TorchBackend:
         max_batch_size: int | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         source: str | None = None,
+        runtime: str = "auto",
+        onnx: Path | None = None,
     ) -> None:
-        """`source` names where the model came from (a file, a built-in) in load errors."""
+        """`source` names where the model came from (a file, a built-in) in load errors;
+        `runtime` is the model's preferred forward runtime and `onnx` a graph of the backbone
+        it ships, both used by `select_runtime` (until then the forward runs on torch)."""
         source = source or name
+        self.source = source
+        self.preferred_runtime = runtime
+        self.onnx = onnx
         self.torch_device = resolve_device(device)
         if self.torch_device.type == "cpu":
             configure_cpu_threads()
@@ -76,8 +91,13 @@ class TorchBackend:
         self._bias = bias.detach().to("cpu", torch.float32).contiguous()
         self._head_on_device = (self._weight.to(self.torch_device), self._bias.to(self.torch_device))
 
-        self.module = backbone.to(self.torch_device)
+        if isinstance(backbone, torch.export.ExportedProgram):
+            self.export_source: torch.nn.Module | torch.export.ExportedProgram = backbone
+            self.module = backbone.module()
+        else:
+            self.module = self.export_source = backbone.to(self.torch_device)
         _freeze(self.module)
+        self.forward: Forward = TorchForward(self.module, self.torch_device)
         self.feature_dim = self._probe_feature_dim(source)
         if self.feature_dim != head_dim:
             raise InvalidInput(
@@ -131,17 +151,45 @@ class TorchBackend:
         """uint8 crops to the normalised float32 input batch [N,3,size,size]."""
         return stack_crops(crops, self.preprocess_config)
 
+    @property
+    def runtime(self) -> RuntimeName:
+        """Where `features` runs: "torch", "onnxruntime" or "openvino"."""
+        return self.forward.runtime
+
+    def select_runtime(self, requested: str | None, graph: Callable[[], Path]) -> RuntimeChoice:
+        """Run `features` on `requested` (None: the model's preferred runtime; "auto": the fastest
+        installed one that gives torch's features). `graph` gives the exported ONNX backbone; a
+        model that ships its own graph uses that, and any problem with it is an error, never a
+        silent fallback to torch."""
+        user_graph = self.onnx
+        choice = choose_runtime(
+            requested or self.preferred_runtime,
+            TorchForward(self.module, self.torch_device),
+            graph if user_graph is None else lambda: user_graph,
+            input_size=self.input_size,
+            batch_size=self.max_batch_size,
+            device=self.torch_device,
+            source=self.source,
+            strict=user_graph is not None,
+        )
+        self.forward = choice.forward
+        return choice
+
+    def export_onnx(self, path: Path) -> None:
+        """Write the backbone to `path` as ONNX (a dynamic batch axis)."""
+        export_onnx(self.export_source, path, self.input_size)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) as float32 [N,d] on the CPU, in chunks of max_batch_size, without autograd."""
         self._check_input(x)
         if x.shape[0] == 0:
             return torch.empty(0, self.feature_dim)
         try:
-            with torch.inference_mode():
-                chunks = [
-                    self.module(chunk.to(self.torch_device, torch.float32, non_blocking=True)).float().cpu()
-                    for chunk in x.split(self.max_batch_size)
-                ]
+            array = x.to("cpu", torch.float32).contiguous().numpy()
+            chunks = [
+                torch.from_numpy(self.forward(array[start : start + self.max_batch_size]))
+                for start in range(0, array.shape[0], self.max_batch_size)
+            ]
         except torch.OutOfMemoryError:
             raise ResourceExhausted(
                 f"model {self.name}: a batch of {self.max_batch_size} does not fit on {self.device}; "

@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from spurguard.server.backends import Backend
 from spurguard.server.backends.builtins import model_name
 from spurguard.server.backends.device import available_cpus, resolve_device
+from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.errors import InvalidInput, SpurguardError
 from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.serving.dataplane import DataPlane
@@ -77,6 +78,7 @@ class ServerConfig:
     fit_workers: int = 1
     store_poll_s: float = 2.0
     max_heavy_calls: int = 2
+    runtime: str | None = None  # forward runtime for every model; None: each model's own (default auto)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: the port speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # clients must show a certificate this CA signed (mutual TLS)
@@ -146,6 +148,7 @@ class SpurguardServer:
             "max_batch_size": config.max_batch_size,
             "max_delay_s": config.max_delay_ms / 1000.0,
             "store_poll_s": config.store_poll_s,
+            "runtime": config.runtime,
         }
         served = [
             ServedModel(model_name(spec), self.store, self.metrics, self._decode_pool, spec=spec, **options)
@@ -380,6 +383,10 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
     p.add_argument("--data-root", dest="data_roots", action="append", type=Path, default=[], metavar="DIR",
                    help="folders Fit and Evaluate may read datasets under (repeatable); none: no dataset")
     p.add_argument("--device", default=_default("device"), help=f"auto, cpu, cuda or cuda:N (default {_default('device')})")
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=_default("runtime"),
+                   help="where forward-only work (fit, score, evaluate) runs; auto: the fastest installed runtime "
+                        "whose features equal torch's, measured at load (default: each model's model.toml "
+                        "runtime, else auto). Visualize always uses torch")
     p.add_argument("--max-batch-size", type=_positive_int, metavar="N",
                    help="images per forward pass (default: 32 on CPU, 64-256 on GPU)")
     p.add_argument("--max-delay-ms", type=_non_negative, default=_default("max_delay_ms"), metavar="MS",

@@ -99,7 +99,7 @@ class DataPlane:
 
     def model_info(self, served: ServedModel, *, with_classes: bool) -> vocab.ModelInfo:
         if not served.ready:
-            return vocab.ModelInfo(served.name, "", "", 0, 0, 0, "", False, False, None, (), 0, ())
+            return vocab.ModelInfo(served.name, "", "", 0, 0, 0, "", False, False, None, (), 0, (), "")
         backend, guard = served.backend, served.guard
         classes = tuple(
             vocab.ClassInfo(k, name, wnid) for k, (name, wnid) in enumerate(zip(backend.class_names, backend.class_wnids))
@@ -107,7 +107,7 @@ class DataPlane:
         return vocab.ModelInfo(
             served.name, backend.kind, backend.device, backend.num_classes, backend.feature_dim, backend.input_size,
             backend.digest, True, served.supports_gradients, guard.fit_id, tuple(guard.fitted_classes),
-            backend.max_batch_size, classes,
+            backend.max_batch_size, classes, backend.runtime,
         )
 
     def list_models(self) -> list[vocab.ModelInfo]:

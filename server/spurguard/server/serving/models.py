@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spurguard.server.backends import Backend, GradientBackend, ImageInput, load_model
+from spurguard.server.backends import Backend, GradientBackend, ImageInput, TorchBackend, load_model
 from spurguard.server.engine import ClassComponents
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
 from spurguard.server.serving.batcher import Batcher
@@ -70,10 +70,12 @@ class ServedModel:
         max_batch_size: int | None = None,
         max_delay_s: float = 0.005,
         store_poll_s: float = 0.0,
+        runtime: str | None = None,
     ) -> None:
         """Give a `spec` to load (built-in name or model directory) or an already built `backend`;
         `device` and `max_batch_size` apply to loading a spec. `store_poll_s` > 0 follows changes
-        other processes make to the store (see `watch_store`)."""
+        other processes make to the store (see `watch_store`). `runtime` is where forward-only
+        work runs (None: the model's own choice, model.toml `runtime`, by default "auto")."""
         if (spec is None) == (backend is None):
             raise ValueError("give exactly one of spec and backend")
         self.name = name
@@ -85,6 +87,7 @@ class ServedModel:
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._store_poll_s = store_poll_s
+        self._runtime = runtime
         self._watcher: asyncio.Task[None] | None = None
         self._backend = backend
         self._guard: Guard | None = None
@@ -141,6 +144,12 @@ class ServedModel:
             self._backend = load_model(self.spec, self._device, self._max_batch_size)
             if self._backend.name != self.name:
                 raise InvalidInput(f"model {self.spec!r} loaded as {self._backend.name!r}, expected {self.name!r}")
+        backend = self._backend
+        if isinstance(backend, TorchBackend):
+            choice = backend.select_runtime(
+                self._runtime, lambda: self.store.onnx_graph(backend.name, backend.digest, backend.export_onnx)
+            )
+            log.info("model %s: %s", self.name, choice.describe())
         self._backend.warm_up()
         self._gradcam_layer = default_gradcam_layer(self._backend)  # before traffic: it hooks every layer
         if self.supports_gradients:

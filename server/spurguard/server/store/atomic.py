@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,21 @@ def write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _publish(tmp, path)
+
+
+def write_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Atomically replace `path` with what `write` puts into the temp path it is given (for
+    writers that insist on a path, such as the ONNX exporter)."""
+    fd, tmp = _temp_path(path)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -11,6 +11,7 @@
     manifest.json                                  written last: its presence commits the fit
     .lock                                          flock of the one open FitWriter
 <root>/models/<name>/<digest>/evaluations/<id>.json  one finished Evaluate: request, fit, tables
+<root>/models/<name>/<digest>/backbone.onnx        the backbone exported for ONNX Runtime / OpenVINO
 ```
 Names are checked before they become path components, so no request can escape the root.
 """
@@ -27,6 +28,7 @@ CURRENT = "current.json"
 SETTINGS = "settings.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+ONNX_GRAPH = "backbone.onnx"
 
 # Same rule as model.toml names: starts alphanumeric, so never "." or "..".
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -70,6 +72,10 @@ class ModelPaths:
 
     def fit(self, fit_id: str) -> Path:
         return self.fits / check_name(fit_id, "fit id")
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / ONNX_GRAPH
 
     @property
     def evaluations(self) -> Path:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
-from spurguard.server.store.atomic import make_dirs, read_json, write_json
+from spurguard.server.store.atomic import make_dirs, read_json, write_json, write_with
 from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter
 from spurguard.server.store.labels import UNLABELED, Label, LabelDB, check_label
 from spurguard.server.store.layout import CURRENT, LABELS_DB, MANIFEST, SETTINGS, ModelPaths, short
@@ -104,6 +105,17 @@ class Store:
         """The kept evaluations of these weights, oldest first (ids order by time to the millisecond)."""
         folder = self._paths(model, digest).evaluations
         return [read_json(path) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+    # ---- exported graphs ----
+
+    def onnx_graph(self, model: str, digest: str, export: Callable[[Path], None]) -> Path:
+        """These weights' backbone as ONNX, exported with `export(path)` the first time (written
+        whole or not at all) and reused after; keyed by the digest like everything else."""
+        path = self._paths(model, digest).onnx
+        if not path.is_file():
+            make_dirs(path.parent)
+            write_with(path, export)
+        return path
 
     # ---- writing fits ----
 

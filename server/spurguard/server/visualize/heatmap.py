@@ -146,7 +146,8 @@ def default_gradcam_layer(backend: Backend) -> str | None:
         if name
     ]
     try:
-        backend.features(torch.zeros(1, 3, backend.input_size, backend.input_size))
+        with torch.no_grad():  # the torch module itself: `features` may run on another runtime
+            backend.features_with_grad(torch.zeros(1, 3, backend.input_size, backend.input_size))
     finally:
         for handle in handles:
             handle.remove()
