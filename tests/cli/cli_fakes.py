@@ -38,6 +38,7 @@ def model(name: str = "tiny", fitted: tuple[int, ...] = (0, 1, 2, 5), classes: b
         fitted_classes=fitted,
         max_batch_size=32,
         classes=tuple(t.ClassInfo(k, name, f"n{k:08d}") for k, name in enumerate(CLASS_NAMES)) if classes else (),
+        runtime="onnxruntime",
     )
 
 

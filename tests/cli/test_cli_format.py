@@ -94,10 +94,10 @@ def test_index_ranges() -> None:
 
 def test_models_table() -> None:
     lines = fmt.models_table([f.model(classes=True), f.model("plain", fitted=())]).splitlines()
-    assert lines[0].split() == ["MODEL", "CLASSES", "FEATURE_DIM", "INPUT_SIZE", "BACKEND", "DEVICE", "READY",
+    assert lines[0].split() == ["MODEL", "CLASSES", "FEATURE_DIM", "INPUT_SIZE", "BACKEND", "RUNTIME", "DEVICE", "READY",
                                 "FITTED_CLASSES", "NAMES"]
-    assert lines[1].split() == ["tiny", "10", "8", "16", "torch", "cpu", "yes", "4", "(0-2,5)", "ant,", "bee,", "cat,",
-                                "…", "(+2)"]
+    assert lines[1].split() == ["tiny", "10", "8", "16", "torch", "onnxruntime", "cpu", "yes", "4", "(0-2,5)", "ant,",
+                                "bee,", "cat,", "…", "(+2)"]
     assert lines[2].split()[-2:] == [fmt.MISSING, fmt.MISSING]  # no fit, no names (as ListModels sends it)
     assert fmt.models_table([]) == "no models loaded"
 

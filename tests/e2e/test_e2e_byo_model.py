@@ -1,7 +1,7 @@
 """Bring your own model: a small CNN defined and trained here, exported to a model directory,
-served by a real server process, fitted and scored over gRPC, and checked against an
-independent float64 reference (the module run in float64 on pixels decoded here, np.cov +
-np.linalg.eigh on the stored weighted activations)."""
+served by a real server process on each forward runtime, fitted and scored over gRPC, and
+checked against an independent float64 reference (the module run in float64 on pixels decoded
+here, np.cov + np.linalg.eigh on the stored weighted activations)."""
 from __future__ import annotations
 
 import json
@@ -54,8 +54,9 @@ def _normalised(images: list[np.ndarray]) -> np.ndarray:
     return ((x - np.array(MEAN)) / np.array(STD)).transpose(0, 3, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["torch", "onnxruntime", "openvino"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The server runs the forward pass on each runtime in turn (`serve --runtime`)."""
     root = tmp_path_factory.mktemp("byo")
     pixels = _images(root / "data")
     torch.manual_seed(0)
@@ -85,8 +86,10 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         f"[preprocess]\nsize = {SIZE}\nresize = {SIZE}\ninterpolation = \"bilinear\"\n"
         f"mean = {json.dumps(list(MEAN))}\nstd = {json.dumps(list(STD))}\n"
     )
-    args = ["--model", str(model_dir), "--store", str(root / "store"), "--data-root", str(root / "data")]
+    args = ["--model", str(model_dir), "--store", str(root / "store"), "--data-root", str(root / "data"),
+            "--runtime", request.param]
     with ServerProcess(args) as server, Client(server.target) as client:
+        assert client.get_model("byo").runtime == request.param
         yield client, model.double(), pixels, root / "data"
 
 

@@ -112,6 +112,7 @@ def models_table(models: Sequence[t.ModelInfo]) -> str:
             str(m.feature_dim),
             str(m.input_size),
             m.backend,
+            m.runtime or MISSING,
             m.device,
             "yes" if m.ready else "no",
             f"{len(m.fitted_classes)} ({index_ranges(m.fitted_classes)})" if m.fitted_classes else MISSING,
@@ -119,7 +120,8 @@ def models_table(models: Sequence[t.ModelInfo]) -> str:
         ]
         for m in models
     ]
-    headers = ["MODEL", "CLASSES", "FEATURE_DIM", "INPUT_SIZE", "BACKEND", "DEVICE", "READY", "FITTED_CLASSES", "NAMES"]
+    headers = ["MODEL", "CLASSES", "FEATURE_DIM", "INPUT_SIZE", "BACKEND", "RUNTIME", "DEVICE", "READY", "FITTED_CLASSES",
+               "NAMES"]
     return render_table(headers, rows, right=(1, 2, 3))
 
 
