@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from spurguard.server.engine import npca
 from spurguard.server.engine import (
     ClassStatistics,
     NeuralPCAFit,
@@ -207,5 +208,103 @@ def test_cuda_fit_matches_cpu(small_problem):
     on_gpu.update(torch.from_numpy(p.features).cuda(), torch.from_numpy(p.labels).cuda())
     gpu = on_gpu.finalize_class(0, 5)
     cpu = fit_components(p.weight, p.features, p.labels, 5)[0]
+    np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=1e-9)
+    assert projector_distance(gpu.vectors, cpu.vectors) < 1e-8
+
+
+def gram_and_scatter_fits(p, k: int, num: int):
+    """Class k fitted from its kept rows (the Gram path) and, on a copy, from its scatter."""
+    kept, scattered = NeuralPCAFit(p.weight), NeuralPCAFit(p.weight)
+    for fit in (kept, scattered):
+        fit.update(p.features, p.labels)
+    assert kept.statistics(k).rows is not None
+    scattered.statistics(k)._to_scatter()
+    assert scattered.statistics(k).rows is None
+    return kept.finalize_class(k, num), scattered.finalize_class(k, num)
+
+
+@pytest.mark.parametrize(
+    "per_class, rank",
+    [
+        ([40, 2], 6),  # n < d, and n == 2: one component
+        ([60, 30], 60),  # full-rank class, n < d
+        ([64, 3], 3),  # n == d for class 0
+    ],
+)
+def test_gram_path_equals_scatter_path_and_reference(problem_factory, ref_pca, per_class, rank):
+    p = problem_factory(seed=8, num_classes=2, dim=64, per_class=per_class, rank=rank)
+    for k, n in enumerate(per_class):
+        num = min(8, n - 1)
+        gram, scatter = gram_and_scatter_fits(p, k, num)
+        ref = ref_pca(p, k)
+        for comp in (gram, scatter):
+            assert comp.num_components == num
+            np.testing.assert_allclose(comp.eigenvalues, ref.eigenvalues[:num], rtol=1e-9)
+            assert projector_distance(comp.vectors, ref.vectors[:, :num].T) < 1e-8
+            np.testing.assert_allclose(comp.vectors @ comp.vectors.T, np.eye(num), atol=1e-10)
+            assert comp.total_variance == pytest.approx(np.trace(ref.cov), rel=1e-12)
+        np.testing.assert_allclose(gram.vectors, scatter.vectors, atol=1e-8)  # same sign rule
+        np.testing.assert_allclose(gram.mean, scatter.mean, rtol=1e-12)
+
+
+def test_gram_path_of_rank_deficient_and_repeated_classes(problem_factory, ref_pca):
+    p = problem_factory(seed=9, num_classes=1, dim=50, per_class=20)
+    rows = p.features.copy()
+    rows[10:] = rows[:10]  # twenty images, ten distinct: rank 9
+    p = type(p)(rows, p.labels, p.weight, p.bias)
+    gram, scatter = gram_and_scatter_fits(p, 0, 15)
+    ref = ref_pca(p, 0)
+    for comp in (gram, scatter):
+        assert comp.num_components == 9
+        np.testing.assert_allclose(comp.eigenvalues, ref.eigenvalues[:9], rtol=1e-9)
+        assert projector_distance(comp.vectors, ref.vectors[:, :9].T) < 1e-8
+
+
+def test_block_lanczos_converges_on_repeated_and_decaying_spectra():
+    rng = np.random.default_rng(10)
+    basis = np.linalg.qr(rng.standard_normal((700, 700)))[0]
+    spectrum = np.concatenate([[5.0, 5.0, 5.0], 4.0 * 0.9 ** np.arange(697)])  # a triple top
+    cov = torch.from_numpy((basis * spectrum) @ basis.T)
+    found = npca._block_lanczos(cov, 20)
+    assert found is not None  # converged, no dense fallback
+    values, vectors = found
+    np.testing.assert_allclose(values.numpy(), np.sort(spectrum)[::-1][:20], rtol=1e-10)
+    expected = basis[:, np.argsort(spectrum)[::-1][:20]]
+    assert projector_distance(vectors.numpy().T, expected.T) < 1e-8
+    # the public entry point gives the same pairs, whichever solver
+    lanczos, dense = top_eigenpairs(cov, 20, method="lanczos"), top_eigenpairs(cov, 20, method="dense")
+    np.testing.assert_allclose(lanczos[0], dense[0], rtol=1e-10)
+    assert projector_distance(lanczos[1], dense[1]) < 1e-8
+
+
+def test_merge_across_the_row_to_scatter_switch(problem_factory):
+    p = problem_factory(seed=11, num_classes=2, dim=30, per_class=[50, 12])
+    whole = NeuralPCAFit(p.weight)
+    whole.update(p.features, p.labels)
+    assert whole.statistics(0).rows is None and whole.statistics(1).rows is not None
+    halves = np.arange(len(p.labels)) % 2 == 0  # 25 + 25 rows of class 0: each half keeps rows
+    part_a, part_b = NeuralPCAFit(p.weight), NeuralPCAFit(p.weight)
+    part_a.update(p.features[halves], p.labels[halves])
+    part_b.update(p.features[~halves], p.labels[~halves])
+    assert part_a.statistics(0).rows is not None and part_b.statistics(0).rows is not None
+    part_a.merge(part_b)
+    assert part_a.statistics(0).rows is None  # 50 > d rows: switched to the scatter
+    assert part_a.statistics(1).rows is not None  # 12 <= d rows: still kept
+    assert_same_statistics(part_a, whole)
+    for k in (0, 1):
+        merged, one = part_a.finalize_class(k, 5), whole.finalize_class(k, 5)
+        np.testing.assert_allclose(merged.eigenvalues, one.eigenvalues, rtol=1e-10)
+        assert projector_distance(merged.vectors, one.vectors) < 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["lanczos", "dense"])
+def test_cuda_gram_path_matches_cpu(large_problem, method):
+    p = large_problem  # 300 rows a class, d = 512: the Gram path, solved on the GPU
+    on_gpu = NeuralPCAFit(p.weight, device="cuda")
+    on_gpu.update(torch.from_numpy(p.features).cuda(), torch.from_numpy(p.labels).cuda())
+    assert on_gpu.statistics(0).rows is not None
+    gpu = on_gpu.finalize_class(0, 10, method=method)
+    cpu = fit_components(p.weight, p.features, p.labels, 10)[0]
     np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=1e-9)
     assert projector_distance(gpu.vectors, cpu.vectors) < 1e-8

@@ -19,12 +19,9 @@ has no components (its logit is bias_term + residual).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import scipy.linalg
-import scipy.sparse.linalg
 import torch
 
 from spurguard.server.engine.components import ClassComponents
@@ -34,14 +31,19 @@ DEFAULT_NUM_COMPONENTS = 50
 
 EigenMethod = Literal["auto", "lanczos", "dense"]
 
-# Measured on 2 cores (d=2048, n=1300, L=50): ARPACK Lanczos 0.12-0.25 s (with its residual
-# check), LAPACK subset (syevr) 0.30 s, full eigh 0.72-0.80 s. Lanczos loses once L is a sizeable fraction of d (L=200 at d=2048:
-# 3.1 s vs 0.45 s) and below d=512 everything takes milliseconds, so LAPACK is the safe choice.
+# Measured on 2 cores (d=2048, L=50, n=1300, so the Gram matrix is 1300 x 1300): block Lanczos
+# 45-50 ms there, a full eigh 145 ms there and about 0.7 s at 2048 x 2048. Below 512 everything
+# takes milliseconds, and once L is a sizeable fraction of the matrix the Krylov space approaches
+# its size, so the dense eigh is the safe choice in both cases.
 _LANCZOS_MIN_DIM = 512
 _LANCZOS_MAX_FRACTION = 1 / 16
-# A Ritz pair is accepted when ||C v - lambda v|| <= tol * lambda_1; ARPACK at tol=0 reaches
-# ~1e-14, so anything worse means it did not converge and the dense solver takes over.
-_RESIDUAL_TOL = 1e-8
+_MAX_BLOCK = 32
+_MIN_BLOCK = 16  # block size floor: one GEMM per block stays efficient, ties up to 16 resolve
+# Converged when the Lanczos residual estimate ||M u - theta u|| <= _CONVERGED_TOL * theta_1 for
+# every Ritz pair (float64 rounding floors it near 1e-14); the pairs are kept only if their
+# true residuals and orthonormality are within _VERIFY_TOL, else the dense solver takes over.
+_CONVERGED_TOL = 1e-12
+_VERIFY_TOL = 1e-10
 _RANK_TOL_EPS = 8 * np.finfo(np.float64).eps
 
 
@@ -98,39 +100,66 @@ def group_rows(class_index: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return list(zip(classes.tolist(), torch.split(order, counts.tolist())))
 
 
-@dataclass
 class ClassStatistics:
-    """Count, mean and centered scatter sum_i (x_i - mean)(x_i - mean)^T of one class, float64.
+    """One class's images as count, mean and centered scatter sum_i (x_i - mean)(x_i - mean)^T.
 
-    `update` and `merge` use Chan et al.'s pairwise formula, so any split of the data into
-    batches or partial fits yields the same statistics up to float64 rounding.
+    While a class has at most `max_rows` images (default d) it keeps the rows themselves
+    instead of the scatter: that is no more memory (max_rows x d floats, the scatter's d x d),
+    it makes each update a copy instead of a rank-n GEMM, and it lets finalize solve the n x n
+    Gram problem, far cheaper than the d x d one when n < d. The first batch past max_rows
+    turns the rows into the scatter for good. Everything is float64; `update` and `merge` use
+    Chan et al.'s pairwise formula, so any split of the data into batches or partial fits
+    yields the same statistics up to float64 rounding.
     """
 
-    count: int
-    mean: torch.Tensor  # [d] float64
-    scatter: torch.Tensor  # [d, d] float64
+    def __init__(
+        self, dim: int, device: torch.device | str | None = None, *, max_rows: int | None = None
+    ) -> None:
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.max_rows = dim if max_rows is None else max_rows
+        self._rows: torch.Tensor | None = None  # [max_rows, d]; the first `count` rows are data
+        self._scatter: torch.Tensor | None = None  # [d, d] once the class outgrew max_rows
 
     @classmethod
     def empty(cls, dim: int, device: torch.device | str | None = None) -> ClassStatistics:
-        return cls(
-            0,
-            torch.zeros(dim, dtype=torch.float64, device=device),
-            torch.zeros(dim, dim, dtype=torch.float64, device=device),
-        )
+        return cls(dim, device)
 
     @property
     def dim(self) -> int:
         return int(self.mean.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The class's rows [count, d] while it keeps them, else None (it keeps the scatter)."""
+        return None if self._scatter is not None else self._buffer()[: self.count]
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        """The centered scatter [d, d] (computed from the rows while the class keeps them)."""
+        if self._scatter is not None:
+            return self._scatter
+        centered = self._buffer()[: self.count] - self.mean
+        return centered.T @ centered
+
     def update(self, rows: torch.Tensor) -> None:
         """Absorb a batch [n, d] of this class (any float dtype; accumulated in float64)."""
-        x = rows.to(dtype=torch.float64, device=self.mean.device)
-        if x.shape[0] == 0:
+        n = int(rows.shape[0])
+        if n == 0:
             return
+        if self._scatter is None and self.count + n <= self.max_rows:
+            self._buffer()[self.count : self.count + n] = rows
+            self._absorb(n, rows.to(dtype=torch.float64, device=self.device).mean(dim=0))
+            return
+        x = rows.to(dtype=torch.float64, device=self.device)
         batch_mean = x.mean(dim=0)
         centered = x - batch_mean
-        self.scatter.addmm_(centered.T, centered)
-        self._absorb(x.shape[0], batch_mean)
+        self._to_scatter().addmm_(centered.T, centered)
+        self._absorb(n, batch_mean)
 
     def merge(self, other: ClassStatistics) -> None:
         """Absorb another partial fit of the same class (in place)."""
@@ -138,16 +167,48 @@ class ClassStatistics:
             raise InvalidInput(f"cannot merge statistics of dim {other.dim} into dim {self.dim}")
         if other.count == 0:
             return
-        self.scatter.add_(other.scatter.to(self.scatter.device))
-        self._absorb(other.count, other.mean.to(self.mean.device))
+        if other._scatter is None:
+            self.update(other._buffer()[: other.count])  # exactly Chan's merge of its rows
+            return
+        self._to_scatter().add_(other._scatter.to(self.device))
+        self._absorb(other.count, other.mean.to(self.device))
+
+    def to(self, device: torch.device | str) -> ClassStatistics:
+        """The same statistics on `device` (self when already there)."""
+        if torch.device(device) == self.device:
+            return self
+        moved = ClassStatistics(self.dim, device, max_rows=self.max_rows)
+        moved.merge(self)
+        return moved
+
+    def _buffer(self) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = torch.empty(self.max_rows, self.dim, dtype=torch.float64, device=self.device)
+        return self._rows
+
+    def _to_scatter(self) -> torch.Tensor:
+        """Switch from rows to the scatter (once) and return it."""
+        if self._scatter is None:
+            self._scatter = self.scatter
+            self._rows = None
+        return self._scatter
 
     def _absorb(self, n_b: int, mean_b: torch.Tensor) -> None:
-        """Chan's cross term and mean shift, once the other part's own scatter is added."""
+        """Chan's cross term and mean shift, once the other part's own scatter (or rows) is in."""
         n = self.count + n_b
         delta = mean_b - self.mean
-        self.scatter.addr_(delta, delta, alpha=self.count * n_b / n)
+        if self._scatter is not None:
+            self._scatter.addr_(delta, delta, alpha=self.count * n_b / n)
         self.mean.add_(delta, alpha=n_b / n)
         self.count = n
+
+    def weighted_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept rows, centered and weighted: (x_i - mean) * weight, [count, d] (rows only)."""
+        rows = self.rows
+        if rows is None:
+            raise FailedPrecondition("the class keeps its scatter, not its rows")
+        w = weight.to(dtype=torch.float64, device=self.device)
+        return (rows - self.mean).mul_(w)
 
     def covariance(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Covariance of x (or of weight * x) with n - 1 normalisation (np.cov); zero below two images.
@@ -155,7 +216,8 @@ class ClassStatistics:
         Built with one d x d allocation and in-place scaling: at d = 2048 each extra temporary
         costs as much as a tenth of the eigensolver.
         """
-        cov = self.scatter + self.scatter.T  # GEMM output is symmetric only up to rounding
+        scatter = self.scatter
+        cov = scatter + scatter.T  # GEMM output is symmetric only up to rounding
         scale = 0.5 / max(self.count - 1, 1)
         if weight is None:
             return cov.mul_(scale)
@@ -164,49 +226,122 @@ class ClassStatistics:
 
 
 def top_eigenpairs(
-    cov: np.ndarray, num: int, *, method: EigenMethod = "auto"
+    cov: np.ndarray | torch.Tensor, num: int, *, method: EigenMethod = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Largest `num` eigenpairs of a symmetric PSD matrix: (values [L] descending, vectors [L, d]).
 
     Numerically-zero eigenvalues are dropped (so L may be < num), and each eigenvector's sign is
     fixed so that <1, v> >= 0 (ties: first nonzero entry positive), making fits reproducible.
-    `auto` uses ARPACK Lanczos when num is a small fraction of a large d (3-6x faster than a
-    full eigh at d=2048, L=50), LAPACK's subset solver otherwise.
+    The solve runs on the tensor's device; see `_eigenpairs` for the methods.
     """
-    cov = np.asarray(cov, dtype=np.float64)
-    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
-        raise InvalidInput(f"covariance must be square, got shape {cov.shape}")
-    d = cov.shape[0]
-    num = min(int(num), d)
+    matrix = torch.as_tensor(cov).to(torch.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise InvalidInput(f"covariance must be square, got shape {tuple(matrix.shape)}")
+    values, vectors = _eigenpairs(matrix, num, method, rank_dim=matrix.shape[0])
+    return values.cpu().numpy(), _fix_signs(vectors.T.cpu().numpy())
+
+
+def _eigenpairs(
+    matrix: torch.Tensor, num: int, method: EigenMethod, *, rank_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top eigenpairs (values descending, vectors as columns) without the numerically-zero ones.
+
+    `auto` uses block Lanczos when num is a small fraction of a large matrix, a dense eigh
+    otherwise; Lanczos falls back to it when it does not converge. `rank_dim` is the
+    feature dimension d, which sets the zero threshold lambda_1 * d * 8 eps whichever of the
+    d x d covariance or the n x n Gram matrix is solved, so both keep the same components.
+    """
+    m = matrix.shape[0]
+    num = min(int(num), m)
     if num <= 0:
-        return np.zeros(0), np.zeros((0, d))
+        return matrix.new_zeros(0), matrix.new_zeros(m, 0)
     if method == "auto":
-        lanczos = d >= _LANCZOS_MIN_DIM and num <= d * _LANCZOS_MAX_FRACTION
+        lanczos = m >= _LANCZOS_MIN_DIM and num <= m * _LANCZOS_MAX_FRACTION
         method = "lanczos" if lanczos else "dense"
-    values, vectors = None, None
-    if method == "lanczos" and num < d:
-        values, vectors = _lanczos(cov, num)
-    if values is None:
-        values, vectors = scipy.linalg.eigh(cov, subset_by_index=[d - num, d - 1])
-    order = np.argsort(values)[::-1]
-    values, vectors = values[order], vectors[:, order].T.copy()
-    keep = values > max(values[0], 0.0) * d * _RANK_TOL_EPS
-    values, vectors = values[keep], vectors[keep]
-    return values, _fix_signs(vectors)
+    found = _block_lanczos(matrix, num) if method == "lanczos" and num < m else None
+    values, vectors = found if found is not None else _dense(matrix, num)
+    keep = values > max(float(values[0]), 0.0) * rank_dim * _RANK_TOL_EPS
+    return values[keep], vectors[:, keep]
 
 
-def _lanczos(cov: np.ndarray, num: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """ARPACK with a fixed start vector (determinism); (None, None) when it does not converge."""
-    start = np.random.default_rng(0).standard_normal(cov.shape[0])
-    try:
-        values, vectors = scipy.sparse.linalg.eigsh(cov, k=num, which="LA", v0=start, tol=0)
-    except (scipy.sparse.linalg.ArpackNoConvergence, scipy.sparse.linalg.ArpackError):
-        return None, None
-    scale = max(float(np.max(values)), np.finfo(np.float64).tiny)
-    residual = np.linalg.norm(cov @ vectors - vectors * values, axis=0)
-    if np.max(residual) > _RESIDUAL_TOL * scale:
-        return None, None
-    return values, vectors
+def _dense(matrix: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `num` of a full eigh, descending, on the matrix's device.
+
+    torch's, not scipy's subset solver (faster on one core): on the CPU the two libraries' thread
+    pools spin against each other when calls alternate, costing more than either solver.
+    """
+    values, vectors = torch.linalg.eigh(matrix)
+    return values[-num:].flip(0), vectors[:, -num:].flip(1)
+
+
+def _block_lanczos(matrix: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Block Lanczos with full reorthogonalisation, from a fixed random start (determinism).
+
+    Why: a dense solve is bound by its BLAS-2 tridiagonal reduction, while this needs about ten block products of the matrix
+    (GEMMs, on the matrix's device) and a few small eigh of the projected matrix. It stops when
+    the Lanczos residual estimate of every Ritz pair is below _CONVERGED_TOL * theta_1 and
+    returns only what `_verified` confirms on the matrix itself; None (the caller solves densely)
+    when it does not converge before the Krylov space would pass half the matrix.
+    """
+    m = matrix.shape[0]
+    block, limit = min(max(num, _MIN_BLOCK), _MAX_BLOCK), m // 2
+    first_check = max(3 * block, 2 * num)
+    if first_check > limit:
+        return None
+    generator = torch.Generator(device=matrix.device).manual_seed(0)
+    start = torch.randn(m, block, generator=generator, dtype=matrix.dtype, device=matrix.device)
+    basis = matrix.new_empty(m, limit + block)
+    projected = matrix.new_zeros(limit + block, limit + block)  # basis^T matrix basis
+    basis[:, :block] = torch.linalg.qr(start).Q
+    size, next_check, history = block, first_check, []
+    while True:
+        krylov = basis[:, :size]
+        z = matrix @ basis[:, size - block : size]
+        h = krylov.T @ z
+        projected[:size, size - block : size] = h
+        projected[size - block : size, :size] = h.T
+        z -= krylov @ h
+        z -= krylov @ (krylov.T @ z)  # twice is enough
+        q, r = torch.linalg.qr(z)
+        last = size + block > limit
+        if size >= next_check or last:
+            values, ritz = _dense(projected[:size, :size], num)
+            scale = max(float(values[0]), np.finfo(np.float64).tiny)
+            estimate = float((r @ ritz[size - block :]).norm(dim=0).max()) / scale
+            if estimate <= _CONVERGED_TOL:
+                return _verified(matrix, values, krylov @ ritz)
+            if last:
+                return None
+            history.append((size, estimate))
+            next_check = _next_check(history, block)
+        basis[:, size : size + block] = q
+        size += block
+
+
+def _next_check(history: list[tuple[int, float]], block: int) -> int:
+    """Krylov size at which to test convergence next.
+
+    Each test costs an eigh of the projected matrix, so tests are spaced out: half-way to where
+    the geometric decay of the last two estimates reaches the tolerance (Krylov convergence
+    speeds up as it goes, so the full extrapolation overshoots by several blocks).
+    """
+    size, estimate = history[-1]
+    if len(history) < 2 or estimate >= history[-2][1]:
+        return size + 2 * block
+    rate = np.log(estimate / history[-2][1]) / (size - history[-2][0])
+    half_way = np.log(_CONVERGED_TOL / estimate) / rate / 2
+    return size + block * max(1, int(np.ceil(half_way / block)))
+
+
+def _verified(
+    matrix: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The Ritz pairs when their true residuals and orthonormality hold up, else None."""
+    scale = max(float(values[0]), np.finfo(np.float64).tiny)
+    residual = float((matrix @ vectors - vectors * values).norm(dim=0).max()) / scale
+    eye = torch.eye(vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
+    orthonormal = float((vectors.T @ vectors - eye).abs().max())
+    return (values, vectors) if max(residual, orthonormal) <= _VERIFY_TOL else None
 
 
 def _fix_signs(vectors: np.ndarray) -> np.ndarray:
@@ -272,8 +407,7 @@ class NeuralPCAFit:
             if k in self._stats:
                 self._stats[k].merge(stats)
             else:
-                stats.mean, stats.scatter = stats.mean.to(self.device), stats.scatter.to(self.device)
-                self._stats[k] = stats
+                self._stats[k] = stats.to(self.device)
         other._stats = {}
 
     def count(self, class_index: int) -> int:
@@ -296,22 +430,35 @@ class NeuralPCAFit:
         *,
         method: EigenMethod = "auto",
     ) -> ClassComponents:
-        """Top components of class k's weighted activations; frees the class's statistics."""
+        """Top components of class k's weighted activations; frees the class's statistics.
+
+        A class that kept its n <= d rows is solved through its n x n Gram matrix G = A A^T of
+        the centered weighted rows A: A^T A / (n - 1) is the covariance, G has the same nonzero
+        eigenvalues, and v = A^T u / sqrt(lambda_G) maps G's eigenvectors u onto its own.
+        """
         if num_components < 1:
             raise InvalidInput(f"num_components must be >= 1, got {num_components}")
         stats = self.statistics(class_index)
         w = self.weight[class_index]
-        cov = stats.covariance(w)
-        values, vectors = top_eigenpairs(
-            cov.cpu().numpy(), min(num_components, stats.count - 1), method=method
-        )
+        num = min(num_components, stats.count - 1)
+        scale = 1.0 / max(stats.count - 1, 1)
+        if stats.rows is not None:
+            a = stats.weighted_rows(w)
+            gram = a @ a.T
+            values, u = _eigenpairs(gram, num, method, rank_dim=self.dim)
+            vectors = (a.T @ u).div_(values.sqrt())
+            values, total_variance = values * scale, float(torch.diagonal(gram).sum()) * scale
+        else:
+            cov = stats.covariance(w)
+            values, vectors = _eigenpairs(cov, num, method, rank_dim=self.dim)
+            total_variance = float(torch.diagonal(cov).sum())
         components = ClassComponents(
             class_index=class_index,
             count=stats.count,
             mean=(w * stats.mean).cpu().numpy(),
-            eigenvalues=values,
-            vectors=vectors,
-            total_variance=float(torch.diagonal(cov).sum()),
+            eigenvalues=values.cpu().numpy(),
+            vectors=_fix_signs(vectors.T.cpu().numpy()),
+            total_variance=total_variance,
         )
         del self._stats[class_index]
         return components
