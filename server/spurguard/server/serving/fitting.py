@@ -155,7 +155,8 @@ def run_fit(
         todo = [e for e in entries if e.class_index not in skip]
         images_done = len(entries) - len(todo)
         weight, _ = backend.head()
-        fit = NeuralPCAFit(weight)
+        # The statistics and eigensolves live where the backbone runs (CUDA where it does).
+        fit = NeuralPCAFit(weight, device=getattr(backend, "torch_device", None))
         remaining = Counter(e.class_index for e in todo)
         skipped: list[tuple[str, str]] = []
         skipped_classes: list[tuple[int, str]] = []
