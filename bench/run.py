@@ -1,15 +1,29 @@
 """`make bench`: spurguard's performance targets, each measured side by side in one run.
 
-1. Fit throughput vs a bare forward pass over the same images (same loader, same batches,
-   efficientnet_lite0 on the CPU): target >= 0.95x.
+The limit Fit and Score are held to is the fastest bare runtime, not eager torch: the served
+model runs its forward on the runtime `auto` picks at load, and so does every bare loop here.
+"A bare loop" is the fastest honest one a user would write: the same JPEG bytes, decoded by the
+backend's own decoder (`decode_crop` + `stack_crops`) on a thread pool of one thread per CPU
+that decodes ahead of the forward, batch 32, on the same cores.
+
+0. Forward runtimes: bare forward images/s of every installed runtime (torch, onnxruntime,
+   openvino) on the same pre-decoded images at batch 32, efficientnet_lite0 on the CPU, and
+   which one `auto` picked (with its load-time trials).
+1. Fit over a folder of JPEGs vs the bare decode + forward loop over the same files: target
+   >= 0.9x; also vs the pre-decoded forward alone (decoding costs cores: ~0.85x at most) and vs
+   the same loop on eager torch (>= 4x). 384 images a class, so that the fixed cost of each
+   class (one eigensolve, one write) weighs about as it does at ImageNet's 1300 a class with a
+   forward 7x faster than eager torch's.
 2. Top-50 neural PCA at simulated ImageNet scale (random features, 1300 images a class,
    d = 2048): streaming statistics + top-50 eigensolver vs the reference approach (store every
    activation, np.cov + full eigh per class), on a few classes, extrapolated to 1000, with the
    peak memory of each measured in its own subprocess.
-3. Score over gRPC: a server process, ScoreStream at batch 32 with efficientnet_lite0 on the
-   CPU (fitted, with spurious labels, so decomposition and SpuFix run) vs the bare in-process
-   forward of the same images at the same batch size: target >= 0.9x; plus p50/p99 latency of
-   single-image unary Score.
+3. Score over gRPC: a server process (`--runtime auto`; the runtime it reports is printed),
+   ScoreStream of JPEG bytes at batch 32 with efficientnet_lite0 on the CPU (fitted, with
+   spurious labels, so decomposition and SpuFix run) vs the bare decode + forward loop over the
+   same bytes: target >= 0.9x; also vs the pre-decoded forward (~0.85x at most) and eager torch
+   (>= 4x); plus p50/p99 latency of single-image unary Score.
+4. Feature attack: APGD vs a bare autograd loop of as many steps: target >= 0.9x.
 
 Throughput comparisons run in paired rounds (the two sides back to back) and report the median
 of the per-round ratios, which a noisy neighbour on a shared machine barely moves.
@@ -173,9 +187,10 @@ def bench_fit_vs_forward(quick: bool) -> dict[str, object]:
     from spurguard.server.serving.fitting import run_fit
     from spurguard.server.store import Store
 
-    # Per class the fit adds a fixed cost (one eigensolve, one write) that ImageNet's 1300 images
-    # a class amortise; 128 a class keeps the bench short and still realistic about it.
-    classes, per_class = (1, 64) if quick else (2, 128)
+    # Per class the fit adds a fixed cost (one eigensolve, one write, ~0.25 s) that ImageNet's
+    # 1300 images a class amortise; at ~280 images/s, 128 a class would make it a third of the
+    # fit, 384 keeps the bench short and about as realistic as 1300.
+    classes, per_class = (1, 64) if quick else (2, 384)
     with tempfile.TemporaryDirectory() as tmp:
         backend, choice = _fast_backend(Path(tmp) / "graphs")  # fit runs where a served model's would
         root = Path(tmp) / "photos"
