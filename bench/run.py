@@ -10,7 +10,7 @@ that decodes ahead of the forward, batch 32, on the same cores.
    openvino) on the same pre-decoded images at batch 32, efficientnet_lite0 on the CPU, and
    which one `auto` picked (with its load-time trials).
 1. Fit over a folder of JPEGs vs the bare decode + forward loop over the same files: target
-   >= 0.9x; also vs the pre-decoded forward alone (decoding costs cores: ~0.85x at most) and vs
+   >= 0.9x; also vs the pre-decoded forward alone (~0.85x at most: decoding takes core time from it) and vs
    the same loop on eager torch (>= 4x). 384 images a class, so that the fixed cost of each
    class (one eigensolve, one write) weighs about as it does at ImageNet's 1300 a class with a
    forward 7x faster than eager torch's.
@@ -411,7 +411,7 @@ def _bare_sides(runtime: str, source: str) -> dict[str, tuple[str, str]]:
     """The labels and targets of the three bare loops that Fit and Score are measured against."""
     return {
         "decode": (f"bare loop: decode {source} on all cores + {runtime}", "target >= 0.9"),
-        "forward": (f"bare {runtime} forward, pre-decoded", "at most ~0.85: decoding costs ~2 ms of a core an image"),
+        "forward": (f"bare {runtime} forward, pre-decoded", "at most ~0.85: decoding takes core time from it"),
         "torch": (f"bare loop: decode {source} + eager torch", "expect >= 4"),
     }
 
