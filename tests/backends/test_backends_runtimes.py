@@ -80,6 +80,14 @@ def test_openvino_runs_in_f32(make_model_dir: MakeModelDir, store: Store) -> Non
     assert str(backend.forward.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
 
 
+def test_onnx_runtime_threads_sleep_between_runs(make_model_dir: MakeModelDir, store: Store) -> None:
+    """Spinning intra-op threads would take the cores the decode threads need between batches."""
+    backend = load_model_dir(make_model_dir(), device="cpu")
+    backend.select_runtime("onnxruntime", lambda: _graph(store, backend))
+    options = backend.forward.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_the_exported_graph_is_cached_per_digest(
     make_model_dir: MakeModelDir, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
