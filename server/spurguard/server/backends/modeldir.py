@@ -57,6 +57,13 @@ class TritonSpec:
     url: str
     model: str
 
+    def __post_init__(self) -> None:
+        match = _HOST_PORT_RE.match(self.url)
+        if match is None or not 0 < int(match.group(1)) < 65536:
+            raise InvalidInput(f"'triton.url' {self.url!r} must be HOST:PORT, Triton's gRPC endpoint (no scheme)")
+        if not _NAME_RE.match(self.model):  # a folder of the model repository
+            raise InvalidInput(f"'triton.model' {self.model!r} must be 1-128 letters, digits, '.', '_' or '-'")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -125,13 +132,11 @@ def _parse_triton(table: Any, where: str) -> TritonSpec:
         if key not in table:
             raise InvalidInput(f"{where}: missing required key 'triton.{key}'")
     url = _expect(table["url"], str, where, "'triton.url' must be a string HOST:PORT")
-    match = _HOST_PORT_RE.match(url)
-    if match is None or not 0 < int(match.group(1)) < 65536:
-        raise InvalidInput(f"{where}: 'triton.url' {url!r} must be HOST:PORT, Triton's gRPC endpoint (no scheme)")
     model = _expect(table["model"], str, where, "'triton.model' must be a string")
-    if not _NAME_RE.match(model):  # a folder of the model repository
-        raise InvalidInput(f"{where}: 'triton.model' {model!r} must be 1-128 letters, digits, '.', '_' or '-'")
-    return TritonSpec(url=url, model=model)
+    try:
+        return TritonSpec(url=url, model=model)
+    except InvalidInput as error:
+        raise InvalidInput(f"{where}: {error}") from None
 
 
 def _model_file(root: Path, value: Any, where: str, key: str) -> Path:
