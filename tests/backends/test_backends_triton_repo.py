@@ -29,6 +29,8 @@ from spurguard.server.backends import triton_repo
 from spurguard.server.backends.triton_repo import export_triton, main
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
 
 def read_config(repository: Path, model: str) -> mc.ModelConfig:
     return text_format.Parse((repository / model / "config.pbtxt").read_text(), mc.ModelConfig())

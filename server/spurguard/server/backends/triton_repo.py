@@ -92,6 +92,7 @@ def torchscript_backbone(backend: TorchBackend) -> torch.jit.ScriptModule:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings on every call
+            # no check_trace: the written file is compared with torch at other batch sizes anyway
             return torch.jit.trace(backend.module, example, check_trace=False)
     except Exception as error:  # noqa: BLE001 - the tracer raises many error types for unsupported code
         raise InvalidInput(
@@ -146,6 +147,8 @@ def _staged(target: Path, force: bool) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class Tensor:
+    """One input or output of the Triton model, dims without the batch axis."""
+
     name: str
     dims: list[int]
 
@@ -228,16 +231,16 @@ def write_model_dir(model: str, backend: TorchBackend, target: Path, triton: Tri
                     shutil.copyfile(path, copy)
             spec = _rebased(spec, stage)
         else:
-            spec = ModelSpec(root=stage, name=backend.name, backbone=stage / "backbone.pt",
-                             head=stage / "head.safetensors", classes=stage / "classes.txt",
-                             preprocess=backend.preprocess_config)
+            backbone, head, classes = stage / "backbone.pt", stage / "head.safetensors", stage / "classes.txt"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                torchscript_backbone(backend).save(str(spec.backbone))
+                torchscript_backbone(backend).save(str(backbone))
             weight, bias = backend.head()
-            safetensors.torch.save_file({"weight": weight, "bias": bias}, str(spec.head))
+            safetensors.torch.save_file({"weight": weight, "bias": bias}, str(head))
             lines = [name if wnid is None else f"{wnid} {name}" for wnid, name in zip(backend.class_wnids, backend.class_names)]
-            spec.classes.write_text("\n".join(lines) + "\n", encoding="utf-8")  # type: ignore[union-attr]
+            classes.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            spec = ModelSpec(root=stage, name=backend.name, backbone=backbone, head=head, classes=classes,
+                             preprocess=backend.preprocess_config)
         (stage / MODEL_TOML).write_text(model_toml_text(replace(spec, triton=triton)), encoding="utf-8")
 
 
