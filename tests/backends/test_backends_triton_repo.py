@@ -58,6 +58,8 @@ def test_onnx_repository(make_model_dir: MakeModelDir, tiny_cnn: TinyCNN, tmp_pa
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
     assert [(g.count, g.kind) for g in config.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
     assert sorted(p.name for p in (repository / "tiny_backbone").iterdir()) == ["1", "config.pbtxt"]
+    # readable as a plain mkdir would make it (a Triton may run as another user)
+    assert (repository / "tiny_backbone").stat().st_mode == (repository / "tiny_backbone" / "1").stat().st_mode
 
     session = ort.InferenceSession(str(repository / "tiny_backbone" / "1" / "model.onnx"))
     assert [i.name for i in session.get_inputs()] == [config.input[0].name] == [done.input.name]

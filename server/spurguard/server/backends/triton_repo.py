@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import secrets
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,7 +135,9 @@ def _staged(target: Path, force: bool) -> Iterator[Path]:
     if target.is_dir() and any(target.iterdir()) and not force:
         raise FailedPrecondition(f"{target} exists and is not empty; pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    # mkdir, not tempfile.mkdtemp: that makes the folder 0700, unreadable to a Triton running as another user
+    stage = target.parent / f".{target.name}.{secrets.token_hex(4)}"
+    stage.mkdir()
     try:
         yield stage
         if target.exists():
