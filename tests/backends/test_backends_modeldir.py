@@ -14,7 +14,7 @@ import torch
 from backends_support import CLASSES, FEATURES, SIZE, MakeModelDir, TinyCNN, default_toml
 from spurguard.server.backends import GradientBackend, load_model, load_model_dir, read_model_toml
 from spurguard.server.backends import builtins as builtins_module
-from spurguard.server.backends.modeldir import read_classes
+from spurguard.server.backends.modeldir import TritonSpec, model_toml_text, read_classes
 from spurguard.server.errors import InvalidInput, NotFound
 
 # TorchScript backbones are part of the contract (SPEC §2) though torch 2.13 deprecates torch.jit.load.
@@ -112,6 +112,13 @@ def with_toml(
         (with_toml(preprocess={"std": [0.2, "x", 0.2]}), "'preprocess.std' must be a list of 3 numbers, got str"),
         (with_toml(preprocess={"std": [0.2, 0.0, 0.2]}), "std values must be positive"),
         (with_toml({"preprocess": 5}), r"'preprocess' must be a table"),
+        (with_toml({"triton": "x:1"}), r"'triton' must be a table"),
+        (with_toml({"triton": {"url": "h:8001"}}), "missing required key 'triton.model'"),
+        (with_toml({"triton": {"url": "h:8001", "model": "m", "version": 1}}), r"unknown key\(s\) in \[triton\]: version"),
+        (with_toml({"triton": {"url": 8001, "model": "m"}}), "'triton.url' must be a string HOST:PORT, got int"),
+        (with_toml({"triton": {"url": "grpc://h:8001", "model": "m"}}), "'triton.url' 'grpc://h:8001' must be HOST:PORT"),
+        (with_toml({"triton": {"url": "h:0", "model": "m"}}), "'triton.url' 'h:0' must be HOST:PORT"),
+        (with_toml({"triton": {"url": "h:8001", "model": "a/b"}}), "'triton.model' 'a/b' must be"),
     ],
 )
 def test_model_toml_errors(toml: dict, message: str, make_model_dir: MakeModelDir) -> None:
@@ -119,6 +126,31 @@ def test_model_toml_errors(toml: dict, message: str, make_model_dir: MakeModelDi
     with pytest.raises(InvalidInput, match=message) as caught:
         load_model_dir(root, device="cpu")
     assert "model.toml" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_triton_section_is_kept_on_the_spec_and_the_model_still_runs_locally(
+    make_model_dir: MakeModelDir, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_model_dir(toml=with_toml({"triton": {"url": "[::1]:8001", "model": "tiny_backbone"}}))
+    assert read_model_toml(root).triton == TritonSpec(url="[::1]:8001", model="tiny_backbone")
+    with caplog.at_level("WARNING", logger="spurguard.server"):
+        model = load_model_dir(root, device="cpu")
+    assert model.runtime == "torch" and "[triton] section (model tiny_backbone at [::1]:8001) is not used yet" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        with_toml(),
+        with_toml(drop=("classes",)),
+        with_toml({"runtime": "onnxruntime", "triton": {"url": "h:8001", "model": "tiny_backbone"}}),
+    ],
+)
+def test_model_toml_text_reads_back_as_the_spec(make_model_dir: MakeModelDir, toml: dict) -> None:
+    root = make_model_dir(toml=toml)
+    spec = read_model_toml(root)
+    (root / "model.toml").write_text(model_toml_text(spec))
+    assert read_model_toml(root) == spec
 
 
 def test_not_toml(make_model_dir: MakeModelDir) -> None:

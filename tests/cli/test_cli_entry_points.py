@@ -53,7 +53,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("argv", [["serve", "--help"], ["demo", "--help"], ["serve", "-h"], ["--json", "serve", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["serve", "--help"], ["demo", "--help"], ["serve", "-h"], ["--json", "serve", "--help"], ["export-triton", "--help"]],
+)
 def test_help_of_serve_and_demo_without_the_server_extra_names_it(argv: list[str]) -> None:
     """Their options are the server's own, so even --help needs the extra: say which to install."""
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *argv], capture_output=True, text=True, timeout=60)

@@ -165,14 +165,14 @@ def test_help_of_each_client_command(cli_run: RunCli, command: str) -> None:
 
 def test_top_level_help_lists_every_command_and_the_exit_codes(cli_run: RunCli) -> None:
     out = cli_run(FakeClient(), "--help").out
-    for command in [*SPEC_FLAGS, "serve", "demo"]:
+    for command in [*SPEC_FLAGS, *cli.FORWARDED]:
         assert f"\n    {command} " in out, command
     assert cli.SERVER_ENV in out
     for code in (cli.EXIT_ERROR, cli.EXIT_USAGE, cli.EXIT_PARTIAL, cli.EXIT_INTERRUPTED):
         assert f"\n  {code} " in out
 
 
-@pytest.mark.parametrize("command", ["serve", "demo"])
+@pytest.mark.parametrize("command", sorted(cli.FORWARDED))
 def test_serve_and_demo_forward_every_argument(cli_run: RunCli, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     received: list[list[str]] = []
     fake_module = types.ModuleType(cli.FORWARDED[command])
@@ -185,7 +185,7 @@ def test_serve_and_demo_forward_every_argument(cli_run: RunCli, monkeypatch: pyt
     assert outcome.connects == []
 
 
-@pytest.mark.parametrize("command", ["serve", "demo"])
+@pytest.mark.parametrize("command", sorted(cli.FORWARDED))
 def test_serve_without_the_server_extra_says_what_to_install(
     cli_run: RunCli, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:

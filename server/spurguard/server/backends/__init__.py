@@ -16,7 +16,7 @@ from spurguard.server.backends.images import (
     load_rgb,
     preprocess_images,
 )
-from spurguard.server.backends.modeldir import ModelSpec, load_model_dir, read_model_toml
+from spurguard.server.backends.modeldir import ModelSpec, TritonSpec, load_model_dir, read_model_toml
 from spurguard.server.backends.torch_backend import TorchBackend
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ModelSpec",
     "PreprocessConfig",
     "TorchBackend",
+    "TritonSpec",
     "builtin_names",
     "decode_image",
     "denormalize",

@@ -42,13 +42,17 @@ EFFICIENTNET_LITE0_PREPROCESS = PreprocessConfig(
 )
 
 _BUILTINS: dict[str, BackendLoader] = {}
+_BUILTIN_DIRS: dict[str, Callable[[], Path]] = {}  # built-ins that are a shipped model directory
 
 
-def register_builtin(name: str, loader: BackendLoader) -> None:
-    """Make `name` loadable by load_model; a name is registered once."""
+def register_builtin(name: str, loader: BackendLoader, directory: Callable[[], Path] | None = None) -> None:
+    """Make `name` loadable by load_model; a name is registered once. `directory` gives the model
+    directory the loader reads, for a built-in that is one (so it can be copied, not rebuilt)."""
     if name in _BUILTINS:
         raise ValueError(f"built-in model {name!r} is already registered")
     _BUILTINS[name] = loader
+    if directory is not None:
+        _BUILTIN_DIRS[name] = directory
 
 
 def builtin_names() -> list[str]:
@@ -65,6 +69,14 @@ def model_directory(spec: str) -> Path:
         return path
     known = ", ".join(builtin_names()) or "none"
     raise NotFound(f"model {spec!r} is neither a built-in model ({known}) nor a model directory")
+
+
+def source_directory(spec: str) -> Path | None:
+    """The model directory behind a spec: its own, or a built-in's; None for a built-in built in code."""
+    if spec in _BUILTINS:
+        directory = _BUILTIN_DIRS.get(spec)
+        return None if directory is None else directory()
+    return model_directory(spec)
 
 
 def model_name(spec: str) -> str:
@@ -124,11 +136,16 @@ def load_efficientnet_lite0(device: str = "auto") -> TorchBackend:
 register_builtin("efficientnet_lite0", load_efficientnet_lite0)
 
 
-def load_demo(device: str = "auto") -> TorchBackend:
-    """The demo CNN of SPEC §4, shipped in spurguard/server/demo/model/ with the script that trained it."""
+def demo_directory() -> Path:
+    """spurguard/server/demo/model/: the demo CNN of SPEC §4, shipped with the script that trained it."""
     from spurguard.server.demo import DEMO_MODEL_DIR  # imported here: the demo package is not needed to load others
 
-    return load_model_dir(DEMO_MODEL_DIR, device=device)
+    return DEMO_MODEL_DIR
 
 
-register_builtin("demo", load_demo)
+def load_demo(device: str = "auto") -> TorchBackend:
+    """The demo CNN, loaded from its model directory."""
+    return load_model_dir(demo_directory(), device=device)
+
+
+register_builtin("demo", load_demo, directory=demo_directory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import zipfile
 from dataclasses import asdict, dataclass
@@ -30,9 +31,13 @@ from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.backends.torch_backend import TorchBackend
 from spurguard.server.errors import InvalidInput, NotFound, exception_line
 
+log = logging.getLogger("spurguard.server")
+
 MODEL_TOML = "model.toml"
-_TOP_KEYS = {"name", "backbone", "head", "classes", "preprocess", "runtime", "onnx"}
+_TOP_KEYS = {"name", "backbone", "head", "classes", "preprocess", "runtime", "onnx", "triton"}
 _PREPROCESS_KEYS = {"size", "resize", "interpolation", "mean", "std"}
+_TRITON_KEYS = {"url", "model"}
+_HOST_PORT_RE = re.compile(r"^[^\s/]+:(\d{1,5})$")
 # Model names end up in store paths, health-check service names and metric labels.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WNID_RE = re.compile(r"^n\d{8}$")
@@ -43,6 +48,21 @@ _HEAD_KEYS = {"weight", "bias"}
 _PT2_ALLOWED = ("archive_format", "archive_version", "byteorder", ".data/", "models/", "extra/",
                 "data/weights/", "data/constants/", "data/sample_inputs/")
 _PT2_PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")
+
+
+@dataclass(frozen=True)
+class TritonSpec:
+    """model.toml's [triton] table: the Triton server (gRPC HOST:PORT) and model that run the backbone."""
+
+    url: str
+    model: str
+
+    def __post_init__(self) -> None:
+        match = _HOST_PORT_RE.match(self.url)
+        if match is None or not 0 < int(match.group(1)) < 65536:
+            raise InvalidInput(f"'triton.url' {self.url!r} must be HOST:PORT, Triton's gRPC endpoint (no scheme)")
+        if not _NAME_RE.match(self.model):  # a folder of the model repository
+            raise InvalidInput(f"'triton.model' {self.model!r} must be 1-128 letters, digits, '.', '_' or '-'")
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class ModelSpec:
     preprocess: PreprocessConfig
     runtime: str = "auto"  # where forward-only work runs (runtimes.RUNTIME_CHOICES)
     onnx: Path | None = None  # the backbone as ONNX, when the model ships one
+    triton: TritonSpec | None = None  # parsed and kept; no backend runs on Triton yet
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -102,6 +123,22 @@ def _parse_preprocess(table: Any, where: str) -> PreprocessConfig:
         raise InvalidInput(f"{where}: {error}") from None
 
 
+def _parse_triton(table: Any, where: str) -> TritonSpec:
+    _expect(table, dict, where, "'triton' must be a table ([triton])")
+    unknown = sorted(set(table) - _TRITON_KEYS)
+    if unknown:
+        raise InvalidInput(f"{where}: unknown key(s) in [triton]: {', '.join(unknown)}")
+    for key in sorted(_TRITON_KEYS):
+        if key not in table:
+            raise InvalidInput(f"{where}: missing required key 'triton.{key}'")
+    url = _expect(table["url"], str, where, "'triton.url' must be a string HOST:PORT")
+    model = _expect(table["model"], str, where, "'triton.model' must be a string")
+    try:
+        return TritonSpec(url=url, model=model)
+    except InvalidInput as error:
+        raise InvalidInput(f"{where}: {error}") from None
+
+
 def _model_file(root: Path, value: Any, where: str, key: str) -> Path:
     relative = _expect(value, str, where, f"'{key}' must be a file name (string)")
     path = root / relative
@@ -142,7 +179,33 @@ def read_model_toml(root: str | Path) -> ModelSpec:
         preprocess=_parse_preprocess(table["preprocess"], where),
         runtime=runtime,
         onnx=_model_file(root, table["onnx"], where, "onnx") if "onnx" in table else None,
+        triton=_parse_triton(table["triton"], where) if "triton" in table else None,
     )
+
+
+def model_toml_text(spec: ModelSpec) -> str:
+    """The model.toml that read_model_toml reads back as `spec` (files named relative to spec.root),
+    for writing a model directory. json.dumps writes the values: JSON strings, numbers and lists
+    of them are valid TOML."""
+    def entries(table: dict[str, Any]) -> list[str]:
+        return [f"{key} = {json.dumps(value)}" for key, value in table.items() if value is not None]
+
+    def relative(path: Path | None) -> str | None:
+        return None if path is None else path.relative_to(spec.root).as_posix()
+
+    lines = entries({
+        "name": spec.name,
+        "backbone": relative(spec.backbone),
+        "head": relative(spec.head),
+        "classes": relative(spec.classes),
+        "runtime": spec.runtime,
+        "onnx": relative(spec.onnx),
+    })
+    tables = {"preprocess": asdict(spec.preprocess), "triton": asdict(spec.triton) if spec.triton else None}
+    for key, table in tables.items():
+        if table is not None:
+            lines += ["", f"[{key}]", *entries(table)]
+    return "\n".join(lines) + "\n"
 
 
 def read_classes(path: Path) -> list[tuple[str | None, str]]:
@@ -268,6 +331,11 @@ def load_model_dir(
 ) -> TorchBackend:
     """Load and check a model directory; the backbone runs once on zeros to check d against the head."""
     spec = read_model_toml(root)
+    if spec.triton is not None:
+        log.warning(
+            "model %s: its [triton] section (model %s at %s) is not used yet; the backbone runs in this process",
+            spec.name, spec.triton.model, spec.triton.url,
+        )
     torch_device = resolve_device(device)
     weight, bias = load_head(spec.head)
     classes = read_classes(spec.classes) if spec.classes is not None else None

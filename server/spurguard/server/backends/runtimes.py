@@ -170,7 +170,9 @@ def probe_inputs(size: int, batch: int, seed: int = 0) -> np.ndarray:
     return ((generator.random((batch, 3, size, size), dtype=np.float32) - 0.5) * 4.0).astype(np.float32)
 
 
-def _deviation(forward: Forward, reference: TorchForward, size: int) -> float:
+def feature_deviation(forward: Forward, reference: TorchForward, size: int) -> float:
+    """The largest deviation of `forward`'s features from torch's on seeded inputs at PROBE_BATCHES,
+    as a share of the largest torch feature (equal: <= FEATURE_TOLERANCE)."""
     worst = 0.0
     for seed, batch in enumerate(PROBE_BATCHES):
         x = probe_inputs(size, batch, seed)
@@ -227,7 +229,7 @@ def choose_runtime(
         else:
             try:
                 forward = _OPENERS[name](graph(), device)
-                deviation = _deviation(forward, reference, input_size)
+                deviation = feature_deviation(forward, reference, input_size)
             except (InvalidInput, FailedPrecondition) as error:
                 if requested != "auto" or (strict and isinstance(error, InvalidInput)):
                     raise InvalidInput(f"{source}: runtime {name}: {error}") from None
