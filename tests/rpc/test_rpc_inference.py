@@ -15,11 +15,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from spurguard.client import Client, FitSummary, ScoreResult
@@ -170,6 +172,13 @@ def test_health_and_metadata(triton_client: triton.InferenceServerClient) -> Non
         ("SPUFIX_LOGITS", [CLASSES]),
     ]
     assert config.parameters["spufix_default"].string_value == "floor"
+
+
+def test_reflection_lists_both_services(server: BackgroundServer) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (reply,) = list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request]), timeout=5))
+    assert {"spurguard.v1.Spurguard", "inference.GRPCInferenceService"} <= {s.name for s in reply.list_services_response.service}
 
 
 # ---- ModelInfer ----
