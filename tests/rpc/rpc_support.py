@@ -1,11 +1,14 @@
 """Shared by the rpc tests: a gate that holds a backbone's forward pass mid-run (disconnect,
-cancel) and counts the passes, and a scrape of the metrics endpoint."""
+cancel) and counts the passes, a scrape of the metrics endpoint, and small PNGs."""
 from __future__ import annotations
 
+import io
 import threading
 import urllib.request
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 
@@ -37,3 +40,15 @@ def scrape_metrics(port: int) -> tuple[str, dict[str, float]]:
         text = response.read().decode()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
     return text, samples
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def random_png(rng: np.random.Generator, size: int = 20) -> bytes:
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    pixels[: size // 2] //= int(rng.integers(1, 4))  # per-image structure beyond noise
+    return png(pixels)

@@ -8,7 +8,6 @@ server checks the real entry point: the ready line, SIGTERM and graceful shutdow
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 import os
 import signal
@@ -32,7 +31,6 @@ import safetensors.torch
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
 
 from spurguard.client import Client, FitProgress, FitSummary, SpurguardClientError
 from spurguard.server.backends import PreprocessConfig, TorchBackend, load_model
@@ -46,7 +44,7 @@ from spurguard.server.store import Store
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 
-from rpc_support import Gated, scrape_metrics
+from rpc_support import Gated, png, random_png, scrape_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
 from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
@@ -58,21 +56,9 @@ CODE = grpc.StatusCode
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _random_png(rng: np.random.Generator, size: int = 20) -> bytes:
-    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    pixels[: size // 2] //= int(rng.integers(1, 4))  # per-image structure beyond noise
-    return _png(pixels)
-
-
 def _huge_png() -> bytes:
     """A valid PNG header that declares 50000 x 50000 pixels: rejected before any decoding."""
-    data = bytearray(_png(np.zeros((1, 1, 3), np.uint8)))
+    data = bytearray(png(np.zeros((1, 1, 3), np.uint8)))
     ihdr = data.index(b"IHDR")
     data[ihdr + 4 : ihdr + 12] = struct.pack(">II", 50_000, 50_000)
     data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
@@ -124,11 +110,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for k in range(CLASSES):
         (root / "train" / str(k)).mkdir(parents=True)
         for i in range(PER_CLASS):
-            (root / "train" / str(k) / f"img{i:02d}.png").write_bytes(_random_png(rng))
+            (root / "train" / str(k) / f"img{i:02d}.png").write_bytes(random_png(rng))
     spurious = root / "spurious" / "spurious_imagenet_0_thing_1"
     spurious.mkdir(parents=True)
     for i in range(6):
-        (spurious / f"s{i}.png").write_bytes(_random_png(rng))
+        (spurious / f"s{i}.png").write_bytes(random_png(rng))
     return root
 
 
@@ -347,7 +333,7 @@ def test_a_second_server_on_the_same_store_follows_labels_made_elsewhere(
 
 def _images(seed: int, count: int) -> list[tuple[str, bytes]]:
     rng = np.random.default_rng(seed)
-    return [(f"img-{seed}-{i}", _random_png(rng)) for i in range(count)]
+    return [(f"img-{seed}-{i}", random_png(rng)) for i in range(count)]
 
 
 def test_score_equals_the_in_process_guard(client: Client, fitted, model_dir: Path, store_dir: Path) -> None:  # noqa: ANN001
@@ -384,7 +370,7 @@ def test_bad_images_fail_alone(client: Client, fitted) -> None:  # noqa: ANN001
     assert errors["corrupt"].code == "INVALID_ARGUMENT" and "image" in errors["corrupt"].message
     assert errors["empty"].code == "INVALID_ARGUMENT" and "empty" in errors["empty"].message
     assert errors["huge"].code == "RESOURCE_EXHAUSTED" and "pixels" in errors["huge"].message
-    raw_alone = client.score("tiny", [("raw", _png(pixels))])[0]  # raw pixels score like their PNG
+    raw_alone = client.score("tiny", [("raw", png(pixels))])[0]  # raw pixels score like their PNG
     _assert_close(results[4].to_dict(), raw_alone.to_dict())
 
 

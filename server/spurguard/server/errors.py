@@ -85,3 +85,12 @@ def error_status(error: BaseException, where: str) -> ErrorStatus:
         return ErrorStatus(error.code, first_line(str(error)) or error.code.lower())
     log.error("%s: unexpected %s", where, type(error).__name__, exc_info=error)
     return ErrorStatus("INTERNAL", f"internal error in {where} ({type(error).__name__}); see the server log")
+
+
+def in_context(error: BaseException, where: str, context: str) -> SpurguardError:
+    """`error` with `context` before its message and its status code kept, for a call that fails
+    as a whole because of one part (one image of a ModelInfer batch: OIP has no per-item errors)."""
+    status = error_status(error, where)
+    typed = SpurguardError(f"{context}: {status.message}")
+    typed.code = status.code
+    return typed

@@ -1,5 +1,6 @@
-"""Server assembly and `spurguard serve`: grpc.aio with health, reflection, metrics, limits and
-graceful shutdown.
+"""Server assembly and `spurguard serve`: grpc.aio with spurguard.v1 and the Open Inference
+Protocol's service (rpc.inference) on one port, health, reflection, metrics, limits and graceful
+shutdown.
 
 Lifecycle (KServe / Triton style): the port opens at once with every health status NOT_SERVING;
 models load and warm up in the background, each turning SERVING when ready, then the server
@@ -33,12 +34,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from spurguard.server.backends import Backend
 from spurguard.server.backends.builtins import model_name
 from spurguard.server.backends.device import available_cpus, resolve_device
 from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.errors import InvalidInput, SpurguardError
+from spurguard.server.rpc import inference
 from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.serving.dataplane import DataPlane
 from spurguard.server.serving.jobs import JobRegistry
@@ -180,11 +183,14 @@ class SpurguardServer:
             max_request_images=config.max_request_images,
             max_heavy_calls=config.max_heavy_calls,
         )
-        servicer = SpurguardServicer(plane, self.metrics)
-        pb_grpc.add_SpurguardServicer_to_server(servicer, self._server)
+        pb_grpc.add_SpurguardServicer_to_server(SpurguardServicer(plane, self.metrics), self._server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            inference.InferenceServicer(plane, self.metrics, draining=lambda: self._stopped), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, inference.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
             self._server,
         )
         try:

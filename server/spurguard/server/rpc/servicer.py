@@ -1,17 +1,16 @@
 """spurguard.v1.Spurguard over grpc.aio: messages in, the data plane, messages out.
 
 Each RPC converts its request with spurguard.wire, calls the data plane (serving.dataplane) and
-converts the result back; nothing else happens here but what only gRPC has: a decorator gives
-every handler its status mapping (a typed error keeps its code, anything unexpected becomes
-INTERNAL without a traceback on the wire) and request metrics, and ScoreStream's flow control.
+converts the result back; nothing else happens here but what only gRPC has: a decorator
+(rpc.handlers) gives every handler its status mapping and request metrics, and ScoreStream's
+flow control.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import grpc
@@ -20,7 +19,7 @@ from google.protobuf.message import Message
 
 from spurguard import vocab
 from spurguard.server.errors import InvalidInput
-from spurguard.server.rpc.status import status_of
+from spurguard.server.rpc.handlers import stream_call, unary_call
 from spurguard.server.serving.dataplane import DataPlane, image_result
 from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.models import ImageSource
@@ -30,59 +29,7 @@ from spurguard.wire import from_message, to_message, to_update
 
 STREAM_WINDOW = 256  # ScoreStream messages of one stream in flight before its reading pauses
 
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
 _T = TypeVar("_T")
-
-
-# ---- the decorators (coroutine and async-generator handlers): status codes and metrics ----
-
-
-@contextlib.asynccontextmanager
-async def _outcome(
-    servicer: SpurguardServicer, name: str, request: object, context: grpc.aio.ServicerContext
-) -> AsyncIterator[None]:
-    """Around one call: any failure leaves as its status (never a traceback), and every call,
-    failed, cancelled or not, is counted and timed."""
-    started, code = time.monotonic(), grpc.StatusCode.OK
-    try:
-        yield
-    except (asyncio.CancelledError, GeneratorExit):
-        code = grpc.StatusCode.CANCELLED
-        raise
-    except Exception as error:  # noqa: BLE001 - every failure leaves as a status, never a traceback
-        status = status_of(error, name)
-        code = status.code
-        await context.abort(status.code, status.message)
-    finally:
-        servicer.observe(name, request, code, started)
-
-
-def _rpc(
-    method: Callable[[SpurguardServicer, _Request, grpc.aio.ServicerContext], Awaitable[_Response]],
-) -> Callable[[SpurguardServicer, _Request, grpc.aio.ServicerContext], Awaitable[_Response]]:
-    @functools.wraps(method)
-    async def handler(self: SpurguardServicer, request: _Request, context: grpc.aio.ServicerContext) -> _Response:
-        async with _outcome(self, method.__name__, request, context):
-            return await method(self, request, context)
-        raise AssertionError("unreachable: _outcome re-raises or aborts")
-
-    return handler
-
-
-def _rpc_stream(
-    method: Callable[[SpurguardServicer, _Request, grpc.aio.ServicerContext], AsyncIterator[_Response]],
-) -> Callable[[SpurguardServicer, _Request, grpc.aio.ServicerContext], AsyncIterator[_Response]]:
-    @functools.wraps(method)
-    async def handler(
-        self: SpurguardServicer, request: _Request, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[_Response]:
-        async with _outcome(self, method.__name__, request, context):
-            async with contextlib.aclosing(method(self, request, context)) as responses:
-                async for response in responses:
-                    yield response
-
-    return handler
 
 
 # ---- messages in ----
@@ -131,59 +78,59 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
 
     # ---- models ----
 
-    @_rpc
+    @unary_call
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[to_message(m) for m in self.plane.list_models()])
 
-    @_rpc
+    @unary_call
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return to_message(self.plane.get_model(request.model))
 
     # ---- fit jobs ----
 
-    @_rpc_stream
+    @stream_call
     async def Fit(self, request: pb.FitRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FitUpdate]:
         async for update in self.plane.fit(read(request, vocab.FitRequest)):
             yield to_update(update, pb.FitUpdate)
 
-    @_rpc_stream
+    @stream_call
     async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FitUpdate]:
         async for update in self.plane.watch_job(request.job_id):
             yield to_update(update, pb.FitUpdate)
 
-    @_rpc
+    @unary_call
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         return to_message(self.plane.get_job(request.job_id))
 
-    @_rpc
+    @unary_call
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
         model = request.model if request.HasField("model") else None
         return pb.ListJobsResponse(jobs=[to_message(job) for job in self.plane.list_jobs(model)])
 
-    @_rpc
+    @unary_call
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         return to_message(self.plane.cancel_job(request.job_id))
 
     # ---- components and labels ----
 
-    @_rpc
+    @unary_call
     async def GetComponents(
         self, request: pb.GetComponentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetComponentsResponse:
         return to_message(await self.plane.components(read(request, vocab.GetComponentsRequest)))
 
-    @_rpc
+    @unary_call
     async def Label(self, request: pb.LabelRequest, context: grpc.aio.ServicerContext) -> pb.LabelRecord:
         return to_message(await self.plane.label(read(request, vocab.LabelRequest)))
 
-    @_rpc
+    @unary_call
     async def ListLabels(self, request: pb.ListLabelsRequest, context: grpc.aio.ServicerContext) -> pb.ListLabelsResponse:
         fit_id, records = await self.plane.list_labels(read(request, vocab.ListLabelsRequest))
         return pb.ListLabelsResponse(fit_id=fit_id, labels=[to_message(r) for r in records])
 
     # ---- visualize ----
 
-    @_rpc_stream
+    @stream_call
     async def Visualize(
         self, request: pb.VisualizeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.VisualizeUpdate]:
@@ -193,13 +140,13 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
 
     # ---- score ----
 
-    @_rpc
+    @unary_call
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         images = [(image.id, image_source(image)) for image in request.images]
         results = await self.plane.score(request.model, images, read(request.options, vocab.ScoreOptions))
         return pb.ScoreResponse(results=[to_message(r) for r in results])
 
-    @_rpc_stream
+    @stream_call
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
@@ -247,7 +194,7 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
 
     # ---- evaluate ----
 
-    @_rpc_stream
+    @stream_call
     async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EvaluateUpdate]:

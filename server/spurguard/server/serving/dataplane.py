@@ -27,9 +27,11 @@ from spurguard.server.errors import (
     ResourceExhausted,
     SpurguardError,
     error_status,
+    in_context,
 )
 from spurguard.server.serving.evaluation import run_evaluate
 from spurguard.server.serving.fitting import run_fit
+from spurguard.server.serving.guard import Inference
 from spurguard.server.serving.jobs import JobRegistry
 from spurguard.server.serving.models import ImageSource, ModelRegistry, ServedModel
 from spurguard.server.serving.options import (
@@ -268,13 +270,30 @@ class DataPlane:
     ) -> list[vocab.ScoreResult]:
         """One result per image, in order; an image that fails gets its error, the others are scored."""
         served = self.models.get(model)
-        if len(images) > self.max_request_images:
-            raise ResourceExhausted(
-                f"{len(images)} images in one Score request, over the limit of {self.max_request_images}; "
-                "send smaller batches"
-            )
+        self._check_request_size(len(images), "Score")
         results = await served.score(images, self._score_settings(served, options))
         return [image_result(image_id, result, "Score") for (image_id, _), result in zip(images, results)]
+
+    async def infer(self, model: str, images: Sequence[ImageSource], options: vocab.ScoreOptions) -> Inference:
+        """The Open Inference Protocol's ModelInfer: the arrays of every image, through Score's
+        batcher. OIP has no per-image errors, so the first image that fails fails the call, with
+        its code and a message that says which image it was."""
+        served = self.models.get(model)
+        if not images:
+            raise InvalidInput("the request has no images")
+        self._check_request_size(len(images), "ModelInfer")
+        rows = await served.infer(images, self._score_settings(served, options))
+        for i, row in enumerate(rows):
+            if isinstance(row, BaseException):
+                raise in_context(row, "ModelInfer", f"image {i}")
+        return Inference.concatenate(rows)  # type: ignore[arg-type]
+
+    def _check_request_size(self, count: int, rpc: str) -> None:
+        if count > self.max_request_images:
+            raise ResourceExhausted(
+                f"{count} images in one {rpc} request, over the limit of {self.max_request_images}; "
+                "send smaller batches"
+            )
 
     async def score_one(self, model: str, image_id: str, image: ImageSource, options: vocab.ScoreOptions) -> vocab.ScoreResult:
         """One image of a stream; anything wrong with it, even an unknown model, is its error."""

@@ -10,11 +10,13 @@ builds a new one and swaps the reference, so in-flight batches finish on the old
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spurguard.server.backends.base import Backend
-from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, ClassComponents, Decomposer, SpuFix
+from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, ClassComponents, Decomposer, SpuFix, SpuFixResult
 from spurguard.server.errors import InvalidInput
 from spurguard.server.serving.options import check_class
 from spurguard.server.store import Store
@@ -22,6 +24,31 @@ from spurguard.vocab import SPURIOUS, UNLABELED, ComponentAlpha, Prediction, Sco
 
 TOP_PREDICTIONS = 5
 DEFAULT_TOP_COMPONENTS = 5
+
+
+@dataclass(frozen=True)
+class Inference:
+    """A batch's scores as whole arrays (the Open Inference Protocol's outputs), where a
+    ScoreResult has the top predictions only: the full head logits and the fixed logits."""
+
+    logits: np.ndarray  # float32 [N, C]
+    prediction: np.ndarray  # int32 [N]: top-1 class of `logits`
+    class_index: np.ndarray  # int32 [N]: the analysed class
+    spurious_alpha: np.ndarray  # float32 [N]
+    trigger: np.ndarray  # bool [N]
+    spufix_logits: np.ndarray  # float32 [N, C], in the requested SpuFix mode
+
+    def row(self, i: int) -> Inference:
+        """Image i alone (views, no copies): one batcher result per image."""
+        return Inference(*(array[i : i + 1] for array in self._arrays()))
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Inference]) -> Inference:
+        """Rows back into one batch, in order."""
+        return cls(*(np.concatenate(arrays) for arrays in zip(*(part._arrays() for part in parts))))
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.logits, self.prediction, self.class_index, self.spurious_alpha, self.trigger, self.spufix_logits)
 
 
 class Guard:
@@ -91,6 +118,27 @@ class Guard:
         """Logits after SpuFix in `mode` (unchanged for classes without spurious labels)."""
         return self.spufix.apply(features, self.decomposer.logits(features), mode)
 
+    def _analyse(
+        self, features: torch.Tensor, class_index: int | None, mode: SpufixModeName
+    ) -> tuple[torch.Tensor, torch.Tensor, SpuFixResult]:
+        """(features as the decomposer's matrix, head logits, SpuFix of the analysed classes):
+        the part of scoring that Score's results and OIP's arrays share."""
+        x = self.decomposer.features(features)
+        logits = self.decomposer.logits(x)
+        return x, logits, self.spufix.score(x, logits, mode, class_index=class_index)
+
+    def infer(self, features: torch.Tensor, *, class_index: int | None = None, mode: SpufixModeName = "floor") -> Inference:
+        """A batch of features [N, d] as arrays; options as in score_features, trusted."""
+        _, logits, fix = self._analyse(features, class_index, mode)
+        return Inference(
+            logits=logits.cpu().numpy().astype(np.float32, copy=False),
+            prediction=logits.argmax(dim=1).cpu().numpy().astype(np.int32),
+            class_index=fix.class_index.cpu().numpy().astype(np.int32),
+            spurious_alpha=fix.spurious_alpha.cpu().numpy().astype(np.float32, copy=False),
+            trigger=fix.trigger.cpu().numpy().astype(bool, copy=False),
+            spufix_logits=fix.logits.cpu().numpy().astype(np.float32, copy=False),
+        )
+
     def score_features(
         self,
         features: torch.Tensor,
@@ -105,15 +153,10 @@ class Guard:
 
         The options are trusted (serving.options checked them); the engine checks the mode.
         """
-        x = self.decomposer.features(features)
-        if x.shape[0] != len(image_ids):
-            raise InvalidInput(f"{x.shape[0]} feature rows for {len(image_ids)} image ids")
-        logits = self.decomposer.logits(x)
-        if class_index is not None:
-            index = torch.full((x.shape[0],), class_index, dtype=torch.int64, device=logits.device)
-        else:
-            index = logits.argmax(dim=1)
-        fix = self.spufix.score(x, logits, mode, class_index=index)
+        if features.shape[0] != len(image_ids):
+            raise InvalidInput(f"{features.shape[0]} feature rows for {len(image_ids)} image ids")
+        x, logits, fix = self._analyse(features, class_index, mode)
+        index = fix.class_index
         fitted = torch.tensor([int(k) in self.num_components for k in index.tolist()], dtype=torch.bool)
         decomposition = None
         if fitted.any():

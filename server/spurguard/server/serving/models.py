@@ -4,6 +4,8 @@ the entry to Visualize (its work is in visualizing.py).
 Score's path: decode per image on a thread pool, batch forward passes per model, decompose +
 SpuFix in the same worker thread. A request captures the Guard once, so all its images,
 whichever batches they land in, are scored against one (fit, labels) snapshot and its fit_id.
+The Open Inference Protocol's ModelInfer takes the same path (its images share batches with
+Score's) and gets each image's arrays (`Inference`) instead of a ScoreResult.
 """
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+import torch
 
 from spurguard.server.backends import Backend, GradientBackend, ImageInput, TorchBackend, load_model
 from spurguard.server.engine import ClassComponents
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
 from spurguard.server.serving.batcher import Batcher
-from spurguard.server.serving.guard import Guard
+from spurguard.server.serving.guard import Guard, Inference
 from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.options import ScoreSettings, VisualizeSettings
 from spurguard.server.serving.visualizing import visualize
@@ -34,6 +38,9 @@ log = logging.getLogger("spurguard.server")
 
 # One image to score: its input, or why it could not even be read from the request.
 ImageSource = ImageInput | BaseException
+# What an image's batch work returns: a ScoreResult (Score) or its row of arrays (ModelInfer).
+OutputKind = Literal["result", "arrays"]
+Scored = ScoreResult | Inference
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class _Item:
     image_id: str
     guard: Guard
     options: ScoreSettings
+    output: OutputKind
 
 
 def _decode_crop(backend: Backend, source: ImageSource) -> np.ndarray | BaseException:
@@ -93,7 +101,7 @@ class ServedModel:
         self._guard: Guard | None = None
         self._gradcam_layer: str | None = None
         self._guard_lock = threading.Lock()
-        self._batcher: Batcher[_Item, ScoreResult] | None = None
+        self._batcher: Batcher[_Item, Scored] | None = None
 
     @property
     def ready(self) -> bool:
@@ -196,45 +204,56 @@ class ServedModel:
         self, images: Sequence[tuple[str, ImageSource]], options: ScoreSettings
     ) -> list[ScoreResult | BaseException]:
         """One result, or the exception that failed it, per image in order (each result names its fit)."""
+        return await self._submit(images, options, "result")  # type: ignore[return-value]
+
+    async def infer(self, images: Sequence[ImageSource], options: ScoreSettings) -> list[Inference | BaseException]:
+        """Each image's row of arrays, or the exception that failed it, in order."""
+        named = [(f"IMAGE[{i}]", source) for i, source in enumerate(images)]
+        return await self._submit(named, options, "arrays")  # type: ignore[return-value]
+
+    async def _submit(
+        self, images: Sequence[tuple[str, ImageSource]], options: ScoreSettings, output: OutputKind
+    ) -> list[Scored | BaseException]:
+        """Decode on the pool, then through the batcher; per image its output or its exception."""
         backend = self.backend
         guard = self.guard
         loop = asyncio.get_running_loop()
         crops = await asyncio.gather(
             *(loop.run_in_executor(self._decode_pool, _decode_crop, backend, source) for _, source in images)
         )
-        results: list[ScoreResult | BaseException] = list(crops)  # placeholders where decoding failed
+        results: list[Scored | BaseException] = list(crops)  # placeholders where decoding failed
         decoded = [i for i, x in enumerate(crops) if isinstance(x, np.ndarray)]
         assert self._batcher is not None
         scored = await self._batcher.submit_many(
-            [_Item(crops[i], images[i][0], guard, options) for i in decoded]  # type: ignore[arg-type]
+            [_Item(crops[i], images[i][0], guard, options, output) for i in decoded]  # type: ignore[arg-type]
         )
         for i, result in zip(decoded, scored):
             results[i] = result
         return results
 
-    def _process(self, items: list[_Item]) -> list[ScoreResult | BaseException]:
-        """One batch in the worker thread: one forward pass, then per (guard, options) group the scores."""
+    def _process(self, items: list[_Item]) -> list[Scored | BaseException]:
+        """One batch in the worker thread: one forward pass, then per (guard, options, output)
+        group the scores."""
         assert self._backend is not None
         features = self._backend.features(self._backend.stack_crops([item.crop for item in items]))
-        results: list[ScoreResult | BaseException] = [None] * len(items)  # type: ignore[list-item]
-        groups: dict[tuple[Guard, ScoreSettings], list[int]] = {}
+        results: list[Scored | BaseException] = [None] * len(items)  # type: ignore[list-item]
+        groups: dict[tuple[Guard, ScoreSettings, OutputKind], list[int]] = {}
         for row, item in enumerate(items):
-            groups.setdefault((item.guard, item.options), []).append(row)
-        for (guard, options), rows in groups.items():
+            groups.setdefault((item.guard, item.options, item.output), []).append(row)
+        triggered: list[int] = []
+        for (guard, options, output), rows in groups.items():
             try:
-                scores: Sequence[ScoreResult | BaseException] = guard.score_features(
-                    features[rows],
-                    [items[r].image_id for r in rows],
-                    class_index=options.class_index,
-                    top=options.top,
-                    mode=options.mode,
-                )
+                scores = _score_group(guard, features[rows], [items[r].image_id for r in rows], options, output)
             except Exception as error:  # noqa: BLE001 - fails this group's images, not the batch
                 scores = [error] * len(rows)
             for row, score in zip(rows, scores):
                 results[row] = score
-        ok = [r for r in results if isinstance(r, ScoreResult)]
-        self._metrics.observe_scores(self.name, len(ok), [r.class_index for r in ok if r.trigger])
+                if isinstance(score, ScoreResult) and score.trigger:
+                    triggered.append(score.class_index)
+                elif isinstance(score, Inference) and score.trigger[0]:
+                    triggered.append(int(score.class_index[0]))
+        scored = sum(not isinstance(r, BaseException) for r in results)
+        self._metrics.observe_scores(self.name, scored, triggered)
         return results
 
     def visualize(
@@ -259,6 +278,16 @@ class ServedModel:
                 await self._watcher
         if self._batcher is not None:
             await self._batcher.close()
+
+
+def _score_group(
+    guard: Guard, features: torch.Tensor, image_ids: list[str], options: ScoreSettings, output: OutputKind
+) -> Sequence[Scored]:
+    """One group's scores: ScoreResults, or the rows of one `Guard.infer` over the group."""
+    if output == "arrays":
+        arrays = guard.infer(features, class_index=options.class_index, mode=options.mode)
+        return [arrays.row(i) for i in range(len(image_ids))]
+    return guard.score_features(features, image_ids, class_index=options.class_index, top=options.top, mode=options.mode)
 
 
 class ModelRegistry:
