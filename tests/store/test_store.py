@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -210,28 +212,38 @@ def test_crash_in_atomic_write_leaves_previous_state(store: Store, monkeypatch: 
     assert_same(store.load_fit(MODEL, DIGEST).components(0), components(0, seed=1))
 
 
-def crash_writer(store: Store, fit_id: str, kill_at: str) -> int:
-    """Run a fit in a forked child that is SIGKILLed just before `kill_at` would be renamed into place."""
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        try:
-            real_replace = os.replace
+CRASHING_WRITER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from test_store import DIGEST, DIM, MODEL, NUM, components
+from spurguard.server.store import Store
+store_root, fit_id, kill_at = sys.argv[2:5]
+real_replace = os.replace
 
-            def replace(src: object, dst: object) -> None:
-                if Path(str(dst)).name == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                real_replace(src, dst)
+def replace(src, dst):
+    if Path(str(dst)).name == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
 
-            os.replace = replace  # type: ignore[assignment]
-            writer = store.begin_fit(MODEL, DIGEST, dataset_root="/d", num_components=NUM, feature_dim=DIM,
+os.replace = replace
+writer = Store(store_root).begin_fit(MODEL, DIGEST, dataset_root="/d", num_components=NUM, feature_dim=DIM,
                                      fit_id=fit_id)
-            for k in range(4):
-                writer.add_class(components(k, seed=1))
-            writer.commit()
-        finally:
-            os._exit(3)
-    _, status = os.waitpid(pid, 0)
-    return status
+for k in range(4):
+    writer.add_class(components(k, seed=1))
+writer.commit()
+sys.exit(3)
+"""
+
+
+def crash_writer(store: Store, fit_id: str, kill_at: str) -> int:
+    """Run a fit in a child process that is SIGKILLed just before `kill_at` would be renamed into
+    place; its return code. A fresh interpreter, not a fork: forking a process that runs thread
+    pools (torch, ONNX Runtime, grpc from other tests) can leave the child stuck on a lock."""
+    here = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", CRASHING_WRITER, here, str(store.root), fit_id, kill_at],
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode
 
 
 @pytest.mark.parametrize(
@@ -247,8 +259,7 @@ def test_killed_writer_leaves_old_fit_and_resumes(
     store: Store, kill_at: str, done: list[int], committed: bool
 ) -> None:
     old = write_fit(store, [0, 1])
-    status = crash_writer(store, "F1", kill_at)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert crash_writer(store, "F1", kill_at) == -signal.SIGKILL
 
     assert store.current_fit_id(MODEL, DIGEST) == old
     fit = store.load_fit(MODEL, DIGEST)
