@@ -128,14 +128,13 @@ def test_model_toml_errors(toml: dict, message: str, make_model_dir: MakeModelDi
     assert "model.toml" in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_triton_section_is_kept_on_the_spec_and_the_model_still_runs_locally(
-    make_model_dir: MakeModelDir, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_triton_section_is_kept_on_the_spec_and_the_backend(make_model_dir: MakeModelDir) -> None:
+    """Loading reaches no Triton: the forward moves there in select_runtime (test_backends_triton.py)."""
     root = make_model_dir(toml=with_toml({"triton": {"url": "[::1]:8001", "model": "tiny_backbone"}}))
-    assert read_model_toml(root).triton == TritonSpec(url="[::1]:8001", model="tiny_backbone")
-    with caplog.at_level("WARNING", logger="spurguard.server"):
-        model = load_model_dir(root, device="cpu")
-    assert model.runtime == "torch" and "[triton] section (model tiny_backbone at [::1]:8001) is not used yet" in caplog.text
+    spec = TritonSpec(url="[::1]:8001", model="tiny_backbone")
+    assert read_model_toml(root).triton == spec
+    model = load_model_dir(root, device="cpu")
+    assert model.triton == spec and model.runtime == "torch"
 
 
 @pytest.mark.parametrize(

@@ -79,8 +79,8 @@ class Backend(Protocol):
     name: str
     digest: str  # sha256 hex over weights, classes and preprocessing: fits are keyed by (name, digest)
     kind: str  # "torch", "triton", ...
-    runtime: str  # where forward-only work runs: "torch", "onnxruntime", "openvino", ...
-    device: str  # where the backbone runs, e.g. "cpu", "cuda:0"
+    runtime: str  # where forward-only work runs: "torch", "onnxruntime", "openvino", "triton"
+    device: str  # where forward-only work runs, e.g. "cpu", "cuda:0", a Triton URL
     num_classes: int  # C
     feature_dim: int  # d
     input_size: int  # side of the square model input
@@ -125,6 +125,7 @@ class GradientBackend(Backend, Protocol):
     """A backend whose backbone runs in this process and can be differentiated."""
 
     module: torch.nn.Module  # the backbone (nn.Module, ScriptModule or exported GraphModule)
+    torch_device: torch.device  # where features_with_grad runs (`device` may name a remote forward)
 
     def features_with_grad(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) [N,d] on the backend's device, with an autograd graph back to `x`."""

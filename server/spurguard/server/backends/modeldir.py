@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import zipfile
 from dataclasses import asdict, dataclass
@@ -30,8 +29,6 @@ from spurguard.server.backends.device import resolve_device
 from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.backends.torch_backend import TorchBackend
 from spurguard.server.errors import InvalidInput, NotFound, exception_line
-
-log = logging.getLogger("spurguard.server")
 
 MODEL_TOML = "model.toml"
 _TOP_KEYS = {"name", "backbone", "head", "classes", "preprocess", "runtime", "onnx", "triton"}
@@ -77,7 +74,7 @@ class ModelSpec:
     preprocess: PreprocessConfig
     runtime: str = "auto"  # where forward-only work runs (runtimes.RUNTIME_CHOICES)
     onnx: Path | None = None  # the backbone as ONNX, when the model ships one
-    triton: TritonSpec | None = None  # parsed and kept; no backend runs on Triton yet
+    triton: TritonSpec | None = None  # the backbone's forward runs there (TorchBackend.select_runtime)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -331,11 +328,6 @@ def load_model_dir(
 ) -> TorchBackend:
     """Load and check a model directory; the backbone runs once on zeros to check d against the head."""
     spec = read_model_toml(root)
-    if spec.triton is not None:
-        log.warning(
-            "model %s: its [triton] section (model %s at %s) is not used yet; the backbone runs in this process",
-            spec.name, spec.triton.model, spec.triton.url,
-        )
     torch_device = resolve_device(device)
     weight, bias = load_head(spec.head)
     classes = read_classes(spec.classes) if spec.classes is not None else None
@@ -358,4 +350,5 @@ def load_model_dir(
         source=str(spec.backbone),
         runtime=spec.runtime,
         onnx=spec.onnx,
+        triton=spec.triton,
     )

@@ -26,7 +26,8 @@ from spurguard.server.errors import FailedPrecondition, InvalidInput, exception_
 
 log = logging.getLogger("spurguard.server")
 
-RuntimeName = Literal["torch", "onnxruntime", "openvino"]
+RuntimeName = Literal["torch", "onnxruntime", "openvino"]  # the ones model.toml `runtime` may name
+ForwardRuntime = Literal[RuntimeName, "triton"]  # "triton": model.toml [triton] (triton_forward.py)
 RUNTIMES: tuple[RuntimeName, ...] = get_args(RuntimeName)
 RUNTIME_CHOICES = ("auto", *RUNTIMES)
 _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # runtime -> the package it needs
@@ -41,7 +42,7 @@ TIMING_ROUNDS = 3
 class Forward(Protocol):
     """A backbone's forward pass on one runtime."""
 
-    runtime: RuntimeName
+    runtime: ForwardRuntime
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 [N,3,S,S] (C-contiguous) -> float32 features [N,d]."""
@@ -141,7 +142,7 @@ class RuntimeTrial:
     """How one runtime did at load: its features' largest deviation from torch's (a share of the
     largest torch feature), whether that is within FEATURE_TOLERANCE, and its images/s."""
 
-    runtime: RuntimeName
+    runtime: ForwardRuntime
     deviation: float
     equal: bool
     images_per_s: float | None  # None: not timed (features differ, or only one candidate)
@@ -182,6 +183,16 @@ def feature_deviation(forward: Forward, reference: TorchForward, size: int) -> f
         scale = max(float(np.abs(want).max()), 1e-12)
         worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()) / scale)
     return worst
+
+
+def require_equal(trial: RuntimeTrial, source: str, remedy: str) -> None:
+    """A runtime that must be used (asked for by name, or the only one the model allows) and does
+    not give torch's features is a load error, never a silent fallback."""
+    if not trial.equal:
+        raise InvalidInput(
+            f"{source}: runtime {trial.runtime} gives features {trial.deviation:.1e} (relative) away from "
+            f"torch's, over the tolerance {FEATURE_TOLERANCE:.0e}; {remedy}"
+        )
 
 
 def _images_per_s(forward: Forward, size: int, batch: int) -> float:
@@ -236,11 +247,8 @@ def choose_runtime(
                 trials.append(RuntimeTrial(name, float("nan"), False, None, str(error)))
                 continue
             trial = RuntimeTrial(name, deviation, deviation <= FEATURE_TOLERANCE, None)
-            if not trial.equal and (requested != "auto" or strict):
-                raise InvalidInput(
-                    f"{source}: runtime {name} gives features {deviation:.1e} (relative) away from torch's, "
-                    f"over the tolerance {FEATURE_TOLERANCE:.0e}; use runtime torch or fix the ONNX graph"
-                )
+            if requested != "auto" or strict:
+                require_equal(trial, source, "use runtime torch or fix the ONNX graph")
         if trial.equal:
             candidates.append((forward, trial))
         else:

@@ -1,14 +1,16 @@
 """In-process torch backend: a backbone module (TorchScript, torch.export or eager) plus a linear head.
 
 Its forward-only work (`features`) runs on the runtime `select_runtime` picks (torch, ONNX
-Runtime or OpenVINO, see runtimes.py); gradient work always runs on the torch module.
+Runtime or OpenVINO, see runtimes.py) or, for a model.toml with [triton], on that Triton server
+(triton_forward.py); gradient work always runs on the torch module.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -18,8 +20,23 @@ from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimi
 from spurguard.server.backends.device import configure_cpu_threads, default_batch_size, resolve_device
 from spurguard.server.backends.images import decode_crop, preprocess_images, stack_crops
 from spurguard.server.backends.onnx_export import export_onnx
-from spurguard.server.backends.runtimes import Forward, RuntimeChoice, RuntimeName, TorchForward, choose_runtime
+from spurguard.server.backends.runtimes import (
+    FEATURE_TOLERANCE,
+    Forward,
+    ForwardRuntime,
+    RuntimeChoice,
+    RuntimeTrial,
+    TorchForward,
+    choose_runtime,
+    feature_deviation,
+    require_equal,
+)
 from spurguard.server.errors import InvalidInput, ResourceExhausted, exception_line
+
+if TYPE_CHECKING:  # modeldir imports this module
+    from spurguard.server.backends.modeldir import TritonSpec
+
+log = logging.getLogger("spurguard.server")
 
 
 def _freeze(module: torch.nn.Module) -> None:
@@ -58,14 +75,17 @@ class TorchBackend:
         source: str | None = None,
         runtime: str = "auto",
         onnx: Path | None = None,
+        triton: TritonSpec | None = None,
     ) -> None:
         """`source` names where the model came from (a file, a built-in) in load errors;
-        `runtime` is the model's preferred forward runtime and `onnx` a graph of the backbone
-        it ships, both used by `select_runtime` (until then the forward runs on torch)."""
+        `runtime` is the model's preferred forward runtime, `onnx` a graph of the backbone it
+        ships and `triton` the Triton model that runs it, all used by `select_runtime` (until
+        then the forward runs on torch)."""
         source = source or name
         self.source = source
         self.preferred_runtime = runtime
         self.onnx = onnx
+        self.triton = triton
         self.torch_device = resolve_device(device)
         if self.torch_device.type == "cpu":
             configure_cpu_threads()
@@ -152,15 +172,18 @@ class TorchBackend:
         return stack_crops(crops, self.preprocess_config)
 
     @property
-    def runtime(self) -> RuntimeName:
-        """Where `features` runs: "torch", "onnxruntime" or "openvino"."""
+    def runtime(self) -> ForwardRuntime:
+        """Where `features` runs: "torch", "onnxruntime", "openvino" or "triton"."""
         return self.forward.runtime
 
     def select_runtime(self, requested: str | None, graph: Callable[[], Path]) -> RuntimeChoice:
         """Run `features` on `requested` (None: the model's preferred runtime; "auto": the fastest
         installed one that gives torch's features). `graph` gives the exported ONNX backbone; a
         model that ships its own graph uses that, and any problem with it is an error, never a
-        silent fallback to torch."""
+        silent fallback to torch. A model with [triton] runs there whatever is requested: its
+        model.toml says where its backbone is served."""
+        if self.triton is not None:
+            return self._select_triton(requested)
         user_graph = self.onnx
         choice = choose_runtime(
             requested or self.preferred_runtime,
@@ -174,6 +197,24 @@ class TorchBackend:
         )
         self.forward = choice.forward
         return choice
+
+    def _select_triton(self, requested: str | None) -> RuntimeChoice:
+        """Forward on the [triton] model, once its features equal the local module's; `device`
+        then names the Triton URL (gradient work stays on `torch_device`)."""
+        from spurguard.server.backends.triton_forward import TritonForward  # tritonclient only when used
+
+        assert self.triton is not None
+        if requested not in (None, "auto", "triton"):
+            log.info("model %s: runtime %s not used: its [triton] section runs the backbone", self.name, requested)
+        forward = TritonForward(
+            self.triton.url, self.triton.model, input_size=self.input_size, feature_dim=self.feature_dim
+        )
+        deviation = feature_deviation(forward, TorchForward(self.module, self.torch_device), self.input_size)
+        trial = RuntimeTrial("triton", deviation, deviation <= FEATURE_TOLERANCE, None)
+        require_equal(trial, f"{self.source} ({forward.where})", "serve the same weights as the model's backbone")
+        self.forward = forward
+        self.device = forward.url
+        return RuntimeChoice(forward, (trial,))
 
     def export_onnx(self, path: Path) -> None:
         """Write the backbone to `path` as ONNX (a dynamic batch axis)."""

@@ -52,7 +52,7 @@ class ComponentObjective:
         weight, _ = backend.head()
         check_components({components.class_index: components}, weight.shape[0], weight.shape[1])
         self.class_index = components.class_index
-        self.device = torch.device(backend.device)
+        self.device = self.backend.torch_device
         projection = class_projection(components, weight[self.class_index], rows=self.rows, device=self.device)
         self.directions = projection.directions  # [B, d]
         self.offsets = projection.offsets  # [B]
