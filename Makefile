@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# A real Triton Inference Server for the [triton] tests (tests/rpc/triton_server.py): PyTriton
+# bundles tritonserver but needs numpy<2, so it gets a venv of its own.
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup triton-venv test demo bench clean
 
 setup: $(STAMP)
 
@@ -17,7 +21,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[server,dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+triton-venv: $(TRITON_STAMP)
+
+$(TRITON_STAMP):
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q nvidia-pytriton==0.7.0 "numpy<2" onnxruntime
+	touch $(TRITON_STAMP)
+
+test: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -28,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info

@@ -116,7 +116,7 @@ class TritonForward:
         result = self._call(
             lambda: self.client.infer(self.model, [tensor], outputs=[output], client_timeout=REQUEST_TIMEOUT_S)
         )
-        return result.as_numpy(self.output_name)
+        return np.array(result.as_numpy(self.output_name))  # a writable copy of the response's buffer
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         step = self.batch_limit if self.batch_limit > 0 else x.shape[0]

@@ -1,0 +1,275 @@
+"""A model.toml [triton] model against a real Triton Inference Server (PyTriton, triton_server.py).
+
+One server serves the same TinyCNN twice: `remote`, whose forward runs on Triton, and `local`,
+in process. Fit, Score and Evaluate of the two must agree; Triton going away must cost only the
+remote model's requests, and Triton coming back (same port) must make them work again.
+The Triton venv (.venv-triton) is made by `make test` (so by .ci/run), or here when missing.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from spurguard.client import Client, EvaluateResult, FitSummary, SpurguardClientError
+from spurguard.server.backends import load_model_dir
+from spurguard.server.backends.onnx_export import export_onnx
+from spurguard.server.backends.triton_forward import TritonForward
+from spurguard.server.errors import InvalidInput, NotFound, Unavailable
+from spurguard.server.rpc.app import BackgroundServer, ServerConfig
+
+from rpc_support import random_png
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
+from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+TRITON_MODEL = "tiny_backbone"
+PER_CLASS = 8
+READY_TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TritonProcess:
+    """triton_server.py in the Triton venv, on fixed ports so that a restart comes back at the same URL."""
+
+    def __init__(self, graph: Path) -> None:
+        self.graph = graph
+        self.grpc_port, self.http_port = _free_port(), _free_port()
+        self.url = f"127.0.0.1:{self.grpc_port}"
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        libdir = subprocess.run(
+            [TRITON_PYTHON, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip() or sysconfig.get_config_var("LIBDIR")
+        # its Python-backend stub links the system libpython
+        env = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        env.pop("PYTHONPATH", None)
+        command = [TRITON_PYTHON, Path(__file__).with_name("triton_server.py"), self.graph, TRITON_MODEL,
+                   str(self.grpc_port), str(self.http_port)]
+        self.process = subprocess.Popen(
+            [str(part) for part in command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline, lines = time.monotonic() + READY_TIMEOUT_S, []
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:  # readline blocks, but the process prints steadily until READY
+            line = self.process.stdout.readline()
+            if line.strip() == "READY":
+                return
+            if not line and self.process.poll() is not None:
+                break
+            lines.append(line)
+        self.stop()
+        pytest.fail("Triton did not start:\n" + "".join(lines[-30:]))
+
+    def stop(self) -> None:
+        """SIGTERM by pid (SIGINT is ignored in non-interactive shells), then wait for it."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.communicate()
+        self.process = None
+
+
+def _ensure_triton_venv() -> None:
+    if (ROOT / ".venv-triton" / ".installed").is_file():
+        return
+    made = subprocess.run(["make", "-C", str(ROOT), "triton-venv"], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot install PyTriton into .venv-triton (make triton-venv): {made.stderr.strip()[-500:]}")
+
+
+def _model_dir(root: Path, name: str, module: TinyCNN, head: tuple[torch.Tensor, torch.Tensor], **toml: object) -> Path:
+    root.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in torch 2.13, still supported
+        torch.jit.trace(module, torch.randn(2, 3, SIZE, SIZE)).save(str(root / "backbone.pt"))
+    safetensors.torch.save_file({"weight": head[0], "bias": head[1]}, str(root / "head.safetensors"))
+    (root / "classes.txt").write_text("".join(f"class{k}\n" for k in range(CLASSES)))
+    table = {**default_toml(), "name": name, "runtime": "torch", **toml}
+    if "preprocess" in toml:
+        table["preprocess"] = {**default_toml()["preprocess"], **toml["preprocess"]}  # type: ignore[dict-item]
+    (root / "model.toml").write_text(render_toml(table))
+    return root
+
+
+@pytest.fixture(scope="module")
+def module() -> TinyCNN:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture(scope="module")
+def head() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(CLASSES, FEATURES, generator=generator), torch.randn(CLASSES, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def triton(module: TinyCNN, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
+    _ensure_triton_venv()
+    graph = tmp_path_factory.mktemp("graph") / "backbone.onnx"
+    export_onnx(module, graph, SIZE)
+    process = TritonProcess(graph)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def models(
+    module: TinyCNN, head: tuple[torch.Tensor, torch.Tensor], triton: TritonProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    section = {"triton": {"url": triton.url, "model": TRITON_MODEL}}
+    return {
+        "remote": _model_dir(root / "remote", "remote", module, head, **section),
+        "local": _model_dir(root / "local", "local", module, head),
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/<class>/ and a Spurious ImageNet folder for class 0."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for k in range(CLASSES):
+        (root / "train" / str(k)).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            (root / "train" / str(k) / f"img{i:02d}.png").write_bytes(random_png(rng))
+    spurious = root / "spurious" / "spurious_imagenet_0_thing_1"
+    spurious.mkdir(parents=True)
+    for i in range(4):
+        (spurious / f"s{i}.png").write_bytes(random_png(rng))
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(models: dict[str, Path], data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    config = ServerConfig(models=(str(models["remote"]), str(models["local"])), store=tmp_path_factory.mktemp("store"),
+                          port=0, data_roots=(data,), device="cpu", runtime="torch", grace_s=1.0)
+    with BackgroundServer(config) as server, Client(server.address, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    rng = np.random.default_rng(2)
+    return [random_png(rng, size=24) for _ in range(6)]
+
+
+def _alphas(client: Client, model: str, images: list[bytes]) -> np.ndarray:
+    results = client.score(model, images)
+    assert all(r.error is None for r in results), [r.error for r in results]
+    return np.array([[c.alpha for c in sorted(r.components, key=lambda c: c.index)] for r in results])
+
+
+def _score_error(client: Client, model: str, images: list[bytes]) -> str:
+    """The status code a failing Score gets: on the call, or on every image."""
+    try:
+        results = client.score(model, images)
+    except SpurguardClientError as error:
+        return error.code.name
+    codes = {r.error.code if r.error else "OK" for r in results}
+    assert len(codes) == 1, codes
+    return codes.pop()
+
+
+def test_fit_score_and_evaluate_on_triton_equal_the_local_model(client: Client, data: Path, images: list[bytes]) -> None:
+    for model in ("remote", "local"):
+        *_, summary = client.fit(model, str(data / "train"), num_components=3)
+        assert isinstance(summary, FitSummary) and len(summary.classes) == CLASSES
+    remote, local = _alphas(client, "remote", images), _alphas(client, "local", images)
+    assert remote.shape == local.shape and remote.size > 0
+    np.testing.assert_allclose(remote, local, rtol=1e-4, atol=1e-4 * np.abs(local).max())
+    tables = [list(client.evaluate(m, str(data / "train"), str(data / "spurious")))[-1] for m in ("remote", "local")]
+    assert all(isinstance(t, EvaluateResult) for t in tables)
+    (remote_table, local_table) = (t.baseline for t in tables)  # type: ignore[union-attr]
+    assert remote_table.mean_auc == pytest.approx(local_table.mean_auc, rel=1e-4)
+    assert remote_table.clean_accuracy == pytest.approx(local_table.clean_accuracy, rel=1e-4)
+
+
+def test_get_model_reports_triton(client: Client, triton: TritonProcess) -> None:
+    info = client.get_model("remote")
+    assert (info.runtime, info.device, info.feature_dim, info.input_size) == ("triton", triton.url, FEATURES, SIZE)
+    assert client.get_model("local").runtime == "torch"
+
+
+def test_triton_going_away_costs_only_its_model_and_it_comes_back(
+    client: Client, triton: TritonProcess, images: list[bytes]
+) -> None:
+    client.score("remote", images[:2])
+    triton.stop()
+    try:
+        assert _score_error(client, "remote", images) == "UNAVAILABLE"
+        assert _score_error(client, "local", images) == "OK"
+    finally:
+        triton.start()
+    # gRPC reconnects within its capped backoff (1 s, triton_forward._CHANNEL_ARGS)
+    time.sleep(1.2)
+    assert _alphas(client, "remote", images).shape == _alphas(client, "local", images).shape
+
+
+# ---- load errors ----
+
+
+def test_a_mismatching_input_size_is_a_clear_error(
+    module: TinyCNN, head: tuple[torch.Tensor, torch.Tensor], triton: TritonProcess, tmp_path: Path
+) -> None:
+    section = {"triton": {"url": triton.url, "model": TRITON_MODEL}}
+    backend = load_model_dir(_model_dir(tmp_path / "m", "m", module, head, preprocess={"size": SIZE + 2}, **section))
+    with pytest.raises(InvalidInput, match=rf"input 'images' is \[-1, 3, {SIZE}, {SIZE}\], but preprocess.size"):
+        backend.select_runtime(None, lambda: pytest.fail("no ONNX export for a Triton model"))
+
+
+def test_a_mismatching_feature_dim_is_a_clear_error(triton: TritonProcess) -> None:
+    with pytest.raises(InvalidInput, match=rf"output 'features' is \[-1, {FEATURES}\], but the head's d"):
+        TritonForward(triton.url, TRITON_MODEL, input_size=SIZE, feature_dim=FEATURES + 1)
+
+
+def test_other_weights_on_triton_are_a_clear_error(
+    head: tuple[torch.Tensor, torch.Tensor], triton: TritonProcess, tmp_path: Path
+) -> None:
+    torch.manual_seed(7)
+    section = {"triton": {"url": triton.url, "model": TRITON_MODEL}}
+    backend = load_model_dir(_model_dir(tmp_path / "m", "m", TinyCNN().eval(), head, **section))
+    with pytest.raises(InvalidInput, match="runtime triton gives features .* away from torch's"):
+        backend.select_runtime(None, lambda: pytest.fail("no ONNX export for a Triton model"))
+
+
+def test_an_unknown_triton_model_is_not_found(triton: TritonProcess) -> None:
+    with pytest.raises(NotFound, match=f"Triton model 'nope' at {triton.url}"):
+        TritonForward(triton.url, "nope", input_size=SIZE, feature_dim=FEATURES)
+
+
+def test_an_unreachable_triton_is_unavailable_after_retrying() -> None:
+    url = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match=f"Triton at {url} is unreachable"):
+        TritonForward(url, TRITON_MODEL, input_size=SIZE, feature_dim=FEATURES, connect_timeout_s=1.0)
+    assert 1.0 <= time.monotonic() - started < 5.0
