@@ -8,6 +8,7 @@ The Triton venv (.venv-triton) is made by `make test` (so by .ci/run), or here w
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,7 +56,8 @@ class TritonProcess:
         self.graph = graph
         self.grpc_port, self.http_port = _free_port(), _free_port()
         self.url = f"127.0.0.1:{self.grpc_port}"
-        self.process: subprocess.Popen[str] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
 
     def start(self) -> None:
         libdir = subprocess.run(
@@ -67,20 +69,18 @@ class TritonProcess:
         env.pop("PYTHONPATH", None)
         command = [TRITON_PYTHON, Path(__file__).with_name("triton_server.py"), self.graph, TRITON_MODEL,
                    str(self.grpc_port), str(self.http_port)]
-        self.process = subprocess.Popen(
-            [str(part) for part in command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        deadline, lines = time.monotonic() + READY_TIMEOUT_S, []
-        assert self.process.stdout is not None
-        while time.monotonic() < deadline:  # readline blocks, but the process prints steadily until READY
-            line = self.process.stdout.readline()
-            if line.strip() == "READY":
+        self.starts += 1
+        log = self.graph.with_name(f"triton-{self.starts}.log")  # a file, not a pipe: nobody drains it later
+        with log.open("w") as output:
+            self.process = subprocess.Popen([str(part) for part in command], env=env, stdout=output,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if re.search(r"^READY$", log.read_text(errors="replace"), re.MULTILINE):
                 return
-            if not line and self.process.poll() is not None:
-                break
-            lines.append(line)
+            time.sleep(0.1)
         self.stop()
-        pytest.fail("Triton did not start:\n" + "".join(lines[-30:]))
+        pytest.fail("Triton did not start:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
 
     def stop(self) -> None:
         """SIGTERM by pid (SIGINT is ignored in non-interactive shells), then wait for it."""
@@ -88,10 +88,10 @@ class TritonProcess:
             return
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.communicate(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.communicate()
+            self.process.wait()
         self.process = None
 
 
