@@ -217,6 +217,7 @@ def test_fit_score_and_evaluate_on_triton_equal_the_local_model(client: Client, 
 def test_get_model_reports_triton(client: Client, triton: TritonProcess) -> None:
     info = client.get_model("remote")
     assert (info.runtime, info.device, info.feature_dim, info.input_size) == ("triton", triton.url, FEATURES, SIZE)
+    assert info.supports_gradients  # Visualize runs on the local backbone, same weights
     assert client.get_model("local").runtime == "torch"
 
 
