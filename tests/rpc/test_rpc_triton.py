@@ -36,6 +36,7 @@ from rpc_support import random_png
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
 from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")  # TorchScript dirs
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 TRITON_MODEL = "tiny_backbone"
