@@ -27,6 +27,9 @@ that decodes ahead of the forward, batch 32, on the same cores.
 5. The Open Inference Protocol: tritonclient's ModelInfer into the same kind of server as 3
    (the same JPEG bytes, batch 32, a few requests in flight) vs spurguard's own ScoreStream of
    those bytes: target >= 0.9x.
+6. Through Triton: the same server with efficientnet_lite0 as a `[triton]` model directory (its
+   backbone on a real Triton: PyTriton from .venv-triton, ONNX Runtime inside) vs tritonclient
+   ModelInfer straight to that Triton after the same bare decode: target >= 0.9x.
 
 Throughput comparisons run in paired rounds (the two sides back to back) and report the median
 of the per-round ratios, which a noisy neighbour on a shared machine barely moves.
@@ -64,7 +67,7 @@ if TYPE_CHECKING:  # the server's modules load torch: imported where a section n
 S = TypeVar("S")
 
 IMAGENET_CLASSES, IMAGES_PER_CLASS, DIM, TOP = 1000, 1300, 2048, 50
-SECTIONS = ("runtimes", "fit", "npca", "grpc", "attack", "oip")
+SECTIONS = ("runtimes", "fit", "npca", "grpc", "attack", "oip", "triton")
 ROUNDS, ROUNDS_QUICK = 3, 1  # paired rounds per throughput comparison
 BATCH = 32  # images per forward pass, on every side of every comparison
 
@@ -328,10 +331,11 @@ class ScoringServer:
 
 
 @contextmanager
-def _scoring_server(quick: bool) -> Iterator[ScoringServer]:
+def _scoring_server(quick: bool, model: Callable[[TorchBackend, Path], str] | None = None) -> Iterator[ScoringServer]:
     """A server process (`--runtime auto`) serving efficientnet_lite0 on the CPU, fitted on photo
     crops with component 0 of each fitted class labelled spurious, so the decomposition and SpuFix
-    run for what it scores."""
+    run for what it scores. `model(backend, tmp)` may give another spec of the same model (a
+    model directory, e.g. one whose backbone runs on Triton)."""
     from spurguard.client import Client
     from spurguard.server.rpc.process import ServerProcess
 
@@ -350,7 +354,8 @@ def _scoring_server(quick: bool) -> Iterator[ScoringServer]:
             (root / str(k)).mkdir(parents=True, exist_ok=True)
             path.rename(root / str(k) / f"{path.parent.name}-{path.name}")
         store = Path(tmp) / "store"
-        args = ["--model", "efficientnet_lite0", "--store", str(store), "--data-root", str(root),
+        spec = "efficientnet_lite0" if model is None else model(backend, Path(tmp))
+        args = ["--model", spec, "--store", str(store), "--data-root", str(root),
                 "--max-batch-size", str(BATCH), "--device", "cpu", "--runtime", "auto"]
         with ServerProcess(args, stderr=subprocess.DEVNULL) as server, Client(server.target) as client:
             *_, summary = client.fit("efficientnet_lite0", str(root), num_components=TOP)
@@ -419,6 +424,53 @@ def bench_oip(quick: bool) -> dict[str, object]:
         })
         oip.close()
     return {"images": len(images), "paired": paired}
+
+
+TRITON_MODEL = "efficientnet_lite0_backbone"
+
+
+def bench_triton(quick: bool) -> dict[str, object]:
+    """ScoreStream through spurguard, its model's backbone on a Triton server (a `[triton]` model
+    directory), vs tritonclient ModelInfer straight to the same Triton: the same JPEG bytes,
+    decoded by the same decoder on all cores, batch BATCH. What spurguard adds (the wire, the
+    head, the decomposition, SpuFix) should cost at most a tenth."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "rpc"))
+    from triton_support import TritonProcess, ensure_triton_venv
+
+    from spurguard.server.backends.modeldir import TritonSpec
+    from spurguard.server.backends.triton_forward import TritonForward
+    from spurguard.server.backends.triton_repo import write_model_dir
+
+    missing = ensure_triton_venv()
+    if missing is not None:
+        raise SystemExit(missing)
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = Path(tmp) / "backbone.onnx"
+        triton_server: TritonProcess | None = None
+
+        def triton_model(backend: TorchBackend, _: Path) -> str:
+            nonlocal triton_server
+            backend.export_onnx(graph)
+            triton_server = TritonProcess(graph, TRITON_MODEL)
+            triton_server.start()
+            target = Path(tmp) / "model"
+            write_model_dir("efficientnet_lite0", backend, target, TritonSpec(triton_server.url, TRITON_MODEL))
+            return str(target)
+
+        try:
+            with _scoring_server(quick, triton_model) as served:
+                assert triton_server is not None
+                client, backend, images = served.client, served.backend, served.images
+                served_runtime = client.get_model("efficientnet_lite0").runtime
+                direct = TritonForward(triton_server.url, TRITON_MODEL, input_size=backend.input_size,
+                                       feature_dim=backend.feature_dim)
+                paired = _paired_rounds(ROUNDS_QUICK if quick else ROUNDS,
+                                        lambda: list(client.score_stream("efficientnet_lite0", images)),
+                                        {"direct": _decode_forward_loop(backend, direct, images, bytes, BATCH)})
+        finally:
+            if triton_server is not None:
+                triton_server.stop()
+    return {"images": len(images), "served_runtime": served_runtime, "paired": paired}
 
 
 ATTACK_COMPONENTS = 4
@@ -539,6 +591,12 @@ def main() -> int:
               f"{OIP_IN_FLIGHT} ModelInfer requests in flight, the same server and bytes")
         _print_paired("images/s", oip["images"], "OIP ModelInfer (tritonclient)", oip["paired"],
                       {"stream": ("spurguard ScoreStream", "target >= 0.9")})
+    if "triton" in sections:
+        through = bench_triton(args.quick)
+        print(f"\n[through Triton] {through['images']} JPEGs, efficientnet_lite0's backbone on a Triton server "
+              f"(PyTriton, ONNX Runtime inside), batch {BATCH}; spurguard's model runs on {through['served_runtime']}")
+        _print_paired("images/s", through["images"], "spurguard ScoreStream (TritonBackend)", through["paired"],
+                      {"direct": ("decode on all cores + tritonclient ModelInfer to Triton", "target >= 0.9")})
     return 0
 
 

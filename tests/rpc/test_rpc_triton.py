@@ -7,13 +7,7 @@ The Triton venv (.venv-triton) is made by `make test` (so by .ci/run), or here w
 """
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
 import sys
-import sysconfig
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,76 +26,14 @@ from spurguard.server.errors import InvalidInput, NotFound, Unavailable
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 
 from rpc_support import random_png
+from triton_support import TritonProcess, ensure_triton_venv, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
 from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")  # TorchScript dirs
-ROOT = Path(__file__).resolve().parents[2]
-TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 TRITON_MODEL = "tiny_backbone"
 PER_CLASS = 8
-READY_TIMEOUT_S = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class TritonProcess:
-    """triton_server.py in the Triton venv, on fixed ports so that a restart comes back at the same URL."""
-
-    def __init__(self, graph: Path) -> None:
-        self.graph = graph
-        self.grpc_port, self.http_port = _free_port(), _free_port()
-        self.url = f"127.0.0.1:{self.grpc_port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        libdir = subprocess.run(
-            [TRITON_PYTHON, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip() or sysconfig.get_config_var("LIBDIR")
-        # its Python-backend stub links the system libpython
-        env = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-        env.pop("PYTHONPATH", None)
-        command = [TRITON_PYTHON, Path(__file__).with_name("triton_server.py"), self.graph, TRITON_MODEL,
-                   str(self.grpc_port), str(self.http_port)]
-        self.starts += 1
-        log = self.graph.with_name(f"triton-{self.starts}.log")  # a file, not a pipe: nobody drains it later
-        with log.open("w") as output:
-            self.process = subprocess.Popen([str(part) for part in command], env=env, stdout=output,
-                                            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            if re.search(r"^READY$", log.read_text(errors="replace"), re.MULTILINE):
-                return
-            time.sleep(0.1)
-        self.stop()
-        pytest.fail("Triton did not start:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
-
-    def stop(self) -> None:
-        """SIGTERM by pid (SIGINT is ignored in non-interactive shells), then wait for it."""
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-
-def _ensure_triton_venv() -> None:
-    if (ROOT / ".venv-triton" / ".installed").is_file():
-        return
-    made = subprocess.run(["make", "-C", str(ROOT), "triton-venv"], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot install PyTriton into .venv-triton (make triton-venv): {made.stderr.strip()[-500:]}")
 
 
 def _model_dir(root: Path, name: str, module: TinyCNN, head: tuple[torch.Tensor, torch.Tensor], **toml: object) -> Path:
@@ -132,11 +64,16 @@ def head() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def triton(module: TinyCNN, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
-    _ensure_triton_venv()
+    missing = ensure_triton_venv()
+    if missing is not None:
+        pytest.skip(missing)
     graph = tmp_path_factory.mktemp("graph") / "backbone.onnx"
     export_onnx(module, graph, SIZE)
-    process = TritonProcess(graph)
-    process.start()
+    process = TritonProcess(graph, TRITON_MODEL)
+    try:
+        process.start()
+    except RuntimeError as error:
+        pytest.fail(str(error))
     yield process
     process.stop()
 
@@ -270,7 +207,7 @@ def test_an_unknown_triton_model_is_not_found(triton: TritonProcess) -> None:
 
 
 def test_an_unreachable_triton_is_unavailable_after_retrying() -> None:
-    url = f"127.0.0.1:{_free_port()}"
+    url = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(Unavailable, match=f"Triton at {url} is unreachable"):
         TritonForward(url, TRITON_MODEL, input_size=SIZE, feature_dim=FEATURES, connect_timeout_s=1.0)
