@@ -13,10 +13,12 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spurguard.client import Client, EvaluateResult, FitSummary, SpurguardClientError
 from spurguard.server.backends import load_model_dir
@@ -163,15 +165,34 @@ def test_triton_going_away_costs_only_its_model_and_it_comes_back(
     client: Client, triton: TritonProcess, images: list[bytes]
 ) -> None:
     client.score("remote", images[:2])
+    assert _health(client, "remote") == health_pb2.HealthCheckResponse.SERVING
     triton.stop()
     try:
         assert _score_error(client, "remote", images) == "UNAVAILABLE"
         assert _score_error(client, "local", images) == "OK"
+        assert _health_becomes(client, "remote", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert _health(client, "local") == health_pb2.HealthCheckResponse.SERVING
     finally:
         triton.start()
+    assert _health_becomes(client, "remote", health_pb2.HealthCheckResponse.SERVING)  # by itself
     # gRPC reconnects within its capped backoff (1 s, triton_forward._CHANNEL_ARGS)
     time.sleep(1.2)
     assert _alphas(client, "remote", images).shape == _alphas(client, "local", images).shape
+
+
+def _health(client: Client, service: str) -> int:
+    with grpc.insecure_channel(client.target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+def _health_becomes(client: Client, service: str, status: int, timeout_s: float = 10.0) -> bool:
+    """Whether the model's health status turns `status` within `timeout_s` (it is polled each second)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _health(client, service) == status:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 # ---- load errors ----

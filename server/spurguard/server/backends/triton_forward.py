@@ -23,6 +23,7 @@ log = logging.getLogger("spurguard.server")
 
 CONNECT_TIMEOUT_S = 10.0  # how long a load waits for Triton (and the model) to come up
 REQUEST_TIMEOUT_S = 60.0  # one ModelInfer: a hung server is an error, never a hang
+HEALTH_TIMEOUT_S = 1.0  # one readiness check of the health follower
 _RETRY_S = 0.25
 # gRPC's reconnect backoff grows to 120 s by default: after an outage of a minute the channel
 # would refuse requests long after Triton is back. Cap it so the next requests find it again.
@@ -80,6 +81,14 @@ class TritonForward:
             raise InvalidInput(
                 f"{self.where}: {role} {tensor.name!r} is {shape}, but {against} gives [-1, {', '.join(map(str, want))}]"
             )
+
+    def ready(self) -> bool:
+        """Whether Triton is up and has the model ready now (a quick check, for health)."""
+        try:
+            return bool(self.client.is_server_live(client_timeout=HEALTH_TIMEOUT_S)
+                        and self.client.is_model_ready(self.model, client_timeout=HEALTH_TIMEOUT_S))
+        except InferenceServerException:
+            return False
 
     def _wait_ready(self, timeout_s: float) -> triton.service_pb2.ModelMetadataResponse:
         """Retry while Triton starts or loads the model; NOT_FOUND for a model it does not have."""

@@ -55,6 +55,7 @@ from spurguard.vocab import SPUFIX_MODES, SpufixModeName
 
 log = logging.getLogger("spurguard.server")
 
+REMOTE_HEALTH_POLL_S = 1.0  # how often the health of Triton-served models follows Triton's readiness
 MIN_MESSAGE_MB = 64  # the documented limit clients rely on (spurguard.client.MAX_MESSAGE_BYTES)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Spurguard"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -123,6 +124,7 @@ class SpurguardServer:
         self.port: int | None = None  # set once the port is open
         self.metrics_port: int | None = None
         self._stopped = False
+        self._following: asyncio.Task[None] | None = None
         # The rest is built by start(), inside the event loop it will run on.
         self.metrics: Metrics
         self.store: Store
@@ -219,6 +221,22 @@ class SpurguardServer:
             log.info("model %s ready (loaded and warmed up in %.1f s)", model.name, seconds)
             await self.health.set(model.name, _SERVING)
         await self.health.set("", _SERVING)
+        remote = [model for model in self.models if await asyncio.to_thread(model.remote_ready) is not None]
+        if remote:
+            self._following = asyncio.create_task(self._follow_remote_health(remote))
+
+    async def _follow_remote_health(self, models: list[ServedModel]) -> None:
+        """A model whose forward runs on Triton is SERVING only while Triton says it is ready:
+        NOT_SERVING while Triton is away, SERVING again by itself when it is back."""
+        serving = {model.name: True for model in models}
+        while True:
+            await asyncio.sleep(REMOTE_HEALTH_POLL_S)
+            for model in models:
+                ready = bool(await asyncio.to_thread(model.remote_ready))
+                if ready != serving[model.name]:
+                    serving[model.name] = ready
+                    log.warning("model %s: its Triton server is %s", model.name, "back" if ready else "not ready")
+                    await self.health.set(model.name, _SERVING if ready else _NOT_SERVING)
 
     async def wait_ready(self) -> None:
         """Until every model is loaded and warmed up; raises the error of a model that failed to."""
@@ -232,6 +250,8 @@ class SpurguardServer:
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self._loading.cancel()
+        if self._following is not None:
+            self._following.cancel()
         jobs_done = asyncio.create_task(self.jobs.shutdown())
         await self._server.stop(grace)
         await jobs_done

@@ -125,6 +125,13 @@ class ServedModel:
         if self._batcher is None:
             raise Unavailable(f"model {self.name} is loading; retry when its health status is SERVING")
 
+    def remote_ready(self) -> bool | None:
+        """Whether the server its forward runs on (Triton) says the model is ready; None for a
+        model whose forward runs in this process. Blocking (a network round trip)."""
+        forward = getattr(self._backend, "forward", None)
+        check = getattr(forward, "ready", None)
+        return None if check is None else bool(check())
+
     @property
     def supports_gradients(self) -> bool:
         return isinstance(self._backend, GradientBackend)
