@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import tritonclient.grpc
 import numpy as np
 import pytest
 import safetensors.torch
@@ -172,6 +173,8 @@ def test_triton_going_away_costs_only_its_model_and_it_comes_back(
         assert _score_error(client, "local", images) == "OK"
         assert _health_becomes(client, "remote", health_pb2.HealthCheckResponse.NOT_SERVING)
         assert _health(client, "local") == health_pb2.HealthCheckResponse.SERVING
+        with tritonclient.grpc.InferenceServerClient(client.target) as oip:  # the OIP says the same
+            assert not oip.is_model_ready("remote") and oip.is_model_ready("local")
     finally:
         triton.start()
     assert _health_becomes(client, "remote", health_pb2.HealthCheckResponse.SERVING)  # by itself

@@ -228,13 +228,12 @@ class SpurguardServer:
     async def _follow_remote_health(self, models: list[ServedModel]) -> None:
         """A model whose forward runs on Triton is SERVING only while Triton says it is ready:
         NOT_SERVING while Triton is away, SERVING again by itself when it is back."""
-        serving = {model.name: True for model in models}
         while True:
             await asyncio.sleep(REMOTE_HEALTH_POLL_S)
             for model in models:
                 ready = bool(await asyncio.to_thread(model.remote_ready))
-                if ready != serving[model.name]:
-                    serving[model.name] = ready
+                if ready != model.remote_serving:
+                    model.remote_serving = ready
                     log.warning("model %s: its Triton server is %s", model.name, "back" if ready else "not ready")
                     await self.health.set(model.name, _SERVING if ready else _NOT_SERVING)
 

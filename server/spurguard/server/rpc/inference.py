@@ -247,7 +247,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     @unary_call
     async def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext) -> oip.ModelReadyResponse:
         served = self._model(request.name, request.version)
-        return oip.ModelReadyResponse(ready=not self._draining() and served.ready)
+        return oip.ModelReadyResponse(ready=not self._draining() and served.serving)
 
     @unary_call
     async def ServerMetadata(

@@ -101,6 +101,7 @@ class ServedModel:
         self._guard: Guard | None = None
         self._gradcam_layer: str | None = None
         self._guard_lock = threading.Lock()
+        self.remote_serving = True  # kept by the server's health follower (rpc.app) for Triton-served models
         self._batcher: Batcher[_Item, Scored] | None = None
 
     @property
@@ -124,6 +125,11 @@ class ServedModel:
     def _require_ready(self) -> None:
         if self._batcher is None:
             raise Unavailable(f"model {self.name} is loading; retry when its health status is SERVING")
+
+    @property
+    def serving(self) -> bool:
+        """Loaded, and (for a model whose forward runs on Triton) Triton ready at the last check."""
+        return self.ready and self.remote_serving
 
     def remote_ready(self) -> bool | None:
         """Whether the server its forward runs on (Triton) says the model is ready; None for a
