@@ -6,6 +6,8 @@ import io
 import threading
 import urllib.request
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -52,3 +54,18 @@ def random_png(rng: np.random.Generator, size: int = 20) -> bytes:
     pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     pixels[: size // 2] //= int(rng.integers(1, 4))  # per-image structure beyond noise
     return png(pixels)
+
+
+def write_data_root(root: Path, classes: int, per_class: int, spurious: int) -> Path:
+    """A server's data root of random PNGs: train/<class>/ and a Spurious ImageNet folder
+    (spurious_imagenet_0_thing_1) of `spurious` images for class 0."""
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        (root / "train" / str(k)).mkdir(parents=True)
+        for i in range(per_class):
+            (root / "train" / str(k) / f"img{i:02d}.png").write_bytes(random_png(rng))
+    folder = root / "spurious" / "spurious_imagenet_0_thing_1"
+    folder.mkdir(parents=True)
+    for i in range(spurious):
+        (folder / f"s{i}.png").write_bytes(random_png(rng))
+    return root

@@ -44,7 +44,7 @@ from spurguard.server.store import Store
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 
-from rpc_support import Gated, png, random_png, scrape_metrics
+from rpc_support import Gated, png, random_png, scrape_metrics, write_data_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
 from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
@@ -105,17 +105,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The server's data root: train/<class>/ and a Spurious ImageNet folder for class 0."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for k in range(CLASSES):
-        (root / "train" / str(k)).mkdir(parents=True)
-        for i in range(PER_CLASS):
-            (root / "train" / str(k) / f"img{i:02d}.png").write_bytes(random_png(rng))
-    spurious = root / "spurious" / "spurious_imagenet_0_thing_1"
-    spurious.mkdir(parents=True)
-    for i in range(6):
-        (spurious / f"s{i}.png").write_bytes(random_png(rng))
-    return root
+    return write_data_root(tmp_path_factory.mktemp("data"), CLASSES, PER_CLASS, spurious=6)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from spurguard.server.backends.triton_forward import TritonForward
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 
-from rpc_support import random_png
+from rpc_support import random_png, write_data_root
 from triton_support import TritonProcess, ensure_triton_venv, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
@@ -97,17 +97,7 @@ def models(
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/<class>/ and a Spurious ImageNet folder for class 0."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for k in range(CLASSES):
-        (root / "train" / str(k)).mkdir(parents=True)
-        for i in range(PER_CLASS):
-            (root / "train" / str(k) / f"img{i:02d}.png").write_bytes(random_png(rng))
-    spurious = root / "spurious" / "spurious_imagenet_0_thing_1"
-    spurious.mkdir(parents=True)
-    for i in range(4):
-        (spurious / f"s{i}.png").write_bytes(random_png(rng))
-    return root
+    return write_data_root(tmp_path_factory.mktemp("data"), CLASSES, PER_CLASS, spurious=4)
 
 
 @pytest.fixture(scope="module")
