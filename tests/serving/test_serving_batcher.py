@@ -123,6 +123,68 @@ def test_items_arriving_during_a_forward_pass_form_the_next_batch_without_delay(
     assert [s.size for s in stats] == [8, 3]
 
 
+class MeetingForward(FakeForward):
+    """Each batch waits until `parties` batches are computing at once (a remote forward waiting on
+    the wire); a batcher that runs fewer at once breaks the barrier, failing those batches."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=2.0)
+
+    def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.barrier.wait()
+        return super().__call__(items)
+
+
+@pytest.mark.parametrize("in_flight", [2, 4])
+def test_max_in_flight_batches_compute_at_once(in_flight: int) -> None:
+    forward = MeetingForward(in_flight)
+
+    async def main() -> list[int | BaseException]:
+        batcher = Batcher(forward, max_batch_size=2, max_delay_s=0.0, max_in_flight=in_flight)
+        try:
+            return await batcher.submit_many(list(range(2 * in_flight)))
+        finally:
+            await batcher.close()
+
+    assert run(main()) == [2 * i for i in range(2 * in_flight)]
+    assert len(forward.batches) == in_flight and len(forward.threads) == in_flight
+
+
+def test_one_in_flight_runs_batches_one_after_another() -> None:
+    forward = MeetingForward(2)
+
+    async def main() -> list[int | BaseException]:
+        batcher = Batcher(forward, max_batch_size=2, max_delay_s=0.0)
+        try:
+            return await batcher.submit_many(list(range(4)))
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    assert all(isinstance(r, threading.BrokenBarrierError) for r in results)  # the two never met
+
+
+def test_close_fails_the_items_of_every_batch_in_flight() -> None:
+    release = threading.Event()
+
+    def stuck(items: list[int]) -> list[int | BaseException]:
+        release.wait(5.0)
+        return [2 * i for i in items]
+
+    async def main() -> list[int | BaseException]:
+        batcher = Batcher(stuck, max_batch_size=1, max_delay_s=0.0, max_in_flight=3)
+        waiting = asyncio.ensure_future(batcher.submit_many([1, 2, 3, 4]))
+        await asyncio.sleep(0.1)  # three batches computing, one queued
+        closing = asyncio.ensure_future(batcher.close())
+        results = await waiting
+        release.set()
+        await closing
+        return results
+
+    assert all(isinstance(r, Unavailable) for r in run(main()))
+
+
 def test_a_failing_item_does_not_fail_its_batch() -> None:
     forward = FakeForward()
 
@@ -192,7 +254,7 @@ def test_close_fails_queued_items_and_refuses_new_ones() -> None:
     run(main())
 
 
-@pytest.mark.parametrize("size, delay", [(0, 0.1), (4, -1.0)])
-def test_limits_are_checked(size: int, delay: float) -> None:
+@pytest.mark.parametrize("size, delay, in_flight", [(0, 0.1, 1), (4, -1.0, 1), (4, 0.1, 0)])
+def test_limits_are_checked(size: int, delay: float, in_flight: int) -> None:
     with pytest.raises(InvalidInput):
-        Batcher(FakeForward(), max_batch_size=size, max_delay_s=delay)
+        Batcher(FakeForward(), max_batch_size=size, max_delay_s=delay, max_in_flight=in_flight)

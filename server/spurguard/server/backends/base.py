@@ -89,6 +89,9 @@ class Backend(Protocol):
     preprocess_config: PreprocessConfig
     limits: ImageLimits
     max_batch_size: int  # images per backbone forward pass
+    # Forward passes that may run at once: 1 in process (one pass uses every core); more where
+    # the pass runs remotely (Triton), so that the next request travels while one computes.
+    batches_in_flight: int
 
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Encoded bytes / uint8 arrays / PIL images to float32 [N,3,size,size] on the CPU."""

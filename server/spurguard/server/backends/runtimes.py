@@ -43,6 +43,7 @@ class Forward(Protocol):
     """A backbone's forward pass on one runtime."""
 
     runtime: ForwardRuntime
+    batches_in_flight: int  # calls that may run at once (see Backend.batches_in_flight)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 [N,3,S,S] (C-contiguous) -> float32 features [N,d]."""
@@ -53,6 +54,7 @@ class TorchForward:
     """The torch module itself, in inference mode, on its device."""
 
     runtime: RuntimeName = "torch"
+    batches_in_flight = 1
 
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         self.module = module
@@ -68,6 +70,7 @@ class OnnxRuntimeForward:
     between runs), CUDA when asked."""
 
     runtime: RuntimeName = "onnxruntime"
+    batches_in_flight = 1
 
     def __init__(self, graph: Path, device: torch.device) -> None:
         import onnxruntime as ort  # an optional package: imported only when this runtime is used
@@ -105,6 +108,7 @@ class OpenVinoForward:
     """An OpenVINO model compiled for the CPU in f32, one stream using this process's CPUs."""
 
     runtime: RuntimeName = "openvino"
+    batches_in_flight = 1
 
     def __init__(self, graph: Path, device: torch.device) -> None:
         import openvino  # an optional package: imported only when this runtime is used

@@ -176,6 +176,10 @@ class TorchBackend:
         """Where `features` runs: "torch", "onnxruntime", "openvino" or "triton"."""
         return self.forward.runtime
 
+    @property
+    def batches_in_flight(self) -> int:
+        return self.forward.batches_in_flight
+
     def select_runtime(self, requested: str | None, graph: Callable[[], Path]) -> RuntimeChoice:
         """Run `features` on `requested` (None: the model's preferred runtime; "auto": the fastest
         installed one that gives torch's features). `graph` gives the exported ONNX backbone; a

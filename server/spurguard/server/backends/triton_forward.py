@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -47,6 +48,9 @@ class TritonForward:
     (split only where Triton's max_batch_size is smaller)."""
 
     runtime: Literal["triton"] = "triton"
+    # Requests kept on their way to Triton at once: while one computes there, the next is on the
+    # wire, and Triton's dynamic batcher and instances see enough work to stay busy.
+    batches_in_flight = 4
 
     def __init__(
         self, url: str, model: str, *, input_size: int, feature_dim: int, connect_timeout_s: float = CONNECT_TIMEOUT_S
@@ -110,24 +114,39 @@ class TritonForward:
             time.sleep(_RETRY_S)
 
     def _call(self, call: Callable[[], T]) -> T:
-        """Triton's errors as ours: UNAVAILABLE (naming the URL) while it is down, so callers retry."""
+        """Triton's errors as ours (see `_error`)."""
         try:
             return call()
         except InferenceServerException as error:
-            if _unavailable(error):
-                raise Unavailable(f"Triton at {self.url} is unavailable: {error.message()}") from None
-            raise InvalidInput(f"{self.where}: {error.message()}") from None
+            raise self._error(error) from None
 
-    def _infer(self, x: np.ndarray) -> np.ndarray:
+    def _error(self, error: InferenceServerException) -> Exception:
+        """UNAVAILABLE (naming the URL) while Triton is down, so callers retry; else its message."""
+        if _unavailable(error):
+            return Unavailable(f"Triton at {self.url} is unavailable: {error.message()}")
+        return InvalidInput(f"{self.where}: {error.message()}")
+
+    def _send(self, x: np.ndarray) -> Future[np.ndarray]:
+        """One ModelInfer on its way; its features arrive in the returned future."""
         tensor = triton.InferInput(self.input_name, list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
         output = triton.InferRequestedOutput(self.output_name)
-        result = self._call(
-            lambda: self.client.infer(self.model, [tensor], outputs=[output], client_timeout=REQUEST_TIMEOUT_S)
-        )
-        return np.array(result.as_numpy(self.output_name))  # a writable copy of the response's buffer
+        features: Future[np.ndarray] = Future()
+
+        def arrived(result: triton.InferResult | None, error: InferenceServerException | None) -> None:
+            if error is not None:
+                features.set_exception(self._error(error))
+            else:  # a writable copy of the response's buffer
+                features.set_result(np.array(result.as_numpy(self.output_name)))
+
+        self._call(lambda: self.client.async_infer(
+            self.model, [tensor], arrived, outputs=[output], client_timeout=REQUEST_TIMEOUT_S
+        ))
+        return features
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """All chunks are sent before the first answer is awaited (Triton works on them together)."""
         step = self.batch_limit if self.batch_limit > 0 else x.shape[0]
-        chunks = [self._infer(x[start : start + step]) for start in range(0, x.shape[0], step)]
+        sent = [self._send(x[start : start + step]) for start in range(0, x.shape[0], step)]
+        chunks = [features.result() for features in sent]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)

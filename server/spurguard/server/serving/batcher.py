@@ -3,9 +3,11 @@
 Why: a backbone's cost per image falls steeply with the batch size, while production traffic
 arrives one image at a time. Submissions queue up; a batch closes when it is full
 (`max_batch_size`) or when its oldest item has waited `max_delay_s`, and runs on the model's own
-worker thread so the event loop keeps accepting requests. Items that arrive while a batch is
-computing form the next batch at once (their wait already counts), so under load batches fill
-without any added delay. Each item gets its own result or its own exception: one bad item never
+worker threads so the event loop keeps accepting requests. Items that arrive while every worker
+is busy form the next batch at once (their wait already counts), so under load batches fill
+without any added delay. A local forward pass uses every core, so it runs one batch at a time;
+a remote one (Triton) mostly waits on the wire, so `max_in_flight` batches overlap there and the
+next request is on its way while the last one computes. Each item gets its own result or its own exception: one bad item never
 fails its neighbours.
 """
 from __future__ import annotations
@@ -44,7 +46,8 @@ class _Pending(Generic[T, R]):
 
 
 class Batcher(Generic[T, R]):
-    """Collects concurrent `submit` calls into batches for `process`, run on one worker thread.
+    """Collects concurrent `submit` calls into batches for `process`, run on `max_in_flight`
+    worker threads (at most that many batches at once).
 
     Create and use it from one event loop; the collector task starts with the first submission.
     """
@@ -55,6 +58,7 @@ class Batcher(Generic[T, R]):
         *,
         max_batch_size: int,
         max_delay_s: float,
+        max_in_flight: int = 1,
         name: str = "batcher",
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
@@ -62,6 +66,8 @@ class Batcher(Generic[T, R]):
             raise InvalidInput(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_delay_s < 0:
             raise InvalidInput(f"max_delay must be >= 0, got {max_delay_s}")
+        if max_in_flight < 1:
+            raise InvalidInput(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -69,9 +75,11 @@ class Batcher(Generic[T, R]):
         self._on_batch = on_batch
         self._pending: deque[_Pending[T, R]] = deque()
         self._arrived = asyncio.Event()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spurguard-{name}")
+        self._worker = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix=f"spurguard-{name}")
+        self._free_workers = asyncio.Semaphore(max_in_flight)
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._idle_since = 0.0  # when the worker last finished a batch (time.monotonic())
+        self._idle_since = 0.0  # when a worker last finished a batch (time.monotonic())
         self._closed = False
 
     async def submit(self, item: T) -> R:
@@ -94,9 +102,10 @@ class Batcher(Generic[T, R]):
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
+            await self._free_workers.acquire()
             oldest = self._pending[0].enqueued
-            # Waiting for company only pays while the worker idles; what queued behind a running
-            # batch has waited already and goes next, as many as fit.
+            # Waiting for company only pays while a worker idles; what queued while every worker
+            # was busy has waited already and goes next, as many as fit.
             deadline = oldest + self.max_delay_s if oldest >= self._idle_since else 0.0
             while len(self._pending) < self.max_batch_size:
                 remaining = deadline - time.monotonic()
@@ -110,9 +119,17 @@ class Batcher(Generic[T, R]):
             count = min(self.max_batch_size, len(self._pending))
             batch = [self._pending.popleft() for _ in range(count)]
             live = [p for p in batch if not p.future.done()]  # callers that went away are dropped
-            if live:
-                await self._run(live)
-                self._idle_since = time.monotonic()
+            if not live:
+                self._free_workers.release()
+                continue
+            running = asyncio.create_task(self._run(live), name=f"spurguard-{self.name}-batch")
+            self._running.add(running)
+            running.add_done_callback(self._finished)
+
+    def _finished(self, running: asyncio.Task[None]) -> None:
+        self._running.discard(running)
+        self._idle_since = time.monotonic()
+        self._free_workers.release()
 
     async def _run(self, batch: list[_Pending[T, R]]) -> None:
         started = time.monotonic()
@@ -140,12 +157,13 @@ class Batcher(Generic[T, R]):
     async def close(self) -> None:
         """Stop collecting, fail what is still queued, and release the worker thread."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         self._fail(list(self._pending))
         self._pending.clear()
         await asyncio.to_thread(self._worker.shutdown, wait=True)

@@ -152,6 +152,7 @@ class ServedModel:
             self._process,
             max_batch_size=backend.max_batch_size,
             max_delay_s=self._max_delay_s,
+            max_in_flight=backend.batches_in_flight,
             name=f"model-{self.name}",
             on_batch=lambda stats: self._metrics.observe_batch(self.name, stats),
         )
