@@ -130,9 +130,9 @@ class _VersionAction(argparse.Action):
 
 _EPILOG = f"""\
 The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_SERVER}. --server,
---tls*, --token, --json and --timeout may be given before or after the command name. The token
-for servers started with --auth-tokens comes from --token, else ${TOKEN_ENV}; prefer the variable
-(a command line is visible to other users), and TLS beyond loopback.
+--tls*, --token, --json and --timeout may be given before or after the command name. A server
+started with --auth-tokens takes the token of --token, else ${TOKEN_ENV}: prefer the
+variable (other users can see command lines), and TLS beyond loopback.
 
 exit status:
   {EXIT_OK}    success

@@ -414,7 +414,7 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help=f"gRPC port (default {_default('port')}; 0: pick a free one)")
     p.add_argument("--metrics-port", type=_port, metavar="PORT",
                    help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0: pick a free one)")
-    p.add_argument("--metrics-host", default=_default("metrics_host"),
+    p.add_argument("--metrics-host", default=_default("metrics_host"), metavar="HOST",
                    help=f"address the plain-HTTP metrics endpoint listens on, whatever --host is "
                         f"(default {_default('metrics_host')})")
     p.add_argument("--data-root", dest="data_roots", action="append", type=Path, default=[], metavar="DIR",
@@ -448,7 +448,7 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
                    help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--auth-tokens", type=Path, metavar="FILE",
-                   help="require `authorization: Bearer TOKEN` on every call but health and reflection: a TOML "
+                   help="require `authorization: Bearer TOKEN` on every call but health checks and reflection: a TOML "
                         "file of [[token]] tables with name, role (score < label < admin) and sha256 (the "
                         "token's hex digest); re-read when it changes. Default: no auth")
     p.add_argument("--store-poll-s", type=_non_negative, default=_default("store_poll_s"), metavar="S",
