@@ -214,6 +214,7 @@ class Outcome:
     out: str
     err: str
     connects: list[tuple[str, float | None]] = field(default_factory=list)  # (target, timeout) per client made
+    tokens: list[str | None] = field(default_factory=list)  # the token each client was made with
 
 
 RunCli = Callable[..., Outcome]

@@ -11,12 +11,15 @@ from spurguard.client import cli
 def cli_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> RunCli:
     """cli_run(fake, *argv) -> Outcome; argparse exits (usage errors, --help) become the exit code."""
     monkeypatch.delenv(cli.SERVER_ENV, raising=False)
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
 
     def run(fake: FakeClient, *argv: str) -> Outcome:
         connects: list[tuple[str, float | None]] = []
+        tokens: list[str | None] = []
 
-        def factory(target: str, timeout: float | None, credentials: object) -> FakeClient:
+        def factory(target: str, timeout: float | None, credentials: object, token: str | None) -> FakeClient:
             connects.append((target, timeout))
+            tokens.append(token)
             return fake
 
         try:
@@ -24,6 +27,6 @@ def cli_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
         except SystemExit as stop:
             code = int(stop.code or 0)
         captured = capsys.readouterr()
-        return Outcome(code, captured.out, captured.err, connects)
+        return Outcome(code, captured.out, captured.err, connects, tokens)
 
     return run

@@ -61,6 +61,29 @@ def test_main_connects_to_the_env_server_with_the_timeout(cli_run: RunCli, monke
     assert fake.closed
 
 
+def test_token_from_the_flag_on_either_side_else_the_environment(
+    cli_run: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeClient(list_models=[model()], get_model=model())
+    assert cli_run(fake, "models").tokens == [None]
+    assert cli_run(fake, "--token", "before", "models").tokens == ["before"]
+    assert cli_run(fake, "models", "--token", "after").tokens == ["after"]
+    monkeypatch.setenv(cli.TOKEN_ENV, "from-env")
+    assert cli_run(fake, "models").tokens == ["from-env"]
+    assert cli_run(fake, "models", "--token", "flag").tokens == ["flag"]
+    monkeypatch.setenv(cli.TOKEN_ENV, "")
+    assert cli_run(fake, "models").tokens == [None]
+
+
+def test_the_token_stays_out_of_help_and_hints(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["models", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser({cli.TOKEN_ENV: "s3cret"}).parse_args(argv)
+        out = capsys.readouterr().out
+        assert "--token" in out and "s3cret" not in out
+    assert commands._server_option(parse("models", "--server", "h:1", "--token", "s3cret")) == "--server h:1 "
+
+
 def test_index_lists_and_repeatable_components() -> None:
     assert parse("fit", "--model", "m", "--data", "d", "--classes", "0, 3,7").classes == [0, 3, 7]
     assert parse("fit", "--model", "m", "--data", "d").classes == []

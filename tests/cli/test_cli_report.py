@@ -257,3 +257,10 @@ def test_heatmaps_come_with_the_servers_colour_scale(cli_run: RunCli, tmp_path: 
 def test_an_alpha_mean_zero_up_to_rounding_prints_as_zero(cli_run: RunCli, tmp_path: Path) -> None:
     text = _fake_report(cli_run, tmp_path, mean=-1.2e-9)
     assert text.count("<tr><th>alpha mean</th><td>0</td></tr>") == 2 and "e-09" not in text
+
+
+def test_label_commands_never_carry_the_token(cli_run: RunCli, tmp_path: Path) -> None:
+    """The pages are shared and mailed around: their copy-paste commands name the server, not the secret."""
+    text = _fake_report(cli_run, tmp_path, "--server", "h:1", "--token", "s3cret-token")
+    assert "spurguard --server h:1 label --model tiny --class 3 --component 0 --as spurious" in text
+    assert "s3cret" not in text and "--token" not in text

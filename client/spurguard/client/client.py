@@ -6,6 +6,9 @@ Why these choices:
 - Unary calls get a default deadline; read-only ones (list/get models, components, labels,
   jobs, and Score) are retried on UNAVAILABLE with exponential backoff inside that deadline.
   Mutations and streams are never retried: a retried Fit could start a second job.
+- A `token` travels as `authorization: Bearer TOKEN` metadata on every call, added by one
+  channel interceptor so that no method can forget it; over plaintext it is readable on the
+  way, so use TLS beyond loopback.
 - Every failure the server (or the transport) reports is a `SpurguardClientError` carrying
   the gRPC status code; local misuse (a wrong argument type, an unreadable file) raises the
   usual TypeError / ValueError / OSError. A bad image inside a batch is neither: it comes back
@@ -16,7 +19,8 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import grpc
@@ -73,13 +77,56 @@ def tls_credentials(
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
+def _check_token(token: str) -> str:
+    """gRPC metadata values are printable ASCII: say so here rather than fail on the first call."""
+    if not token or not all(" " < char <= "~" for char in token):
+        raise ValueError("token must be non-empty printable ASCII without spaces")
+    return token
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer TOKEN` to every call, whatever its kind."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(
+            details.method, details.timeout, [*(details.metadata or ()), self._metadata],
+            details.credentials, details.wait_for_ready, getattr(details, "compression", None),
+        )
+
+    def _intercept(self, continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+                   details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    intercept_unary_unary = intercept_unary_stream = _intercept
+    intercept_stream_unary = intercept_stream_stream = _intercept
+
+
 class Client:
     """A connection to one spurguard server; use as a context manager to close the channel.
 
     `timeout` is the deadline (seconds) of each unary call, retries included; None: no deadline.
     `stream_timeout` is that of streaming calls (fit, visualize, score_stream, evaluate), which
     may legitimately run for hours, hence no deadline by default. `retries` is how many times
-    a read-only call is retried on UNAVAILABLE.
+    a read-only call is retried on UNAVAILABLE. `token` is sent with every call, for servers
+    started with `--auth-tokens`.
     """
 
     def __init__(
@@ -90,17 +137,20 @@ class Client:
         stream_timeout: float | None = None,
         retries: int = DEFAULT_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        interceptors = [] if token is None else [_BearerToken(_check_token(token))]
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            channel = grpc.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel = grpc.intercept_channel(channel, *interceptors)
         self._stub = pb_grpc.SpurguardStub(self._channel)
         self.target = target
         self.timeout = timeout

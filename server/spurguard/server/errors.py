@@ -49,9 +49,15 @@ class Unavailable(SpurguardError):
 
 
 class PermissionDenied(SpurguardError):
-    """A path outside the server's allowed data roots."""
+    """Not allowed: a path outside the server's data roots, or a call above the token's role."""
 
     code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(SpurguardError):
+    """A call without a token, or with one the server's token file does not hold."""
+
+    code = "UNAUTHENTICATED"
 
 
 class Cancelled(SpurguardError):

@@ -20,6 +20,7 @@ from spurguard.vocab import HEATMAP_METHODS, IMAGE_SUFFIXES, LABELS, SPUFIX_MODE
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "SPURGUARD_SERVER"
+TOKEN_ENV = "SPURGUARD_TOKEN"
 CLASS_HELP = "class index or name (as in the model's classes.txt; see `spurguard models`)"
 CLASSES_HELP = "indices or names, comma-separated"
 
@@ -129,7 +130,9 @@ class _VersionAction(argparse.Action):
 
 _EPILOG = f"""\
 The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_SERVER}. --server,
---tls*, --json and --timeout may be given before or after the command name.
+--tls*, --token, --json and --timeout may be given before or after the command name. A server
+started with --auth-tokens takes the token of --token, else ${TOKEN_ENV}: prefer the
+variable (other users can see command lines), and TLS beyond loopback.
 
 exit status:
   {EXIT_OK}    success
@@ -141,8 +144,11 @@ exit status:
 """
 
 
-def _global_options(parser: argparse.ArgumentParser, server_default: str | None, for_command: bool) -> None:
-    """--server/--json/--timeout; on a command they default to SUPPRESS so the top level's stand."""
+def _global_options(
+    parser: argparse.ArgumentParser, server_default: str | None, token_default: str | None, for_command: bool
+) -> None:
+    """--server/--json/--timeout/--tls*/--token; on a command they default to SUPPRESS so the top
+    level's stand."""
     suppress = argparse.SUPPRESS
 
     def default(value: object) -> object:
@@ -175,6 +181,8 @@ def _global_options(parser: argparse.ArgumentParser, server_default: str | None,
     parser.add_argument("--tls-cert", metavar="PEM", default=default(None),
                         help="this client's certificate, for servers that require one (with --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", default=default(None), help="the private key of --tls-cert")
+    parser.add_argument("--token", metavar="TOKEN", default=default(token_default),  # never shown in --help
+                        help=f"bearer token for a server started with --auth-tokens (default: ${TOKEN_ENV})")
 
 
 def _add_view_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,8 +199,9 @@ def _add_view_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
-    """The whole command line; `environ` supplies the SPURGUARD_SERVER default."""
+    """The whole command line; `environ` supplies the SPURGUARD_SERVER and SPURGUARD_TOKEN defaults."""
     server_default = environ.get(SERVER_ENV) or DEFAULT_SERVER
+    token_default = environ.get(TOKEN_ENV) or None
     parser = argparse.ArgumentParser(
         prog="spurguard",
         description="Find and guard against harmful spurious features in image classifiers\n"
@@ -201,9 +210,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action=_VersionAction, help="print `spurguard VERSION` and exit")
-    _global_options(parser, server_default, for_command=False)
+    _global_options(parser, server_default, token_default, for_command=False)
     common = argparse.ArgumentParser(add_help=False)
-    _global_options(common, server_default, for_command=True)
+    _global_options(common, server_default, token_default, for_command=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:

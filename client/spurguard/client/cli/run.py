@@ -29,11 +29,13 @@ FORWARDED = {
     "export-triton": "spurguard.server.backends.triton_repo",
 }
 
-ClientFactory = Callable[[str, float | None, grpc.ChannelCredentials | None], Client]
+ClientFactory = Callable[[str, float | None, grpc.ChannelCredentials | None, str | None], Client]
 
 
-def connect(target: str, timeout: float | None, credentials: grpc.ChannelCredentials | None) -> Client:
-    return Client(target, timeout=timeout, credentials=credentials)
+def connect(
+    target: str, timeout: float | None, credentials: grpc.ChannelCredentials | None, token: str | None
+) -> Client:
+    return Client(target, timeout=timeout, credentials=credentials, token=token)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -93,7 +95,8 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = c
     if extra:
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        with closing(client_factory(args.server, args.timeout or None, channel_credentials(args))) as client:
+        client = client_factory(args.server, args.timeout or None, channel_credentials(args), args.token or None)
+        with closing(client):
             resolve_classes(args, client)
             return int(COMMANDS[args.command](args, client))
     except SpurguardClientError as error:

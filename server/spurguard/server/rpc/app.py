@@ -41,7 +41,7 @@ from spurguard.server.backends.builtins import model_name
 from spurguard.server.backends.device import available_cpus, resolve_device
 from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.errors import InvalidInput, SpurguardError
-from spurguard.server.rpc import inference
+from spurguard.server.rpc import auth, inference
 from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.serving.dataplane import DataPlane
 from spurguard.server.serving.jobs import JobRegistry
@@ -71,6 +71,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # plain HTTP: kept on loopback unless asked, whatever `host` is
     data_roots: tuple[Path, ...] = ()
     device: str = "auto"
     max_batch_size: int | None = None
@@ -86,6 +87,7 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: the port speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # clients must show a certificate this CA signed (mutual TLS)
+    auth_tokens: Path | None = None  # TOML of [[token]] name, role, sha256 (rpc.auth); None: no auth
 
 
 def _read_pem(path: Path, what: str) -> bytes:
@@ -145,6 +147,7 @@ class SpurguardServer:
         if not config.models and not self._backends:
             raise InvalidInput("no model to serve: give at least one --model")
         resolve_device(config.device)  # a bad --device fails now, not after the port opened
+        tokens = None if config.auth_tokens is None else auth.TokenFile(config.auth_tokens)  # a bad file fails here
         self.metrics = Metrics()
         self.store = Store(config.store)
         self._decode_pool = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="spurguard-decode")
@@ -170,6 +173,7 @@ class SpurguardServer:
 
         limit = config.max_message_mb * 2**20
         self._server = grpc.aio.server(
+            interceptors=[] if tokens is None else [auth.AuthInterceptor(tokens)],
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
@@ -205,14 +209,19 @@ class SpurguardServer:
                 log.info("TLS on%s", "; client certificates required" if config.tls_client_ca else "")
             await self._server.start()
             if config.metrics_port is not None:
-                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+                self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
         except BaseException:
             await self._server.stop(None)
             self._decode_pool.shutdown(wait=False)
             raise
         self.port = port
+        if tokens is not None:
+            log.info("auth on: %d tokens from %s", len(tokens.tokens), tokens.path)
+        exposure = auth.exposure_warning(config.host, auth=tokens is not None, tls=credentials is not None)
+        if exposure:
+            log.warning("%s", exposure)
         if self.metrics_port is not None:
-            log.info("metrics on http://%s/metrics", _address(config.host, self.metrics_port))
+            log.info("metrics on http://%s/metrics", _address(config.metrics_host, self.metrics_port))
         self._loading = asyncio.create_task(self._load_models())
 
     async def _load_models(self) -> None:
@@ -404,7 +413,10 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=_default("port"),
                    help=f"gRPC port (default {_default('port')}; 0: pick a free one)")
     p.add_argument("--metrics-port", type=_port, metavar="PORT",
-                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: pick a free one)")
+                   help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0: pick a free one)")
+    p.add_argument("--metrics-host", default=_default("metrics_host"), metavar="HOST",
+                   help=f"address the plain-HTTP metrics endpoint listens on, whatever --host is "
+                        f"(default {_default('metrics_host')})")
     p.add_argument("--data-root", dest="data_roots", action="append", type=Path, default=[], metavar="DIR",
                    help="folders Fit and Evaluate may read datasets under (repeatable); none: no dataset")
     p.add_argument("--device", default=_default("device"), help=f"auto, cpu, cuda or cuda:N (default {_default('device')})")
@@ -435,6 +447,10 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
                    help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--auth-tokens", type=Path, metavar="FILE",
+                   help="require `authorization: Bearer TOKEN` on every call but health checks and reflection: a TOML "
+                        "file of [[token]] tables with name, role (score < label < admin) and sha256 (the "
+                        "token's hex digest); re-read when it changes. Default: no auth")
     p.add_argument("--store-poll-s", type=_non_negative, default=_default("store_poll_s"), metavar="S",
                    help="how often to pick up labels and fits that other servers sharing --store made "
                         f"(default {_default('store_poll_s'):g}; 0: only this server's own)")
