@@ -469,7 +469,7 @@ def bench_triton(quick: bool) -> dict[str, object]:
                 assert triton_server is not None
                 client, backend, images = served.client, served.backend, served.images
                 served_runtime = client.get_model("efficientnet_lite0").runtime
-                direct = TritonForward(triton_server.url, TRITON_MODEL, input_size=backend.input_size,
+                direct = TritonForward(TritonSpec(triton_server.url, TRITON_MODEL), input_size=backend.input_size,
                                        feature_dim=backend.feature_dim)
                 paired = _paired_rounds(ROUNDS_QUICK if quick else ROUNDS,
                                         lambda: list(client.score_stream("efficientnet_lite0", images)),

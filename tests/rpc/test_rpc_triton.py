@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spurguard.client import Client, EvaluateResult, FitSummary, SpurguardClientError
 from spurguard.server.backends import load_model_dir
+from spurguard.server.backends.modeldir import TritonSpec
 from spurguard.server.backends.onnx_export import export_onnx
 from spurguard.server.backends.triton_forward import TritonForward
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
@@ -202,7 +203,7 @@ def test_a_mismatching_input_size_is_a_clear_error(
 
 def test_a_mismatching_feature_dim_is_a_clear_error(triton: TritonProcess) -> None:
     with pytest.raises(InvalidInput, match=rf"output 'features' is \[-1, {FEATURES}\], but the head's d"):
-        TritonForward(triton.url, TRITON_MODEL, input_size=SIZE, feature_dim=FEATURES + 1)
+        TritonForward(TritonSpec(triton.url, TRITON_MODEL), input_size=SIZE, feature_dim=FEATURES + 1)
 
 
 def test_other_weights_on_triton_are_a_clear_error(
@@ -217,12 +218,12 @@ def test_other_weights_on_triton_are_a_clear_error(
 
 def test_an_unknown_triton_model_is_not_found(triton: TritonProcess) -> None:
     with pytest.raises(NotFound, match=f"Triton model 'nope' at {triton.url}"):
-        TritonForward(triton.url, "nope", input_size=SIZE, feature_dim=FEATURES)
+        TritonForward(TritonSpec(triton.url, "nope"), input_size=SIZE, feature_dim=FEATURES)
 
 
 def test_an_unreachable_triton_is_unavailable_after_retrying() -> None:
     url = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(Unavailable, match=f"Triton at {url} is unreachable"):
-        TritonForward(url, TRITON_MODEL, input_size=SIZE, feature_dim=FEATURES, connect_timeout_s=1.0)
+        TritonForward(TritonSpec(url, TRITON_MODEL), input_size=SIZE, feature_dim=FEATURES, connect_timeout_s=1.0)
     assert 1.0 <= time.monotonic() - started < 5.0

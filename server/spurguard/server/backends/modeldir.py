@@ -34,7 +34,9 @@ MODEL_TOML = "model.toml"
 _TOP_KEYS = {"name", "backbone", "head", "classes", "preprocess", "runtime", "onnx", "triton"}
 _PREPROCESS_KEYS = {"size", "resize", "interpolation", "mean", "std"}
 _TRITON_KEYS = {"url", "model"}
+_TRITON_TLS_KEYS = ("root_certificates", "private_key", "certificate_chain")  # PEM files, grpcs:// only
 _HOST_PORT_RE = re.compile(r"^[^\s/]+:(\d{1,5})$")
+_TLS_SCHEME, _PLAIN_SCHEME = "grpcs://", "grpc://"
 # Model names end up in store paths, health-check service names and metric labels.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WNID_RE = re.compile(r"^n\d{8}$")
@@ -49,17 +51,43 @@ _PT2_PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")
 
 @dataclass(frozen=True)
 class TritonSpec:
-    """model.toml's [triton] table: the Triton server (gRPC HOST:PORT) and model that run the backbone."""
+    """model.toml's [triton] table: the Triton server and model that run the backbone.
+
+    `url` is Triton's gRPC endpoint, HOST:PORT (or grpc://HOST:PORT) in plaintext and
+    grpcs://HOST:PORT over TLS, as gRPC URIs spell it. With TLS, `root_certificates` is the CA
+    that signed Triton's certificate (default: the system's), and `private_key` with
+    `certificate_chain` are this client's own for mutual TLS.
+    """
 
     url: str
     model: str
+    root_certificates: Path | None = None
+    private_key: Path | None = None
+    certificate_chain: Path | None = None
 
     def __post_init__(self) -> None:
-        match = _HOST_PORT_RE.match(self.url)
+        match = _HOST_PORT_RE.match(self.address)
         if match is None or not 0 < int(match.group(1)) < 65536:
-            raise InvalidInput(f"'triton.url' {self.url!r} must be HOST:PORT, Triton's gRPC endpoint (no scheme)")
+            raise InvalidInput(
+                f"'triton.url' {self.url!r} must be HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS), "
+                "Triton's gRPC endpoint"
+            )
         if not _NAME_RE.match(self.model):  # a folder of the model repository
             raise InvalidInput(f"'triton.model' {self.model!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        given = [key for key in _TRITON_TLS_KEYS if getattr(self, key) is not None]
+        if given and not self.tls:
+            raise InvalidInput(f"'triton.{given[0]}' needs TLS: write the url as grpcs://{self.address}")
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise InvalidInput("give both 'triton.private_key' and 'triton.certificate_chain' (mutual TLS), or neither")
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith(_TLS_SCHEME)
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT without the scheme."""
+        return self.url.removeprefix(_TLS_SCHEME).removeprefix(_PLAIN_SCHEME)
 
 
 @dataclass(frozen=True)
@@ -120,9 +148,9 @@ def _parse_preprocess(table: Any, where: str) -> PreprocessConfig:
         raise InvalidInput(f"{where}: {error}") from None
 
 
-def _parse_triton(table: Any, where: str) -> TritonSpec:
+def _parse_triton(table: Any, root: Path, where: str) -> TritonSpec:
     _expect(table, dict, where, "'triton' must be a table ([triton])")
-    unknown = sorted(set(table) - _TRITON_KEYS)
+    unknown = sorted(set(table) - _TRITON_KEYS - set(_TRITON_TLS_KEYS))
     if unknown:
         raise InvalidInput(f"{where}: unknown key(s) in [triton]: {', '.join(unknown)}")
     for key in sorted(_TRITON_KEYS):
@@ -130,8 +158,9 @@ def _parse_triton(table: Any, where: str) -> TritonSpec:
             raise InvalidInput(f"{where}: missing required key 'triton.{key}'")
     url = _expect(table["url"], str, where, "'triton.url' must be a string HOST:PORT")
     model = _expect(table["model"], str, where, "'triton.model' must be a string")
+    pem = {key: _model_file(root, table[key], where, f"triton.{key}") for key in _TRITON_TLS_KEYS if key in table}
     try:
-        return TritonSpec(url=url, model=model)
+        return TritonSpec(url=url, model=model, **pem)
     except InvalidInput as error:
         raise InvalidInput(f"{where}: {error}") from None
 
@@ -176,7 +205,7 @@ def read_model_toml(root: str | Path) -> ModelSpec:
         preprocess=_parse_preprocess(table["preprocess"], where),
         runtime=runtime,
         onnx=_model_file(root, table["onnx"], where, "onnx") if "onnx" in table else None,
-        triton=_parse_triton(table["triton"], where) if "triton" in table else None,
+        triton=_parse_triton(table["triton"], root, where) if "triton" in table else None,
     )
 
 
@@ -198,7 +227,10 @@ def model_toml_text(spec: ModelSpec) -> str:
         "runtime": spec.runtime,
         "onnx": relative(spec.onnx),
     })
-    tables = {"preprocess": asdict(spec.preprocess), "triton": asdict(spec.triton) if spec.triton else None}
+    triton = None if spec.triton is None else {
+        **asdict(spec.triton), **{key: relative(getattr(spec.triton, key)) for key in _TRITON_TLS_KEYS}
+    }
+    tables = {"preprocess": asdict(spec.preprocess), "triton": triton}
     for key, table in tables.items():
         if table is not None:
             lines += ["", f"[{key}]", *entries(table)]

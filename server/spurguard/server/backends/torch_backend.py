@@ -210,9 +210,7 @@ class TorchBackend:
         assert self.triton is not None
         if requested not in (None, "auto", "triton"):
             log.info("model %s: runtime %s not used: its [triton] section runs the backbone", self.name, requested)
-        forward = TritonForward(
-            self.triton.url, self.triton.model, input_size=self.input_size, feature_dim=self.feature_dim
-        )
+        forward = TritonForward(self.triton, input_size=self.input_size, feature_dim=self.feature_dim)
         deviation = feature_deviation(forward, TorchForward(self.module, self.torch_device), self.input_size)
         trial = RuntimeTrial("triton", deviation, deviation <= FEATURE_TOLERANCE, None)
         require_equal(trial, f"{self.source} ({forward.where})", "serve the same weights as the model's backbone")

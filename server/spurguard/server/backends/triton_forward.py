@@ -12,12 +12,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from spurguard.server.backends.modeldir import TritonSpec
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger("spurguard.server")
@@ -43,6 +45,12 @@ def _unavailable(error: InferenceServerException) -> bool:
     return error.status() in _UNREACHABLE
 
 
+def _pem_files(spec: TritonSpec) -> dict[str, Path | None]:
+    """The TLS files under tritonclient's names for them (read by the client; None: not given)."""
+    return {"root_certificates": spec.root_certificates, "private_key": spec.private_key,
+            "certificate_chain": spec.certificate_chain}
+
+
 class TritonForward:
     """ModelInfer of one Triton model: float32 [N,3,S,S] in, float32 [N,d] out, a batch per request
     (split only where Triton's max_batch_size is smaller)."""
@@ -53,14 +61,19 @@ class TritonForward:
     batches_in_flight = 4
 
     def __init__(
-        self, url: str, model: str, *, input_size: int, feature_dim: int, connect_timeout_s: float = CONNECT_TIMEOUT_S
+        self, spec: TritonSpec, *, input_size: int, feature_dim: int, connect_timeout_s: float = CONNECT_TIMEOUT_S
     ) -> None:
         """Wait (bounded) for Triton and the model to be ready, then check its one input and
         output against the model's input size and the head's d."""
-        self.url = url
-        self.model = model
-        self.where = f"Triton model {model!r} at {url}"
-        self.client = triton.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+        self.url = spec.url
+        self.model = model = spec.model
+        self.where = f"Triton model {model!r} at {spec.url}"
+        self.client = triton.InferenceServerClient(
+            spec.address,
+            channel_args=_CHANNEL_ARGS,
+            ssl=spec.tls,
+            **{key: None if path is None else str(path) for key, path in _pem_files(spec).items()},
+        )
         metadata = self._wait_ready(connect_timeout_s)
         config = self._call(lambda: self.client.get_model_config(model)).config
         self.batch_limit = int(config.max_batch_size)
