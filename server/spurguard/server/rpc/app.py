@@ -406,7 +406,8 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=_port, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: pick a free one)")
     p.add_argument("--data-root", dest="data_roots", action="append", type=Path, default=[], metavar="DIR",
-                   help="folders Fit and Evaluate may read datasets under (repeatable); none: no dataset")
+                   help="folders Fit and Evaluate may read datasets under, and Visualize fit images (repeatable); "
+                        "a symlink leading out of them is refused; none: no dataset")
     p.add_argument("--device", default=_default("device"), help=f"auto, cpu, cuda or cuda:N (default {_default('device')})")
     p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=_default("runtime"),
                    help="where forward-only work (fit, score, evaluate) runs; auto: the fastest installed runtime "
