@@ -10,6 +10,7 @@ import pytest
 
 from spurguard.server.errors import Cancelled, InvalidInput, NotFound, PermissionDenied, ResourceExhausted
 from spurguard.server.serving.paths import DataRoots
+from spurguard.server.rpc.health import Health
 from spurguard.server.rpc.status import status_of
 
 
@@ -107,3 +108,8 @@ def test_a_file_of_a_folder_outside_the_roots_is_refused_as_outside(layout: tupl
     (outside / "a.png").write_bytes(b"image")
     with pytest.raises(PermissionDenied, match=r"a.png' is outside the server's data roots"):
         DataRoots([root]).read(outside / "a.png")
+
+
+def test_no_model_may_take_the_liveness_health_name() -> None:
+    with pytest.raises(InvalidInput, match="may not be named 'liveness'"):
+        Health(["", "liveness"])
