@@ -17,11 +17,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from spurguard.client import Client, FitSummary, SpurguardClientError, TopImage
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
-from rpc_support import random_png
+from rpc_support import one_thread_server, random_png
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "visualize"))
 from visualize_support import PlantedCNN, make_backend, write_dataset  # noqa: E402
@@ -40,15 +39,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(root: Path) -> Iterator[BackgroundServer]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the test machines share two cores
     config = ServerConfig(models=(), store=root / "store", port=0, data_roots=(root / "data",), device="cpu",
                           grace_s=2.0)
-    try:
-        with BackgroundServer(config, backends=[make_backend(PlantedCNN())]) as running:
-            yield running
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_server(config, [make_backend(PlantedCNN())]) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
