@@ -72,7 +72,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(root: Path) -> Iterator[str]:
     """`spurguard serve --port 0`; yields HOST:PORT once it prints its ready line."""
     command = [str(SCRIPT), "serve", "--model", str(root / "model"), "--store", str(root / "store"), "--port", "0",
-               "--device", "cpu", "--data-root", str(root / "data")]
+               "--device", "cpu", "--data-root", str(root / "data"), "--drain-delay-s", "0"]
     with open(root / "server.log", "w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=ENV)
     try:

@@ -5,7 +5,10 @@ uses np.cov + np.linalg.eigh: what the streaming, spilling, threaded pipeline mu
 """
 from __future__ import annotations
 
+import os
+import shutil
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +19,11 @@ from torch import nn
 
 from spurguard.server.backends import PreprocessConfig, TorchBackend
 from spurguard.server.engine import roc_auc, softmax
-from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput
+from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput, PermissionDenied
 from spurguard.server.serving.evaluation import run_evaluate
 from spurguard.server.serving.fitting import FitProgress, run_fit
 from spurguard.server.serving.guard import Guard
+from spurguard.server.serving.paths import DataRoots
 from spurguard.server.store import Store
 
 SIZE, DIM, CLASSES, PER_CLASS, COMPONENTS = 12, 10, 3, 14, 4
@@ -159,6 +163,28 @@ def test_fit_input_errors(backend: TorchBackend, dataset: Path, tmp_path: Path) 
         run_fit(backend, store, dataset, num_components=0)
     with pytest.raises(FailedPrecondition, match="no fit to extend"):
         run_fit(backend, store, dataset, classes=[0], extend=True)
+
+
+def test_a_file_turned_into_a_link_out_of_the_roots_mid_fit_stops_it(
+    backend: TorchBackend, dataset: Path, tmp_path: Path
+) -> None:
+    """Unlike an unreadable file (skipped), a link out of the data roots read during the fit is
+    refused and ends the fit: the dataset is being changed under the server."""
+    copy = tmp_path / "data" / "train"
+    shutil.copytree(dataset, copy)
+    (tmp_path / "secret.png").write_bytes((dataset / "cat" / "img000.png").read_bytes())
+    swapped = copy / "cat" / "img003.png"
+
+    class SwapAfterListing(DataRoots):
+        def check_listing(self, paths: Iterable[Path]) -> None:
+            super().check_listing(paths)
+            swapped.unlink()
+            os.symlink(tmp_path / "secret.png", swapped)
+
+    store = Store(tmp_path / "store")
+    with pytest.raises(PermissionDenied, match=f"{swapped}.* leads outside"):
+        run_fit(backend, store, copy, num_components=COMPONENTS, roots=SwapAfterListing([tmp_path / "data"]))
+    assert store.current_fit_id("tiny", backend.digest) is None
 
 
 def test_guard_decomposes_exactly_and_fixes(backend: TorchBackend, dataset: Path, fitted) -> None:

@@ -1,17 +1,22 @@
 """Shared by the rpc tests: a gate that holds a backbone's forward pass mid-run (disconnect,
-cancel) and counts the passes, a scrape of the metrics endpoint, and small PNGs."""
+cancel) and counts the passes, a scrape of the metrics endpoint, small PNGs, and an in-process
+server on one torch thread."""
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import urllib.request
-
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from spurguard.server.backends import Backend
+from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 
 
 class Gated(nn.Module):
@@ -69,3 +74,16 @@ def write_data_root(root: Path, classes: int, per_class: int, spurious: int) -> 
     for i in range(spurious):
         (folder / f"s{i}.png").write_bytes(random_png(rng))
     return root
+
+
+@contextlib.contextmanager
+def one_thread_server(config: ServerConfig, backends: Sequence[Backend]) -> Iterator[BackgroundServer]:
+    """A BackgroundServer with torch on one thread while it runs: the tests' tensors are tiny and
+    the test machines share two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with BackgroundServer(config, backends=backends) as running:
+            yield running
+    finally:
+        torch.set_num_threads(threads)

@@ -293,6 +293,6 @@ def test_a_loading_model_is_not_ready_and_unavailable(tmp_path: Path) -> None:
             await client.close()
         finally:
             module.gate.set()
-            await server.stop(0)
+            await server.stop(0, drain_delay=0)
 
     asyncio.run(check())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import queue
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +31,8 @@ import safetensors.torch
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2 as oip_pb
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from spurguard.client import Client, FitProgress, FitSummary, SpurguardClientError
 from spurguard.server.backends import PreprocessConfig, TorchBackend, load_model
@@ -40,6 +42,7 @@ from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc import servicer as servicer_module
 from spurguard.server.serving.dataplane import DataPlane
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig, SpurguardServer, build_parser, main
+from spurguard.server.rpc.process import ServerProcess
 from spurguard.server.store import Store
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
@@ -203,12 +206,15 @@ def test_list_and_get_model(client: Client, fitted) -> None:  # noqa: ANN001
 def test_health_per_model_and_reflection(server: BackgroundServer) -> None:
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "tiny", "gated"):
+        for service in ("", "spurguard.v1.Spurguard", "liveness", "tiny", "gated"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING, service
         with pytest.raises(grpc.RpcError) as caught:
             health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
         assert caught.value.code() == CODE.NOT_FOUND
+        unknown = health.Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN  # it may appear later
+        unknown.cancel()
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         (reply,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=5))
@@ -228,9 +234,12 @@ def test_health_is_not_serving_until_the_model_is_warm(tmp_path: Path) -> None:
                 health = health_pb2_grpc.HealthStub(channel)
 
                 async def statuses() -> list[int]:
-                    return [(await health.Check(health_pb2.HealthCheckRequest(service=s))).status for s in ("", "gated")]
+                    names = ("", "spurguard.v1.Spurguard", "gated")
+                    return [(await health.Check(health_pb2.HealthCheckRequest(service=s))).status for s in names]
 
-                assert await statuses() == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+                assert await statuses() == [health_pb2.HealthCheckResponse.NOT_SERVING] * 3
+                live = await health.Check(health_pb2.HealthCheckRequest(service="liveness"))
+                assert live.status == health_pb2.HealthCheckResponse.SERVING  # alive while it loads
                 stub = pb_grpc.SpurguardStub(channel)
                 assert not (await stub.GetModel(pb.GetModelRequest(model="gated"))).ready
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -238,10 +247,10 @@ def test_health_is_not_serving_until_the_model_is_warm(tmp_path: Path) -> None:
                 assert caught.value.code() == CODE.UNAVAILABLE and "loading" in caught.value.details()
                 module.gate.set()
                 await asyncio.wait_for(server.wait_ready(), 20)
-                assert await statuses() == [health_pb2.HealthCheckResponse.SERVING] * 2
+                assert await statuses() == [health_pb2.HealthCheckResponse.SERVING] * 3
         finally:
             module.gate.set()
-            await server.stop(0)
+            await server.stop(0, drain_delay=0)
 
     asyncio.run(check())
 
@@ -573,28 +582,136 @@ def test_bad_arguments_and_models_fail_fast(model_dir: Path, tmp_path: Path, cap
     assert "failed to load" in err and "backbone.pt" in err
 
 
-def test_sigterm_drains_in_flight_calls_and_exits_0(model_dir: Path, tmp_path: Path) -> None:
+DRAIN_DELAY_S, GRACE_S = 1.5, 10.0
+
+
+class _Watch(threading.Thread):
+    """A health Watch of one service name on its own channel: (monotonic time, status) of each
+    message, until the server ends the stream (`ended`: its status code)."""
+
+    def __init__(self, address: str, service: str) -> None:
+        super().__init__(daemon=True)
+        self.address, self.service = address, service
+        self.seen: list[tuple[float, int]] = []
+        self.ended: grpc.StatusCode | None = None
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=self.service))
+            try:
+                for reply in call:
+                    self.seen.append((time.monotonic(), reply.status))
+            except grpc.RpcError:
+                pass
+            self.ended = call.code()
+
+    def first(self, status: int) -> float:
+        return next(t for t, seen in self.seen if seen == status)
+
+
+def _score_until_refused(address: str, image: bytes, calls: list[tuple[float, float, grpc.StatusCode]]) -> None:
+    """Score one image after another until a call is refused: (start, end, code) of each."""
+    request = pb.ScoreRequest(model="tiny", images=[pb.Image(id="x", encoded=image)])
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.SpurguardStub(channel)
+        while True:
+            started = time.monotonic()
+            try:
+                stub.Score(request, timeout=10)
+                code = CODE.OK
+            except grpc.RpcError as error:
+                code = error.code()
+            calls.append((started, time.monotonic(), code))
+            if code != CODE.OK:
+                return
+
+
+def test_sigterm_drains_readiness_first_then_calls_then_exits_0(model_dir: Path, tmp_path: Path) -> None:
+    """The drain timeline (SPEC §3), measured with health Watches and a client that keeps calling:
+    readiness NOT_SERVING at once, liveness SERVING and calls answered for the drain delay, then
+    new calls refused while an open ScoreStream still finishes, and the process exits 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # a 1.5 s batching delay keeps a lone Score call in flight while SIGTERM arrives
-    command = [sys.executable, "-m", "spurguard.server.rpc.app", "--model", str(model_dir), "--store",
-               str(tmp_path / "store"), "--port", "0", "--device", "cpu", "--max-delay-ms", "1500", "--grace-s", "10"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = process.stdout.readline()
-        assert line.startswith("spurguard serving on 127.0.0.1:"), line + process.stderr.read()
-        address = line.split()[-1]
-        with Client(address) as c, ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(c.score, "tiny", _images(11, 1))
+    args = ["--model", str(model_dir), "--store", str(tmp_path / "store"), "--device", "cpu",
+            "--drain-delay-s", str(DRAIN_DELAY_S), "--grace-s", str(GRACE_S)]
+    (_, image), = _images(11, 1)
+    calls: list[tuple[float, float, grpc.StatusCode]] = []
+    streamed: queue.Queue[pb.ScoreStreamRequest | None] = queue.Queue()
+    with open(tmp_path / "server.log", "w") as log, ServerProcess(args, stderr=log.fileno(), env=env) as server:
+        watches = {service: _Watch(server.target, service) for service in ("", "liveness")}
+        for watch in watches.values():
+            watch.start()
+        with grpc.insecure_channel(server.target) as channel, ThreadPoolExecutor(1) as pool:
+            stream = pb_grpc.SpurguardStub(channel).ScoreStream(iter(streamed.get, None), timeout=60)
+            streamed.put(pb.ScoreStreamRequest(request_id="before", model="tiny", image=pb.Image(id="a", encoded=image)))
+            assert next(stream).request_id == "before"
+            assert all(watch.seen[-1][1] == health_pb2.HealthCheckResponse.SERVING for watch in watches.values())
+            looping = pool.submit(_score_until_refused, server.target, image, calls)
+            time.sleep(0.3)
+            signalled = time.monotonic()
+            os.kill(server.process.pid, signal.SIGTERM)
             time.sleep(0.5)
-            process.send_signal(signal.SIGTERM)
-            (result,) = in_flight.result(timeout=20)
-        assert result.error is None and result.predictions
-        assert process.wait(timeout=20) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert "server stopped" in process.stderr.read()
+            health = health_pb2_grpc.HealthStub(channel)
+            statuses = [health.Check(health_pb2.HealthCheckRequest(service=s), timeout=5).status
+                        for s in ("", "spurguard.v1.Spurguard", "tiny", "liveness")]
+            assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING] * 3 + [health_pb2.HealthCheckResponse.SERVING]
+            oip = oip_grpc.GRPCInferenceServiceStub(channel)
+            assert oip.ServerLive(oip_pb.ServerLiveRequest(), timeout=5).live
+            assert not oip.ServerReady(oip_pb.ServerReadyRequest(), timeout=5).ready
+            looping.result(timeout=DRAIN_DELAY_S + 10)
+            streamed.put(pb.ScoreStreamRequest(request_id="after", model="tiny", image=pb.Image(id="b", encoded=image)))
+            after = next(stream)  # in flight when new calls were refused: it keeps being answered
+            streamed.put(None)
+            assert list(stream) == [] and stream.code() == CODE.OK
+            closed = time.monotonic()
+        assert server.process.wait(timeout=GRACE_S) == 0
+        exited = time.monotonic()
+    for watch in watches.values():
+        watch.join(timeout=5)
+    assert after.request_id == "after" and after.result.predictions and not after.result.HasField("error")
+
+    ready, live = watches[""], watches["liveness"]
+    assert ready.first(health_pb2.HealthCheckResponse.NOT_SERVING) - signalled < 0.5
+    assert live.first(health_pb2.HealthCheckResponse.NOT_SERVING) - signalled >= DRAIN_DELAY_S * 0.95
+    assert ready.ended == live.ended == CODE.OK  # the server ends Watch streams: they hold no drain up
+    answered = [end for start, end, code in calls if code == CODE.OK and start > signalled]
+    (first_refused, _, code), = [call for call in calls if call[2] != CODE.OK]
+    assert code == CODE.UNAVAILABLE
+    assert max(answered) - signalled >= DRAIN_DELAY_S * 0.8  # calls answered through the drain delay
+    assert DRAIN_DELAY_S * 0.95 <= first_refused - signalled < DRAIN_DELAY_S + 1.0  # then refused
+    assert exited - signalled < DRAIN_DELAY_S + GRACE_S and exited - closed < 3.0  # drained, not timed out
+    assert "server stopped" in (tmp_path / "server.log").read_text()
+
+
+def test_a_second_sigterm_ends_the_drain_delay(model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--model", str(model_dir), "--store", str(tmp_path / "store"), "--device", "cpu", "--drain-delay-s", "60"]
+    with ServerProcess(args, env=env) as server, Client(server.target) as c:
+        os.kill(server.process.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        assert c.score("tiny", _images(12, 1))[0].error is None  # still answered, in the drain delay
+        signalled = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=20) == 0
+        assert time.monotonic() - signalled < 5.0
+
+
+def test_a_server_stopped_before_it_was_ready_has_no_drain_delay(tmp_path: Path) -> None:
+    """No load balancer routes to a server that never was ready: nothing to wait for."""
+    backend, module = _gated_backend()
+    module.gate.clear()  # warm-up waits here
+
+    async def stop_while_loading() -> float:
+        server = SpurguardServer(ServerConfig(models=(), store=tmp_path, port=0, device="cpu", drain_delay_s=30),
+                                 backends=[backend])
+        await server.start()
+        started = time.monotonic()
+        try:
+            await server.stop(0)
+        finally:
+            module.gate.set()
+        return time.monotonic() - started
+
+    assert asyncio.run(stop_while_loading()) < 5.0
 
 
 def test_stop_cancels_running_jobs_and_leaves_a_resumable_fit(data: Path, tmp_path: Path) -> None:

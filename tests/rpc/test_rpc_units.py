@@ -10,6 +10,7 @@ import pytest
 
 from spurguard.server.errors import Cancelled, InvalidInput, NotFound, PermissionDenied, ResourceExhausted
 from spurguard.server.serving.paths import DataRoots
+from spurguard.server.rpc.health import Health
 from spurguard.server.rpc.status import status_of
 
 
@@ -64,3 +65,51 @@ def test_no_roots_means_no_datasets(layout: tuple[Path, Path]) -> None:
         DataRoots([]).resolve(str(layout[0] / "train"))
     with pytest.raises(InvalidInput):
         DataRoots([layout[0]]).resolve("")
+
+
+def test_reading_a_file_under_the_roots(layout: tuple[Path, Path]) -> None:
+    root, _ = layout
+    image = root / "train" / "0" / "a.png"
+    image.write_bytes(b"0123456789ab")
+    roots = DataRoots([root])
+    assert roots.read(image) == b"0123456789ab"
+    with pytest.raises(NotFound, match="does not exist any more"):
+        roots.read(image.with_name("gone.png"))
+    with pytest.raises(ResourceExhausted, match="12 bytes, over the limit of 10"):
+        roots.read(image, max_bytes=10)
+
+
+def test_a_file_turned_into_a_link_between_check_and_open_is_refused(
+    layout: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file opened is the file checked: its real path is opened without following a link, so
+    one swapped in after the check (even one that stays inside) is refused, not followed."""
+    root, outside = layout
+    image, secret = root / "train" / "0" / "a.png", outside / "secret.png"
+    image.write_bytes(b"image")
+    secret.write_bytes(b"secret")
+    roots = DataRoots([root])
+    checked = roots.real_path
+
+    def check_then_swap(path: Path, what: str = "dataset file") -> Path:
+        real = checked(path, what)
+        image.unlink()
+        os.symlink(secret, image)
+        return real
+
+    monkeypatch.setattr(roots, "real_path", check_then_swap)
+    with pytest.raises(PermissionDenied, match="turned into a link while it was being read"):
+        roots.read(image)
+
+
+def test_a_file_of_a_folder_outside_the_roots_is_refused_as_outside(layout: tuple[Path, Path]) -> None:
+    """Say a fit made by a server with other roots: the file is no link, so the message says where it is."""
+    root, outside = layout
+    (outside / "a.png").write_bytes(b"image")
+    with pytest.raises(PermissionDenied, match=r"a.png' is outside the server's data roots"):
+        DataRoots([root]).read(outside / "a.png")
+
+
+def test_no_model_may_take_the_liveness_health_name() -> None:
+    with pytest.raises(InvalidInput, match="may not be named 'liveness'"):
+        Health(["", "liveness"])

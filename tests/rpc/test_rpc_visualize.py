@@ -31,7 +31,7 @@ from spurguard.server.visualize import default_eps
 from spurguard.server.visualize.heatmap import default_gradcam_layer
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
-from rpc_support import Gated, scrape_metrics
+from rpc_support import Gated, one_thread_server, scrape_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "visualize"))
 from visualize_support import SIZE, PlantedCNN, make_backend, write_dataset, write_model_dir  # noqa: E402
@@ -82,8 +82,6 @@ def gated_module() -> GatedPlanted:
 
 @pytest.fixture(scope="module")
 def server(root: Path, patched_ids: list[str], gated_module: GatedPlanted) -> Iterator[BackgroundServer]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the test machines share two cores
     config = ServerConfig(
         models=(str(write_model_dir(root / "model")),),
         store=root / "store",
@@ -94,11 +92,8 @@ def server(root: Path, patched_ids: list[str], gated_module: GatedPlanted) -> It
         grace_s=2.0,
     )
     backends = [make_backend(gated_module, "eager", "1" * 64), ForwardOnly(make_backend(PlantedCNN(), "plain"))]
-    try:
-        with BackgroundServer(config, backends=backends) as running:
-            yield running
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_server(config, backends) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Top fit images by alpha, and reading them back from the dataset root without escaping it."""
+"""Top fit images by alpha, their paths under the dataset root (never escaping it), and thumbnails."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spurguard.server.backends import ImageLimits, TorchBackend
+from spurguard.server.backends import TorchBackend
 from spurguard.server.engine import ClassComponents
-from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
+from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
 from spurguard.server.visualize import (
     TopImage,
     fit_image_path,
-    load_fit_images,
-    read_fit_image,
     thumbnail_pngs,
     top_images,
 )
@@ -63,15 +61,8 @@ def test_ids_that_escape_the_root_are_rejected(tmp_path: Path, image_id: str) ->
         fit_image_path(tmp_path, image_id)
 
 
-def test_reading_fit_images(tmp_path: Path) -> None:
-    (tmp_path / "0").mkdir()
-    Image.fromarray(probe_image(0)).save(tmp_path / "0" / "a.png")
+def test_fit_image_paths_lie_under_the_root(tmp_path: Path) -> None:
     assert fit_image_path(tmp_path, "0/a.png") == tmp_path / "0" / "a.png"
-    assert read_fit_image(tmp_path, "0/a.png") == (tmp_path / "0" / "a.png").read_bytes()
-    with pytest.raises(NotFound, match="not in"):
-        read_fit_image(tmp_path, "0/missing.png")
-    with pytest.raises(ResourceExhausted, match="over the limit of 10"):
-        read_fit_image(tmp_path, "0/a.png", ImageLimits(max_bytes=10))
 
 
 def test_thumbnails_are_the_model_crop(tmp_path: Path, backend: TorchBackend) -> None:
@@ -79,7 +70,7 @@ def test_thumbnails_are_the_model_crop(tmp_path: Path, backend: TorchBackend) ->
     images = [probe_image(seed) for seed in range(2)]
     for seed, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / "0" / f"{seed}.png")
-    inputs = load_fit_images(backend, tmp_path, ["0/0.png", "0/1.png"])
+    inputs = backend.preprocess([fit_image_path(tmp_path, f"0/{seed}.png").read_bytes() for seed in range(2)])
     assert inputs.shape == (2, 3, SIZE, SIZE)
     for png, image in zip(thumbnail_pngs(inputs, backend.preprocess_config), images):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), image)  # size = resize: no scaling

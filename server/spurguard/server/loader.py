@@ -4,19 +4,22 @@ Decoding runs in a background thread so that it overlaps the model's forward pas
 the GIL while it decodes and resizes). It stops at uint8 crops; the thread that runs the model
 normalises them, so that no torch op competes with the forward pass for the cores. An unreadable
 image is skipped and reported, not fatal: one corrupt file must not throw away an hour-long fit.
+A file that `read` refuses (PermissionDenied: it leads out of the data roots) is fatal: someone
+is changing the dataset under the server, which is not a corrupt file to shrug off.
 """
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from spurguard.server.datasets import ImageEntry
-from spurguard.server.errors import SpurguardError
+from spurguard.server.errors import PermissionDenied, SpurguardError
 
 
 class Preprocessor(Protocol):
@@ -40,14 +43,19 @@ class Batch:
     skipped: list[tuple[ImageEntry, str]] = field(default_factory=list)
 
 
-def _prepare(entries: Sequence[ImageEntry], backend: Preprocessor) -> Batch:
+Reader = Callable[[Path], bytes]  # a file's bytes, from a reader that checks where it is (DataRoots.read)
+
+
+def _prepare(entries: Sequence[ImageEntry], backend: Preprocessor, read: Reader) -> Batch:
     good: list[ImageEntry] = []
     crops: list[np.ndarray] = []
     skipped: list[tuple[ImageEntry, str]] = []
     for entry in entries:
         try:
-            crops.append(backend.decode_crop(entry.path.read_bytes()))
+            crops.append(backend.decode_crop(read(entry.path)))
             good.append(entry)
+        except PermissionDenied:
+            raise
         except (OSError, SpurguardError) as error:
             skipped.append((entry, str(error)))
     return Batch(good, crops, skipped)
@@ -58,19 +66,22 @@ def iter_batches(
     backend: Preprocessor,
     batch_size: int,
     cancel: threading.Event | None = None,
+    *,
+    read: Reader,
 ) -> Iterator[Batch]:
-    """Yield batches of `entries` in order; stops early (without error) once `cancel` is set."""
+    """Yield batches of `entries` (each file's bytes from `read`) in order; stops early (without
+    error) once `cancel` is set."""
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     slices = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spurguard-decode") as pool:
-        pending: Future[Batch] | None = pool.submit(_prepare, slices[0], backend) if slices else None
+        pending: Future[Batch] | None = pool.submit(_prepare, slices[0], backend, read) if slices else None
         for next_slice in slices[1:] + [None]:
             if cancel is not None and cancel.is_set():
                 return
             assert pending is not None
             batch = pending.result()
-            pending = pool.submit(_prepare, next_slice, backend) if next_slice is not None else None
+            pending = pool.submit(_prepare, next_slice, backend, read) if next_slice is not None else None
             yield batch
 
 
@@ -79,9 +90,11 @@ def iter_features(
     backend: FeatureExtractor,
     batch_size: int,
     cancel: threading.Event | None = None,
+    *,
+    read: Reader,
 ) -> Iterator[tuple[Batch, torch.Tensor]]:
     """(batch, phi of its readable images [n, d]) for `entries` in order; decoding overlaps the forward."""
-    for batch in iter_batches(entries, backend, batch_size, cancel):
+    for batch in iter_batches(entries, backend, batch_size, cancel, read=read):
         if batch.entries:
             yield batch, backend.features(backend.stack_crops(batch.crops))
         else:

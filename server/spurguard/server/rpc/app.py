@@ -2,12 +2,14 @@
 Protocol's service (rpc.inference) on one port, health, reflection, metrics, limits and graceful
 shutdown.
 
-Lifecycle (KServe / Triton style): the port opens at once with every health status NOT_SERVING;
-models load and warm up in the background, each turning SERVING when ready, then the server
-("") does and one line `spurguard serving on HOST:PORT` goes to stdout. On SIGTERM / SIGINT:
-health NOT_SERVING (load balancers stop routing), running fit jobs are cancelled (their finished
-classes stay in the store, resumable), no new calls are accepted, in-flight calls get the grace
-period to finish, then the process exits 0.
+Lifecycle (KServe / Triton style): the port opens at once with health `liveness` SERVING and
+every readiness name NOT_SERVING; models load and warm up in the background, each turning
+SERVING when ready, then the server ("" and spurguard.v1.Spurguard) does and one line
+`spurguard serving on HOST:PORT` goes to stdout. On SIGTERM / SIGINT: readiness NOT_SERVING at
+once (load balancers stop routing) and running fit jobs are cancelled (their finished classes
+stay in the store, resumable), while calls are still answered for the drain delay (a second
+signal ends it early); then no new calls are accepted, in-flight calls get the grace period to
+finish, and the process exits 0.
 
 Public builder API (tests, the demo, notebooks):
     config = ServerConfig(models=("path/to/model_dir",), store=Path("store"), port=0)
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
@@ -42,6 +45,7 @@ from spurguard.server.backends.device import available_cpus, resolve_device
 from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.errors import InvalidInput, SpurguardError
 from spurguard.server.rpc import auth, inference
+from spurguard.server.rpc.health import Health
 from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.serving.dataplane import DataPlane
 from spurguard.server.serving.jobs import JobRegistry
@@ -58,8 +62,6 @@ log = logging.getLogger("spurguard.server")
 REMOTE_HEALTH_POLL_S = 1.0  # how often the health of Triton-served models follows Triton's readiness
 MIN_MESSAGE_MB = 64  # the documented limit clients rely on (spurguard.client.MAX_MESSAGE_BYTES)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Spurguard"].full_name
-_SERVING = health_pb2.HealthCheckResponse.SERVING
-_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class ServerConfig:
     spufix_default: SpufixModeName = "floor"
     max_message_mb: int = MIN_MESSAGE_MB
     grace_s: float = 10.0
+    drain_delay_s: float = 5.0  # on SIGTERM, calls are still answered this long after readiness turns NOT_SERVING
     max_request_images: int = 1024
     fit_workers: int = 1
     store_poll_s: float = 2.0
@@ -126,13 +129,15 @@ class SpurguardServer:
         self.port: int | None = None  # set once the port is open
         self.metrics_port: int | None = None
         self._stopped = False
+        self._ready = False  # every model loaded once: from then on load balancers may route here
+        self._delay_over = asyncio.Event()  # set early by a second SIGTERM (end_drain_delay)
         self._following: asyncio.Task[None] | None = None
         # The rest is built by start(), inside the event loop it will run on.
         self.metrics: Metrics
         self.store: Store
         self.models: ModelRegistry
         self.jobs: JobRegistry
-        self.health: health.aio.HealthServicer
+        self.health: Health
 
     @property
     def address(self) -> str:
@@ -167,9 +172,7 @@ class SpurguardServer:
         ]
         self.models = ModelRegistry(served)
         self.jobs = JobRegistry(asyncio.get_running_loop(), workers=config.fit_workers)
-        self.health = health.aio.HealthServicer()
-        for name in ["", *(m.name for m in self.models)]:
-            await self.health.set(name, _NOT_SERVING)
+        self.health = Health(["", SERVICE_NAME, *(m.name for m in self.models)])
 
         limit = config.max_message_mb * 2**20
         self._server = grpc.aio.server(
@@ -228,8 +231,10 @@ class SpurguardServer:
         for model in self.models:
             seconds = await model.start()
             log.info("model %s ready (loaded and warmed up in %.1f s)", model.name, seconds)
-            await self.health.set(model.name, _SERVING)
-        await self.health.set("", _SERVING)
+            self.health.set_ready(model.name, True)
+        self.health.set_ready("", True)
+        self.health.set_ready(SERVICE_NAME, True)
+        self._ready = True
         remote = [model for model in self.models if await asyncio.to_thread(model.remote_ready) is not None]
         if remote:
             self._following = asyncio.create_task(self._follow_remote_health(remote))
@@ -244,23 +249,37 @@ class SpurguardServer:
                 if ready != model.remote_serving:
                     model.remote_serving = ready
                     log.warning("model %s: its Triton server is %s", model.name, "back" if ready else "not ready")
-                    await self.health.set(model.name, _SERVING if ready else _NOT_SERVING)
+                    self.health.set_ready(model.name, ready)
 
     async def wait_ready(self) -> None:
         """Until every model is loaded and warmed up; raises the error of a model that failed to."""
         await asyncio.shield(self._loading)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown (idempotent): NOT_SERVING, cancel jobs, drain calls for `grace` seconds."""
+    def end_drain_delay(self) -> None:
+        """Stop answering new calls now rather than at the end of the drain delay (a second SIGTERM)."""
+        self._delay_over.set()
+
+    async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
+        """Graceful shutdown (idempotent): readiness NOT_SERVING and fit jobs cancelled at once;
+        calls still answered for `drain_delay` seconds (none if the server never was ready: no
+        load balancer routes to it), then refused, and in-flight ones drained for `grace`
+        seconds. None: the config's."""
         if self._stopped or self.port is None:
             return
         self._stopped = True
         grace = self.config.grace_s if grace is None else grace
-        await self.health.enter_graceful_shutdown()
+        drain_delay = self.config.drain_delay_s if drain_delay is None else drain_delay
+        self.health.drain()
         self._loading.cancel()
         if self._following is not None:
             self._following.cancel()
         jobs_done = asyncio.create_task(self.jobs.shutdown())
+        if self._ready and drain_delay > 0:
+            log.info("draining: readiness NOT_SERVING, new calls still answered for %.1f s", drain_delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._delay_over.wait(), drain_delay)
+        log.info("refusing new calls; in-flight ones may take %.1f s", grace)
+        self.health.close()
         await self._server.stop(grace)
         await jobs_done
         for model in self.models:
@@ -280,8 +299,16 @@ async def serve(config: ServerConfig) -> int:
         return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+
+    def on_signal() -> None:
+        if stop.is_set():
+            server.end_drain_delay()  # a second signal: refuse new calls now (in-flight ones still drain)
+        else:
+            stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     stopping = asyncio.create_task(stop.wait())
     ready = asyncio.create_task(server.wait_ready())
     try:
@@ -296,7 +323,7 @@ async def serve(config: ServerConfig) -> int:
             return 1
         print(f"spurguard serving on {server.address}", flush=True)
         await stopping
-        log.info("shutting down (grace %.1f s)", config.grace_s)
+        log.info("shutting down (drain delay %.1f s, grace %.1f s)", config.drain_delay_s, config.grace_s)
         return 0
     finally:
         ready.cancel()
@@ -348,11 +375,14 @@ class BackgroundServer:
         await self.server.start()
         await self.server.wait_ready()
 
-    def stop(self, grace: float | None = None) -> None:
-        """Graceful stop (see SpurguardServer.stop), then end the loop thread; idempotent."""
+    def stop(self, grace: float | None = None, drain_delay: float | None = 0.0) -> None:
+        """Graceful stop (see SpurguardServer.stop), then end the loop thread; idempotent.
+
+        No drain delay unless asked (None: the config's): no load balancer routes to a server
+        inside a test or a notebook."""
         if self._thread is None or self._loop is None or not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace, drain_delay), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
 
@@ -418,7 +448,8 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help=f"address the plain-HTTP metrics endpoint listens on, whatever --host is "
                         f"(default {_default('metrics_host')})")
     p.add_argument("--data-root", dest="data_roots", action="append", type=Path, default=[], metavar="DIR",
-                   help="folders Fit and Evaluate may read datasets under (repeatable); none: no dataset")
+                   help="folders Fit and Evaluate may read datasets under, and Visualize fit images (repeatable); "
+                        "a symlink leading out of them is refused; none: no dataset")
     p.add_argument("--device", default=_default("device"), help=f"auto, cpu, cuda or cuda:N (default {_default('device')})")
     p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=_default("runtime"),
                    help="where forward-only work (fit, score, evaluate) runs; auto: the fastest installed runtime "
@@ -437,8 +468,13 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                         f"(default {_default('max_request_images')})")
     p.add_argument("--fit-workers", type=_positive_int, default=_default("fit_workers"), metavar="N",
                    help=f"fit jobs running at once; more wait QUEUED (default {_default('fit_workers')})")
+    p.add_argument("--drain-delay-s", type=_non_negative, default=_default("drain_delay_s"), metavar="S",
+                   help="on SIGTERM, how long new calls are still answered after readiness turns NOT_SERVING, so "
+                        "that load balancers stop routing here first; a second SIGTERM ends it "
+                        f"(default {_default('drain_delay_s'):g})")
     p.add_argument("--grace-s", type=_non_negative, default=_default("grace_s"), metavar="S",
-                   help=f"on SIGTERM, how long in-flight calls may take to finish (default {_default('grace_s'):g})")
+                   help="on SIGTERM, after the drain delay: how long in-flight calls may take to finish "
+                        f"(default {_default('grace_s'):g})")
     p.add_argument("--max-heavy-calls", type=_positive_int, default=_default("max_heavy_calls"), metavar="N",
                    help="Visualize and Evaluate calls computing at once; more wait their turn "
                         f"(default {_default('max_heavy_calls')})")

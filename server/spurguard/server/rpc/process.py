@@ -1,7 +1,8 @@
 """`spurguard serve` as a child process: what `make demo`, the benchmarks and tests start.
 
 A real process (not a thread) so that clients talk to it over the wire exactly as production
-traffic does; stopped by its pid with SIGTERM (the graceful path), never by name.
+traffic does; stopped by its pid with SIGTERM (the graceful path), never by name. No load
+balancer routes to it, so it has no drain delay unless ARGS give one (`--drain-delay-s S`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ class ServerProcess:
     """Start `python -m spurguard.server.rpc.app ARGS` on 127.0.0.1 (a free port) and wait until ready."""
 
     def __init__(self, args: Sequence[str], *, stderr: int | None = None, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "spurguard.server.rpc.app", "--host", "127.0.0.1", "--port", "0", *args]
+        command = [sys.executable, "-m", "spurguard.server.rpc.app", "--host", "127.0.0.1", "--port", "0",
+                   "--drain-delay-s", "0", *args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         self.target = self._wait_ready()
 

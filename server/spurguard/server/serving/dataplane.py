@@ -140,6 +140,7 @@ class DataPlane:
                 extend=request.extend,
                 progress=progress,
                 cancel=cancel,
+                roots=self.roots,
             )
             served.reload_guard()  # before the job reports success, so callers then see the new fit
             return outcome.summary()
@@ -258,7 +259,7 @@ class DataPlane:
     ) -> Iterator[vocab.VisualizeUpdate]:
         k = request.class_index
         fit = self._fitted(served, request.fit_id, k)
-        return served.visualize(fit.components(k), fit.meta.dataset_root, settings, cancel)
+        return served.visualize(fit.components(k), fit.meta.dataset_root, self.roots, settings, cancel)
 
     # ---- score ----
 
@@ -332,6 +333,7 @@ class DataPlane:
             batch_size=settings.batch_size,
             progress=lambda p: loop.call_soon_threadsafe(updates.put_nowait, p),
             cancel=cancel,
+            roots=self.roots,
         ))
         work.add_done_callback(lambda _: updates.put_nowait(None))  # after every progress put
         try:

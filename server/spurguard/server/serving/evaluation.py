@@ -23,6 +23,7 @@ from spurguard.server.errors import Cancelled, InvalidInput
 from spurguard.server.loader import iter_features
 from spurguard.server.serving.guard import Guard
 from spurguard.server.serving.options import EvaluateSettings
+from spurguard.server.serving.paths import DataRoots
 from spurguard.vocab import EvaluateProgress, EvaluateResult, SpufixModeName, to_json
 
 MAX_KEPT_SKIPPED = 100  # unreadable files named in a kept evaluation (all are counted)
@@ -59,11 +60,13 @@ def run_evaluate(
     batch_size: int | None = None,
     progress: Callable[[EvaluateProgress], None] | None = None,
     cancel: threading.Event | None = None,
+    roots: DataRoots | None = None,
 ) -> EvaluationOutcome:
     """Score both folders and build the table without and with SpuFix in `mode`.
 
     The table covers the classes with spurious images (or `classes`); clean accuracy is over
-    every clean image.
+    every clean image. Every image must lie inside `roots` (default: the two folders), else
+    PermissionDenied before anything is read.
     """
     started = time.monotonic()
 
@@ -78,6 +81,9 @@ def run_evaluate(
     if classes is not None:
         wanted = set(classes)
         spurious_entries = [e for e in spurious_entries if e.class_index in wanted]
+    if roots is None:
+        roots = DataRoots([clean_root, spurious_root])
+    roots.check_listing(e.path for e in [*clean_entries, *spurious_entries])
     total = len(clean_entries) + len(spurious_entries)
     report("scanning", 0)
     done = [0]
@@ -85,7 +91,7 @@ def run_evaluate(
 
     def score(entries: Sequence[ImageEntry], phase: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         plain, fixed, labels = [], [], []
-        for batch, features in iter_features(entries, backend, batch_size, cancel):
+        for batch, features in iter_features(entries, backend, batch_size, cancel, read=roots.read):
             skipped.extend((e.image_id, why) for e, why in batch.skipped)
             if batch.entries:
                 plain.append(guard.logits(features).cpu())

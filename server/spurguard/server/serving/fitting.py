@@ -28,6 +28,7 @@ from spurguard.server.datasets import ClassResolver, list_image_folder
 from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, ClassComponents, NeuralPCAFit, fit_alphas
 from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput
 from spurguard.server.loader import iter_features
+from spurguard.server.serving.paths import DataRoots
 from spurguard.server.store import FitMeta, FitWriter, Store
 from spurguard.vocab import FitClass, FitProgress, FitSummary
 
@@ -130,8 +131,12 @@ def run_fit(
     extend: bool = False,
     progress: Callable[[FitProgress], None] | None = None,
     cancel: threading.Event | None = None,
+    roots: DataRoots | None = None,
 ) -> FitOutcome:
     """Fit the classes' components over `dataset_root/<class>/<image>` and commit the fit.
+
+    Every image must lie inside `roots` (default: the dataset folder itself): a link out of them
+    refuses the whole fit before anything is read (PermissionDenied).
 
     Raises Cancelled when `cancel` is set; the finished classes stay for a resume with the same
     fit_id. A class with fewer than 2 readable images has no covariance: it is skipped and named
@@ -141,6 +146,9 @@ def run_fit(
     batch_size = batch_size or backend.max_batch_size
     root = Path(dataset_root).resolve()
     entries = list_image_folder(root, ClassResolver(backend.class_names, backend.class_wnids), classes)
+    if roots is None:
+        roots = DataRoots([root])
+    roots.check_listing(e.path for e in entries)
     selected = sorted({e.class_index for e in entries})
     writer, resuming = _open_writer(backend, store, root, num_components, fit_id, extend)
 
@@ -181,7 +189,7 @@ def run_fit(
         ) as finalizer:
             spills: dict[int, _FeatureSpill] = {}
             pending: list[Future[None]] = []
-            for batch, features in iter_features(todo, backend, batch_size, cancel):
+            for batch, features in iter_features(todo, backend, batch_size, cancel, read=roots.read):
                 skipped.extend((entry.image_id, why) for entry, why in batch.skipped)
                 labels = torch.tensor([e.class_index for e in batch.entries], dtype=torch.int64)
                 if batch.entries:

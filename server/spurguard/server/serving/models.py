@@ -29,6 +29,7 @@ from spurguard.server.serving.batcher import Batcher
 from spurguard.server.serving.guard import Guard, Inference
 from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.options import ScoreSettings, VisualizeSettings
+from spurguard.server.serving.paths import DataRoots
 from spurguard.server.serving.visualizing import visualize
 from spurguard.server.store import Store
 from spurguard.server.visualize.heatmap import default_gradcam_layer
@@ -271,7 +272,12 @@ class ServedModel:
         return results
 
     def visualize(
-        self, components: ClassComponents, dataset_root: str, options: VisualizeSettings, cancel: threading.Event
+        self,
+        components: ClassComponents,
+        dataset_root: str,
+        roots: DataRoots,
+        options: VisualizeSettings,
+        cancel: threading.Event,
     ) -> Iterator[VisualizeUpdate]:
         """Top images, heatmaps and the feature attack of one class's components (see
         visualizing.visualize); blocking, checks the request before it returns."""
@@ -280,6 +286,7 @@ class ServedModel:
             components,
             dataset_root,
             options,
+            roots=roots,
             gradcam_layer=self._gradcam_layer,
             cancel=cancel,
             on_attack=lambda steps, seconds: self._metrics.observe_attack(self.name, steps, seconds),

@@ -1,6 +1,7 @@
 """Visualize's work: top fit images, heatmaps and the feature attack, as vocabulary items.
 
-Reading fit images from the fit's dataset root, gradients, PNG encoding. `visualize`
+Reading fit images from the fit's dataset root (each checked against the data roots when it is
+read: a fit image swapped for a link out of them fails the call), gradients, PNG encoding. `visualize`
 checks everything it can before it returns, so a bad request fails before the first message;
 what it returns is a generator, so the attack advances only as fast as the stream is read (no
 unbounded buffer of frames) and the cancel event stops it at its next step.
@@ -18,8 +19,9 @@ from spurguard import vocab
 from spurguard.server.backends import Backend
 from spurguard.server.backends.images import encode_png
 from spurguard.server.engine import ClassComponents
-from spurguard.server.errors import FailedPrecondition, SpurguardError
+from spurguard.server.errors import FailedPrecondition, PermissionDenied, SpurguardError
 from spurguard.server.serving.options import VisualizeSettings
+from spurguard.server.serving.paths import DataRoots
 from spurguard.server.visualize import (
     AttackFrame,
     AttackResult,
@@ -27,7 +29,6 @@ from spurguard.server.visualize import (
     feature_attack,
     fit_image_path,
     overlay_pngs,
-    read_fit_image,
     thumbnail_pngs,
     top_images,
 )
@@ -46,6 +47,7 @@ def visualize(
     dataset_root: str,
     options: VisualizeSettings,
     *,
+    roots: DataRoots,
     gradcam_layer: str | None,
     cancel: threading.Event,
     on_attack: AttackObserver | None = None,
@@ -78,13 +80,14 @@ def visualize(
         seed=options.seed,
         cancel=cancel,
     )
-    return _updates(backend, components, dataset_root, options, gradcam_layer, attack, on_attack)
+    return _updates(backend, components, dataset_root, roots, options, gradcam_layer, attack, on_attack)
 
 
 def _updates(
     backend: Backend,
     components: ClassComponents,
     dataset_root: str,
+    roots: DataRoots,
     options: VisualizeSettings,
     gradcam_layer: str | None,
     attack: Iterator[AttackFrame | AttackResult],
@@ -92,7 +95,7 @@ def _updates(
 ) -> Iterator[vocab.VisualizeUpdate]:
     config = backend.preprocess_config
     for index in options.components:
-        ranks, ids, alphas, inputs = _top_inputs(backend, components, index, dataset_root, options.top_k)
+        ranks, ids, alphas, inputs = _top_inputs(backend, components, index, dataset_root, roots, options.top_k)
         if not ranks:
             continue
         for rank, image_id, alpha, png in zip(ranks, ids, alphas, thumbnail_pngs(inputs, config)):
@@ -126,17 +129,21 @@ def _updates(
 
 
 def _top_inputs(
-    backend: Backend, components: ClassComponents, index: int, root: str, k: int
+    backend: Backend, components: ClassComponents, index: int, root: str, roots: DataRoots, k: int
 ) -> tuple[list[int], list[str], list[float], torch.Tensor]:
     """Ranks, ids, alphas and model inputs of the top-k fit images that can still be read.
 
     An image that vanished or changed since the fit is skipped with a log line (its rank stays
-    unused): one missing file must not sink the whole visualisation.
+    unused): one missing file must not sink the whole visualisation. One that now leads out of
+    the data roots fails the call (PermissionDenied): that is tampering, not wear.
     """
     ranks, ids, alphas, inputs = [], [], [], []
     for rank, top in enumerate(top_images(components, index, k)):
         try:
-            pixels = backend.preprocess([read_fit_image(root, top.image_id, backend.limits)])
+            data = roots.read(fit_image_path(root, top.image_id), backend.limits.max_bytes, "fit image")
+            pixels = backend.preprocess([data])
+        except PermissionDenied:
+            raise
         except (SpurguardError, OSError) as error:
             log.warning(
                 "Visualize %s class %d component %d: skipping fit image %r: %s",

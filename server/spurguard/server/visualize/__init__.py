@@ -22,8 +22,6 @@ from spurguard.server.visualize.heatmap import (
 from spurguard.server.visualize.topimages import (
     TopImage,
     fit_image_path,
-    load_fit_images,
-    read_fit_image,
     thumbnail_pngs,
     top_images,
 )
@@ -41,10 +39,8 @@ __all__ = [
     "default_eps",
     "feature_attack",
     "fit_image_path",
-    "load_fit_images",
     "overlay",
     "overlay_pngs",
-    "read_fit_image",
     "thumbnail_pngs",
     "top_images",
 ]

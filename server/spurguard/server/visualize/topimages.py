@@ -2,23 +2,22 @@
 
 Image ids are paths relative to the fit's dataset root, read back from the store; they are
 checked lexically before use (no absolute paths, no `..`), so a corrupted or crafted id can
-never name a file outside the root. Symlinks inside the root are followed: datasets assembled
-from links into a shared image store are common, and the root's owner put them there.
+never name a file outside the root. Where a link in the root leads is checked when the file is
+read (serving.paths.DataRoots.read), against the server's data roots.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from spurguard.server.backends.base import DEFAULT_LIMITS, Backend, ImageLimits, PreprocessConfig
+from spurguard.server.backends.base import PreprocessConfig
 from spurguard.server.backends.images import denormalize, encode_png
 from spurguard.server.engine.components import ClassComponents
-from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
+from spurguard.server.errors import FailedPrecondition, InvalidInput
 from spurguard.server.visualize._objective import component_rows
 
 
@@ -53,24 +52,6 @@ def fit_image_path(root: str | os.PathLike[str], image_id: str) -> Path:
     if posix.is_absolute() or windows.anchor or ".." in posix.parts or ".." in windows.parts:
         raise InvalidInput(f"image id {image_id!r} must be a path inside the dataset root")
     return Path(root) / posix
-
-
-def read_fit_image(
-    root: str | os.PathLike[str], image_id: str, limits: ImageLimits = DEFAULT_LIMITS
-) -> bytes:
-    """The encoded bytes of a fit image, size-checked before reading."""
-    path = fit_image_path(root, image_id)
-    if not path.is_file():
-        raise NotFound(f"fit image {image_id!r} is not in {str(root)!r} any more")
-    size = path.stat().st_size
-    if size > limits.max_bytes:
-        raise ResourceExhausted(f"fit image {image_id!r} is {size} bytes, over the limit of {limits.max_bytes}")
-    return path.read_bytes()
-
-
-def load_fit_images(backend: Backend, root: str | os.PathLike[str], image_ids: Sequence[str]) -> torch.Tensor:
-    """Fit images as the model sees them: float32 [N,3,S,S] (resized, cropped, normalised)."""
-    return backend.preprocess([read_fit_image(root, i, backend.limits) for i in image_ids])
 
 
 def thumbnail_pngs(inputs: torch.Tensor, config: PreprocessConfig) -> list[bytes]:
