@@ -44,7 +44,7 @@ from spurguard.server.errors import InvalidInput, SpurguardError
 from spurguard.server.rpc import inference
 from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.serving.dataplane import DataPlane
-from spurguard.server.serving.jobs import JobRegistry
+from spurguard.server.serving.jobs import DEFAULT_MAX_QUEUED, JobRegistry
 from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.models import ModelRegistry, ServedModel
 from spurguard.server.serving.paths import DataRoots
@@ -82,6 +82,9 @@ class ServerConfig:
     fit_workers: int = 1
     store_poll_s: float = 2.0
     max_heavy_calls: int = 2
+    max_waiting_heavy_calls: int = 8  # Visualize/Evaluate calls waiting for a slot; more: RESOURCE_EXHAUSTED
+    max_queued_jobs: int = DEFAULT_MAX_QUEUED  # fit jobs waiting for a worker; more: RESOURCE_EXHAUSTED
+    keep_unfinished_days: float = 7.0  # an unfinished fit untouched this long is removed at start-up
     runtime: str | None = None  # forward runtime for every model; None: each model's own (default auto)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: the port speaks TLS only
     tls_key: Path | None = None
@@ -163,7 +166,9 @@ class SpurguardServer:
             for backend in self._backends
         ]
         self.models = ModelRegistry(served)
-        self.jobs = JobRegistry(asyncio.get_running_loop(), workers=config.fit_workers)
+        self.jobs = JobRegistry(asyncio.get_running_loop(), self.store.jobs, workers=config.fit_workers,
+                                max_queued=config.max_queued_jobs)
+        await asyncio.to_thread(self._recover)
         self.health = health.aio.HealthServicer()
         for name in ["", *(m.name for m in self.models)]:
             await self.health.set(name, _NOT_SERVING)
@@ -184,6 +189,7 @@ class SpurguardServer:
             spufix_default=config.spufix_default,
             max_request_images=config.max_request_images,
             max_heavy_calls=config.max_heavy_calls,
+            max_waiting_heavy_calls=config.max_waiting_heavy_calls,
         )
         pb_grpc.add_SpurguardServicer_to_server(SpurguardServicer(plane, self.metrics), self._server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -214,6 +220,15 @@ class SpurguardServer:
         if self.metrics_port is not None:
             log.info("metrics on http://%s/metrics", _address(config.host, self.metrics_port))
         self._loading = asyncio.create_task(self._load_models())
+
+    def _recover(self) -> None:
+        """Clear what killed servers left in the store, and settle the jobs they were running."""
+        for fit in self.store.remove_leftovers(self.config.keep_unfinished_days):
+            log.info("removed unfinished fit %s: untouched for over %g days (--keep-unfinished-days)",
+                     fit, self.config.keep_unfinished_days)
+        for job_id in self.store.jobs.settle():
+            log.warning("job %s was interrupted by the end of the server that ran it; "
+                        "fit again with its job id to resume it", job_id)
 
     async def _load_models(self) -> None:
         for model in self.models:
@@ -361,6 +376,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -425,11 +447,23 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                         f"(default {_default('max_request_images')})")
     p.add_argument("--fit-workers", type=_positive_int, default=_default("fit_workers"), metavar="N",
                    help=f"fit jobs running at once; more wait QUEUED (default {_default('fit_workers')})")
+    p.add_argument("--max-queued-jobs", type=_non_negative_int, default=_default("max_queued_jobs"), metavar="N",
+                   help="fit jobs that may wait QUEUED for a worker; more are RESOURCE_EXHAUSTED "
+                        f"(default {_default('max_queued_jobs')})")
+    p.add_argument("--keep-unfinished-days", type=_non_negative, default=_default("keep_unfinished_days"),
+                   metavar="DAYS",
+                   help="an unfinished (killed or cancelled) fit can be resumed with its job id until it has been "
+                        "untouched this long; then it is removed at start-up "
+                        f"(default {_default('keep_unfinished_days'):g})")
     p.add_argument("--grace-s", type=_non_negative, default=_default("grace_s"), metavar="S",
                    help=f"on SIGTERM, how long in-flight calls may take to finish (default {_default('grace_s'):g})")
     p.add_argument("--max-heavy-calls", type=_positive_int, default=_default("max_heavy_calls"), metavar="N",
                    help="Visualize and Evaluate calls computing at once; more wait their turn "
                         f"(default {_default('max_heavy_calls')})")
+    p.add_argument("--max-waiting-heavy-calls", type=_non_negative_int, default=_default("max_waiting_heavy_calls"),
+                   metavar="N",
+                   help="Visualize and Evaluate calls that may wait for their turn; more are RESOURCE_EXHAUSTED "
+                        f"(default {_default('max_waiting_heavy_calls')})")
     p.add_argument("--tls-cert", type=Path, metavar="PEM",
                    help="serve TLS with this certificate chain (with --tls-key); default: plaintext")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
