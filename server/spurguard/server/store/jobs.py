@@ -17,17 +17,16 @@ import dataclasses
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from spurguard.server.store.atomic import make_dirs, try_lock
 from spurguard.server.store.layout import new_id
+from spurguard.server.store.sqlite import connect, create_table
 from spurguard.vocab import FINISHED_JOB_STATES, ErrorStatus, FitClass, FitProgress, FitRequest, FitSummary, Job
 
-_BUSY_TIMEOUT_S = 30.0
 INTERRUPTED = "ABORTED"  # the error code of a job whose server died under it
 
 _SCHEMA = """
@@ -90,15 +89,10 @@ class JobDB:
         self._owners = owners
         self._owner_fd: int | None = None
         self.owner = ""  # set by claim_owner: this process's jobs are saved under it
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+        create_table(path, _SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # Autocommit: every write is one statement, so none leaves a transaction open.
-        with closing(sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)) as db:
-            yield db
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return connect(self.path)
 
     # ---- owners ----
 
