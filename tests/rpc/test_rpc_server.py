@@ -41,7 +41,14 @@ from spurguard.server.serving.guard import Guard
 from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc import servicer as servicer_module
 from spurguard.server.serving.dataplane import DataPlane
-from spurguard.server.rpc.app import BackgroundServer, ServerConfig, SpurguardServer, build_parser, main
+from spurguard.server.rpc.app import (
+    BackgroundServer,
+    ServerConfig,
+    SpurguardServer,
+    build_parser,
+    config_from_args,
+    main,
+)
 from spurguard.server.store import Store
 from spurguard.server.store.faults import CRASH_ENV
 from spurguard.v1 import spurguard_pb2 as pb
@@ -638,6 +645,18 @@ def test_stop_cancels_running_jobs_and_leaves_a_resumable_fit(data: Path, tmp_pa
 # ---- bounded queues ----
 
 
+def test_queue_flags_reach_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--model", "m", "--store", "s"]
+    assert (ServerConfig.max_queued_jobs, ServerConfig.max_waiting_heavy_calls, ServerConfig.keep_unfinished_days) == (
+        16, 8, 7.0)
+    config = config_from_args(build_parser().parse_args(
+        [*base, "--max-queued-jobs", "0", "--max-waiting-heavy-calls", "3", "--keep-unfinished-days", "0.5"]))
+    assert (config.max_queued_jobs, config.max_waiting_heavy_calls, config.keep_unfinished_days) == (0, 3, 0.5)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--max-queued-jobs", "-1"])
+    assert "must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_fits_beyond_the_queue_limit_are_refused(data: Path, tmp_path: Path) -> None:
     backend, module = _gated_backend()
     config = ServerConfig(models=(), store=tmp_path / "store", port=0, data_roots=(data,), device="cpu",
@@ -779,3 +798,23 @@ def test_kill_9_at_random_points_of_a_fit_then_restart_and_resume(model_dir: Pat
                 process.kill()
                 process.wait()
     assert len(labels) >= 2 and current == "round3"
+
+
+def test_a_replica_sharing_the_store_reports_and_follows_the_others_job(data: Path, tmp_path: Path) -> None:
+    (backend, module), (other, _) = _gated_backend(), _gated_backend()
+    config = ServerConfig(models=(), store=tmp_path / "store", port=0, data_roots=(data,), device="cpu")
+    train, args = str(data / "train"), dict(classes=[0], num_components=2, batch_size=2, job_id="shared")
+    with BackgroundServer(config, backends=[backend]) as runs, BackgroundServer(config, backends=[other]) as replica, \
+            Client(runs.address) as a, Client(replica.address) as b:
+        module.gate.clear()
+        try:
+            stream = a.fit("gated", train, **args)
+            next(stream)
+            assert b.get_job("shared").state in ("queued", "running")  # its server is alive: not interrupted
+            code, message = _code(lambda: b.cancel_job("shared"))
+            assert code == CODE.FAILED_PRECONDITION and "another server" in message
+            following = b.fit("gated", train, **args)  # the same request re-attaches to it there
+        finally:
+            module.gate.set()
+        summary = list(stream)[-1]
+        assert list(following)[-1] == summary and list(b.watch_job("shared"))[-1] == summary

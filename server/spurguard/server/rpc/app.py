@@ -25,7 +25,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,18 +369,21 @@ class BackgroundServer:
         self.stop()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer, refused below `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a non-number
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _port(text: str) -> int:
@@ -446,7 +449,7 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help="most images in one Score request; more is RESOURCE_EXHAUSTED "
                         f"(default {_default('max_request_images')})")
     p.add_argument("--fit-workers", type=_positive_int, default=_default("fit_workers"), metavar="N",
-                   help=f"fit jobs running at once; more wait QUEUED (default {_default('fit_workers')})")
+                   help=f"fit jobs running at once; more wait QUEUED, up to --max-queued-jobs (default {_default('fit_workers')})")
     p.add_argument("--max-queued-jobs", type=_non_negative_int, default=_default("max_queued_jobs"), metavar="N",
                    help="fit jobs that may wait QUEUED for a worker; more are RESOURCE_EXHAUSTED "
                         f"(default {_default('max_queued_jobs')})")
@@ -458,8 +461,8 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
     p.add_argument("--grace-s", type=_non_negative, default=_default("grace_s"), metavar="S",
                    help=f"on SIGTERM, how long in-flight calls may take to finish (default {_default('grace_s'):g})")
     p.add_argument("--max-heavy-calls", type=_positive_int, default=_default("max_heavy_calls"), metavar="N",
-                   help="Visualize and Evaluate calls computing at once; more wait their turn "
-                        f"(default {_default('max_heavy_calls')})")
+                   help="Visualize and Evaluate calls computing at once; more wait their turn, up to "
+                        f"--max-waiting-heavy-calls (default {_default('max_heavy_calls')})")
     p.add_argument("--max-waiting-heavy-calls", type=_non_negative_int, default=_default("max_waiting_heavy_calls"),
                    metavar="N",
                    help="Visualize and Evaluate calls that may wait for their turn; more are RESOURCE_EXHAUSTED "

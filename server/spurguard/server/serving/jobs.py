@@ -182,11 +182,12 @@ class FitJob:
         except RuntimeError:  # no loop in this thread: a worker
             on_loop = False
         if on_loop:
-            self._loop.run_in_executor(None, self._write)
+            self._loop.run_in_executor(None, self.save)
         else:
-            self._write()
+            self.save()
 
-    def _write(self) -> None:
+    def save(self) -> None:
+        """Write the job's current state to its record (blocking)."""
         # The snapshot is taken under the save lock, so writes land in the order of the states.
         with self._save_lock:
             try:
@@ -321,8 +322,8 @@ class JobRegistry:
         self._jobs.pop(job_id, None)
         self._jobs[job_id] = job
         self._forget_old()
-        job.record()
         self._pool.submit(self._run, job)
+        await asyncio.to_thread(job.save)  # recorded before the caller hears that it was accepted
         return job
 
     def _run(self, job: FitJob) -> None:
