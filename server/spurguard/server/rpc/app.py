@@ -2,7 +2,9 @@
 Protocol's service (rpc.inference) on one port, health, reflection, metrics, limits and graceful
 shutdown.
 
-Lifecycle (KServe / Triton style): the port opens at once with every health status NOT_SERVING;
+Lifecycle (KServe / Triton style): the store first clears what killed processes left (temp files,
+fit scratch, unfinished fits past --keep-unfinished-days) and marks the jobs of dead servers
+interrupted; then the port opens at once with every health status NOT_SERVING;
 models load and warm up in the background, each turning SERVING when ready, then the server
 ("") does and one line `spurguard serving on HOST:PORT` goes to stdout. On SIGTERM / SIGINT:
 health NOT_SERVING (load balancers stop routing), running fit jobs are cancelled (their finished
