@@ -144,6 +144,26 @@ def test_cancelled_fit_resumes_to_the_same_result(backend: TorchBackend, dataset
         np.testing.assert_allclose(got.components(k).alphas, ref.components(k).alphas, rtol=1e-5, atol=1e-6)
 
 
+def test_a_fit_cut_short_in_its_commit_resumes_by_finishing_it(backend: TorchBackend, dataset: Path, tmp_path: Path) -> None:
+    """Killed after its last class but before the manifest (reproduced as issue 11 did: delete
+    the manifest), or after the manifest but before current.json: the same fit id finishes it."""
+    store = Store(tmp_path / "store")
+    first = run_fit(backend, store, dataset, num_components=COMPONENTS, fit_id="first")
+    (store.root / "models" / "tiny" / backend.digest / "fits" / "first" / "manifest.json").unlink()
+    assert store.pending_fits("tiny", backend.digest) == ["first"]
+    resumed = run_fit(backend, store, dataset, num_components=COMPONENTS, fit_id="first")
+    assert resumed.images == 0 and resumed.meta.classes == first.meta.classes == (0, 1, 2)
+    assert store.load_fit("tiny", backend.digest).fit_id == "first"
+
+    run_fit(backend, store, dataset, classes=[0, 2], num_components=COMPONENTS, fit_id="second")
+    store.set_current("tiny", backend.digest, "first")  # as if the switch to "second" never happened
+    finished = run_fit(backend, store, dataset, classes=[0, 2], num_components=COMPONENTS, fit_id="second")
+    assert finished.images == 0 and [c.class_index for c in finished.classes] == [0, 2]
+    assert store.current_fit_id("tiny", backend.digest) == "second"
+    with pytest.raises(FailedPrecondition, match="already committed"):
+        run_fit(backend, store, dataset, num_components=COMPONENTS - 1, fit_id="second")
+
+
 def test_extend_adds_classes_and_keeps_labels(backend: TorchBackend, dataset: Path, tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     run_fit(backend, store, dataset, classes=[0], num_components=COMPONENTS)

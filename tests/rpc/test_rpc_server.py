@@ -11,6 +11,7 @@ import asyncio
 import math
 import os
 import queue
+import random
 import signal
 import struct
 import sys
@@ -35,15 +36,24 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from spurguard.client import Client, FitProgress, FitSummary, SpurguardClientError
+from spurguard.vocab import EvaluateResult
 from spurguard.server.backends import PreprocessConfig, TorchBackend, load_model
 from spurguard.server.serving.evaluation import run_evaluate
 from spurguard.server.serving.guard import Guard
 from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc import servicer as servicer_module
 from spurguard.server.serving.dataplane import DataPlane
-from spurguard.server.rpc.app import BackgroundServer, ServerConfig, SpurguardServer, build_parser, main
+from spurguard.server.rpc.app import (
+    BackgroundServer,
+    ServerConfig,
+    SpurguardServer,
+    build_parser,
+    config_from_args,
+    main,
+)
 from spurguard.server.rpc.process import ServerProcess
 from spurguard.server.store import Store
+from spurguard.server.store.faults import CRASH_ENV
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 
@@ -738,3 +748,184 @@ def test_stop_cancels_running_jobs_and_leaves_a_resumable_fit(data: Path, tmp_pa
     with BackgroundServer(config, backends=[backend]) as again, Client(again.address) as c:
         *_, summary = c.fit("gated", str(data / "train"), **args)
         assert summary.fit_id == "interrupted" and c.get_model("gated").fitted_classes == (0, 1)
+
+
+# ---- bounded queues ----
+
+
+def test_queue_flags_reach_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--model", "m", "--store", "s"]
+    assert (ServerConfig.max_queued_jobs, ServerConfig.max_waiting_heavy_calls, ServerConfig.keep_unfinished_days) == (
+        16, 8, 7.0)
+    config = config_from_args(build_parser().parse_args(
+        [*base, "--max-queued-jobs", "0", "--max-waiting-heavy-calls", "3", "--keep-unfinished-days", "0.5"]))
+    assert (config.max_queued_jobs, config.max_waiting_heavy_calls, config.keep_unfinished_days) == (0, 3, 0.5)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--max-queued-jobs", "-1"])
+    assert "must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_fits_beyond_the_queue_limit_are_refused(data: Path, tmp_path: Path) -> None:
+    backend, module = _gated_backend()
+    config = ServerConfig(models=(), store=tmp_path / "store", port=0, data_roots=(data,), device="cpu",
+                          max_queued_jobs=2)
+    train, args = str(data / "train"), dict(classes=[0], num_components=2, batch_size=2)
+    with BackgroundServer(config, backends=[backend]) as running, Client(running.address) as c:
+        module.gate.clear()  # the first job holds the one worker
+        try:
+            streams = [c.fit("gated", train, job_id=f"q{i}", **args) for i in range(3)]
+            for stream in streams:
+                next(stream)  # submitted: one running, two queued
+            code, message = _code(lambda: next(c.fit("gated", train, job_id="q3", **args)))
+            assert code == CODE.RESOURCE_EXHAUSTED
+            assert "2 fit jobs already wait" in message and "--max-queued-jobs" in message
+            assert c.cancel_job("q2").state == "cancelled"  # a place in the queue is free again
+            streams.append(c.fit("gated", train, job_id="q3", **args))
+        finally:
+            module.gate.set()
+        assert [list(s)[-1].fit_id for s in (streams[0], streams[1], streams[3])] == ["q0", "q1", "q3"]
+
+
+def test_heavy_calls_beyond_the_waiting_limit_are_refused(data: Path, tmp_path: Path) -> None:
+    backend, module = _gated_backend()
+    config = ServerConfig(models=(), store=tmp_path / "store", port=0, data_roots=(data,), device="cpu",
+                          max_heavy_calls=1, max_waiting_heavy_calls=1)
+    spurious, visualize = str(data / "spurious"), dict(steps=2, top_k=1, heatmap="none")
+    with BackgroundServer(config, backends=[backend]) as running, Client(running.address) as c, \
+            ThreadPoolExecutor(1) as pool:
+        list(c.fit("gated", str(data / "train"), classes=[0], num_components=2))
+        module.gate.clear()
+        try:
+            computing = pool.submit(lambda: list(c.visualize("gated", 0, [0], **visualize)))
+            deadline = time.monotonic() + 20
+            while module.waiting == 0 and time.monotonic() < deadline:  # it holds the one slot, at the gate
+                time.sleep(0.05)
+            waiting = c.evaluate("gated", str(data / "train"), spurious)
+            assert next(waiting).phase == "queued"
+            time.sleep(0.3)  # it takes its place in the queue right after saying so
+            for rpc, call in {"Visualize": lambda: list(c.visualize("gated", 0, [0], **visualize)),
+                              "Evaluate": lambda: list(c.evaluate("gated", str(data / "train"), spurious))}.items():
+                started = time.monotonic()
+                code, message = _code(call)
+                assert code == CODE.RESOURCE_EXHAUSTED and time.monotonic() - started < 5  # at once, no hang
+                assert f"{rpc}: all 1 heavy-call slots" in message and "1 Visualize/Evaluate calls already wait" in message
+                assert "--max-waiting-heavy-calls" in message
+        finally:
+            module.gate.set()
+        assert computing.result(timeout=30)[-1].final_alpha is not None
+        assert isinstance(list(waiting)[-1], EvaluateResult)
+
+
+# ---- jobs across restarts ----
+
+
+def test_a_restarted_server_still_reports_every_job(data: Path, tmp_path: Path) -> None:
+    backend, module = _gated_backend()
+    config = ServerConfig(models=(), store=tmp_path / "store", port=0, data_roots=(data,), device="cpu")
+    train, args = str(data / "train"), dict(classes=[0], num_components=2, batch_size=2)
+    with BackgroundServer(config, backends=[backend]) as first, Client(first.address) as c:
+        *_, summary = c.fit("gated", train, job_id="kept", **args)
+        module.gate.clear()
+        try:
+            stream = c.fit("gated", train, job_id="stopped", **args)
+            next(stream)
+            c.cancel_job("stopped")
+        finally:
+            module.gate.set()
+        assert _code(lambda: list(stream))[0] == CODE.CANCELLED
+    with BackgroundServer(config, backends=[backend]) as again, Client(again.address) as c:
+        job = c.get_job("kept")
+        assert job.state == "succeeded" and job.summary == summary and job.request.classes == (0,)
+        assert list(c.watch_job("kept"))[-1] == summary
+        stopped = c.get_job("stopped")
+        assert stopped.state == "cancelled" and stopped.error.code == "CANCELLED"
+        assert [j.job_id for j in c.list_jobs("gated")] == ["stopped", "kept"]
+        assert c.cancel_job("kept").state == "succeeded"
+        calls = module.calls
+        assert list(c.fit("gated", train, job_id="kept", **args))[-1] == summary  # re-attached, not refitted
+        assert module.calls == calls
+        assert _code(lambda: list(c.fit("gated", train, job_id="kept", classes=[1])))[0] == CODE.FAILED_PRECONDITION
+        *_, resumed = c.fit("gated", train, job_id="stopped", **args)
+        assert resumed.fit_id == "stopped" and c.get_job("stopped").state == "succeeded"
+        assert _code(lambda: c.get_job("never"))[0] == CODE.NOT_FOUND
+
+
+# ---- kill -9 ----
+
+
+def _leftovers(store: Path) -> list[str]:
+    return [str(p.relative_to(store)) for p in store.rglob("*") if p.name.endswith(".tmp") or p.name == ".scratch"]
+
+
+def test_kill_9_at_random_points_of_a_fit_then_restart_and_resume(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    """Rounds of: a server is SIGKILLed at a seeded random crash point of a fit (mid-features,
+    after a class, before the manifest, between the manifest and current.json); the next server
+    on the same store must report that job interrupted, keep every label and fit, have cleared
+    the leftovers, and resume the fit with its job id to success."""
+    rng = random.Random(1109)
+    store, tmp = tmp_path / "store", tmp_path / "tmp"
+    tmp.mkdir()
+    train, args = str(data / "train"), dict(classes=[0, 1, 2], num_components=2, batch_size=2)  # 15 batches
+    labels: dict[tuple[str, int, int], str] = {}  # (fit, class, component) -> label: must survive every kill
+    previous: str | None = None  # the job the last server died in
+    current = "base"
+    for round_, kind in enumerate([*rng.sample(["batch", "class", "commit-manifest", "commit-current"], 4), None]):
+        job = f"round{round_}"
+        crash = {"batch": f"batch:{job}:{rng.randint(1, 14)}", "class": f"class:{job}:{rng.randint(0, 2)}"}.get(
+            kind or "", f"{kind}:{job}")
+        env = {"TMPDIR": str(tmp), **({CRASH_ENV: crash} if kind else {})}
+        log = tmp_path / f"server-{round_}.log"
+        with log.open("w") as output:
+            server = ServerProcess(["--model", str(model_dir), "--store", str(store), "--device", "cpu",
+                                    "--data-root", str(data)], stderr=output.fileno(),
+                                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env})
+        process = server.process
+        try:
+            with Client(server.target, timeout=30) as c:
+                if previous is None:
+                    list(c.fit("tiny", train, job_id="base", **args))
+                else:
+                    job_record = c.get_job(previous)
+                    assert job_record.state == "failed" and job_record.error.code == "ABORTED", job_record
+                    assert _leftovers(store) == [] and list(tmp.glob("spurguard*")) == []  # scratch stays in the store
+                    assert c.get_model("tiny").fit_id == current  # the fit in use before the kill
+                    for (fit_id, k, component), label in labels.items():
+                        assert (component, label) in {(r.component, r.label) for r in c.list_labels(
+                            "tiny", class_index=k, fit_id=fit_id)}
+                    *_, summary = c.fit("tiny", train, job_id=previous, **args)
+                    assert summary.fit_id == previous and [x.class_index for x in summary.classes] == [0, 1, 2]
+                    assert c.get_job(previous).state == "succeeded" and c.get_model("tiny").fit_id == previous
+                    assert all(c.get_components("tiny", k).num_components == 2 for k in range(3))
+                    current = previous
+                k, component = rng.randint(0, 2), rng.randint(0, 1)
+                c.label("tiny", k, component, "spurious")
+                labels[(current, k, component)] = "spurious"
+                if kind is None:
+                    break
+                with pytest.raises(SpurguardClientError):
+                    list(c.fit("tiny", train, job_id=job, **args))
+            assert process.wait(timeout=20) == -signal.SIGKILL, (crash, log.read_text())
+            previous = job
+        finally:
+            server.stop()
+    assert len(labels) >= 2 and current == "round3"
+
+
+def test_a_replica_sharing_the_store_reports_and_follows_the_others_job(data: Path, tmp_path: Path) -> None:
+    (backend, module), (other, _) = _gated_backend(), _gated_backend()
+    config = ServerConfig(models=(), store=tmp_path / "store", port=0, data_roots=(data,), device="cpu")
+    train, args = str(data / "train"), dict(classes=[0], num_components=2, batch_size=2, job_id="shared")
+    with BackgroundServer(config, backends=[backend]) as runs, BackgroundServer(config, backends=[other]) as replica, \
+            Client(runs.address) as a, Client(replica.address) as b:
+        module.gate.clear()
+        try:
+            stream = a.fit("gated", train, **args)
+            next(stream)
+            assert b.get_job("shared").state in ("queued", "running")  # its server is alive: not interrupted
+            code, message = _code(lambda: b.cancel_job("shared"))
+            assert code == CODE.FAILED_PRECONDITION and "another server" in message
+            following = b.fit("gated", train, **args)  # the same request re-attaches to it there
+        finally:
+            module.gate.set()
+        summary = list(stream)[-1]
+        assert list(following)[-1] == summary and list(b.watch_job("shared"))[-1] == summary

@@ -468,3 +468,83 @@ def test_evaluations_are_kept_whole_and_listed_in_order(store: Store) -> None:
     with pytest.raises(ValueError):
         store.save_evaluation(MODEL, DIGEST, {"mean_auc": float("nan")})  # JSON has no NaN: callers clean it
     assert len(store.list_evaluations(MODEL, DIGEST)) == 2 and len(list(folder.iterdir())) == 2
+
+
+# ---- job records and crash leftovers ----
+
+
+def _job(job_id: str, state: vocab.JobStateName = "running", *, created: datetime | None = None) -> vocab.Job:
+    request = vocab.FitRequest(MODEL, "train", (0, 2), 4, None, job_id, False)
+    summary = vocab.FitSummary(job_id, job_id, MODEL, DIGEST, 9, 1, (vocab.FitClass(0, 5, 4),), 1.5)
+    moment = created or datetime.now(timezone.utc)
+    return vocab.Job(
+        job_id, MODEL, state, request, vocab.FitProgress(job_id, "features", 4, 9, 0, 2, 0.25),
+        summary if state == "succeeded" else None, None, moment, moment,
+    )
+
+
+DYING_OWNER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_store import _job
+from spurguard.server.store import Store
+jobs = Store(sys.argv[2]).jobs
+jobs.claim_owner()
+jobs.save(_job("orphan"))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_job_records_round_trip_and_outlive_their_server(store: Store) -> None:
+    jobs = store.jobs
+    jobs.claim_owner()
+    done = _job("done", "succeeded", created=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    jobs.save(done)
+    assert jobs.get("done").job == done and jobs.get("nope") is None
+    # A server killed while it ran a job: its lock is gone with it, so the job is interrupted.
+    here = str(Path(__file__).parent)
+    died = subprocess.run([sys.executable, "-c", DYING_OWNER, here, str(store.root)], capture_output=True, timeout=60)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    replica = Store(store.root).jobs  # another live server sharing the store
+    replica.claim_owner()
+    replica.save(_job("elsewhere"))
+    assert jobs.settle() == ["orphan"]
+    orphan = jobs.get("orphan").job
+    assert orphan.state == "failed" and orphan.error.code == "ABORTED"
+    assert "interrupted" in orphan.error.message and "job id orphan to resume" in orphan.error.message
+    assert orphan.progress == _job("orphan").progress  # what it had reached is kept
+    assert jobs.get("elsewhere").job.state == "running"  # its server lives
+    assert [r.job.job_id for r in jobs.list(MODEL)] == ["elsewhere", "orphan", "done"]  # newest first
+    assert jobs.list("other") == []
+    replica.release_owner()  # that server went away without finishing it
+    assert jobs.get("elsewhere").job.error.code == "ABORTED"
+    assert [p.name for p in (store.root / "owners").iterdir()] == [f"{jobs.owner}.lock"]  # dead owners' removed
+
+
+def test_start_up_removes_crash_leftovers_and_old_unfinished_fits(store: Store) -> None:
+    committed = write_fit(store, [0])
+    (fit_dir(store, committed) / ".manifest.json.x1.tmp").write_bytes(b"{")
+    (fit_dir(store, committed) / ".scratch").mkdir()
+    (fit_dir(store, committed) / ".scratch" / "class-0.f32").write_bytes(b"\0" * 8)
+    kwargs = dict(dataset_root="/d", num_components=NUM, feature_dim=DIM)
+    for fit_id in ("old", "recent", "busy"):
+        with store.begin_fit(MODEL, DIGEST, fit_id=fit_id, **kwargs) as writer:
+            writer.add_class(components(0))
+    week_ago = time.time() - 8 * 86400
+    for fit_id in ("old", "busy"):
+        for path in fit_dir(store, fit_id).iterdir():
+            os.utime(path, (week_ago, week_ago))
+    digest_dir = store.root / "models" / MODEL / DIGEST
+    stale, fresh = digest_dir / ".current.json.a.tmp", digest_dir / ".current.json.b.tmp"
+    stale.write_bytes(b"{")
+    fresh.write_bytes(b"{")  # a replica may be writing it right now
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+
+    with store.resume_fit(MODEL, DIGEST, "busy"):  # a live job holds it
+        assert store.remove_leftovers(keep_unfinished_days=7) == [f"{MODEL}/old"]
+    assert not fit_dir(store, "old").exists()
+    assert store.pending_fits(MODEL, DIGEST) == ["busy", "recent"]
+    assert sorted(p.name for p in fit_dir(store, committed).iterdir() if p.name.startswith(".")) == [".lock"]
+    assert_same(store.load_fit(MODEL, DIGEST).components(0), components(0))
+    assert not stale.exists() and fresh.exists()
+    assert store.remove_leftovers(keep_unfinished_days=7) == [f"{MODEL}/busy"]  # free now, and old

@@ -152,7 +152,8 @@ class SpurguardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Jobs the server knows (running and recently finished), newest first. Idempotent.
+        """Jobs the server knows (running and recently finished, also those of earlier server runs and
+        of other servers sharing its store), newest first. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -9,6 +9,7 @@ is changing the dataset under the server, which is not a corrupt file to shrug o
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,19 +70,22 @@ def iter_batches(
     *,
     read: Reader,
 ) -> Iterator[Batch]:
-    """Yield batches of `entries` (each file's bytes from `read`) in order; stops early (without
-    error) once `cancel` is set."""
+    """Yield batches of `entries` (each file's bytes from `read`) in order (none for no entries);
+    stops early (without error) once `cancel` is set."""
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
-    slices = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    slices = iter([entries[i : i + batch_size] for i in range(0, len(entries), batch_size)])
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spurguard-decode") as pool:
-        pending: Future[Batch] | None = pool.submit(_prepare, slices[0], backend, read) if slices else None
-        for next_slice in slices[1:] + [None]:
+
+        def prepare_next() -> list[Future[Batch]]:  # none once the slices run out (or there were none)
+            return [pool.submit(_prepare, piece, backend, read) for piece in itertools.islice(slices, 1)]
+
+        ahead = prepare_next()
+        while ahead:
             if cancel is not None and cancel.is_set():
                 return
-            assert pending is not None
-            batch = pending.result()
-            pending = pool.submit(_prepare, next_slice, backend, read) if next_slice is not None else None
+            batch = ahead[0].result()
+            ahead = prepare_next()
             yield batch
 
 

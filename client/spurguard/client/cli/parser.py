@@ -258,8 +258,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     fit.add_argument(
         "--job-id",
         metavar="ID",
-        help="name the job (letters, digits, - and _); an existing id re-attaches, an unfinished "
-        "cancelled one with the same settings resumes",
+        help="name the job (letters, digits, - and _); an existing id re-attaches, a cancelled or "
+        "interrupted one (its server was killed) with the same settings resumes",
     )
     fit.add_argument("--extend", action="store_true", help="add these classes to the current fit instead of starting a new one")
     fit.add_argument("--detach", action="store_true", help="print the job once the server has accepted it and return at once")
@@ -273,7 +273,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     watch.add_argument("job_id", metavar="JOB", help="job id (see `spurguard jobs`)")
     watch.add_argument("--cancel-on-interrupt", action="store_true", help="Ctrl-C cancels the job instead of leaving it running")
 
-    jobs = command("jobs", "list fit jobs", "List running and recently finished fit jobs, newest first.")
+    jobs = command("jobs", "list fit jobs", "List running and recently finished fit jobs, newest first, also those of earlier server runs "
+                   "(kept in the store; a job whose server was killed shows as failed, ABORTED).")
     jobs.add_argument("--model", metavar="NAME", help="only this model's jobs")
 
     cancel = command(

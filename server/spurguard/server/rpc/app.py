@@ -2,14 +2,15 @@
 Protocol's service (rpc.inference) on one port, health, reflection, metrics, limits and graceful
 shutdown.
 
-Lifecycle (KServe / Triton style): the port opens at once with health `liveness` SERVING and
-every readiness name NOT_SERVING; models load and warm up in the background, each turning
-SERVING when ready, then the server ("" and spurguard.v1.Spurguard) does and one line
-`spurguard serving on HOST:PORT` goes to stdout. On SIGTERM / SIGINT: readiness NOT_SERVING at
-once (load balancers stop routing) and running fit jobs are cancelled (their finished classes
-stay in the store, resumable), while calls are still answered for the drain delay (a second
-signal ends it early); then no new calls are accepted, in-flight calls get the grace period to
-finish, and the process exits 0.
+Lifecycle (KServe / Triton style): the store first clears what killed processes left (temp files,
+fit scratch, unfinished fits past --keep-unfinished-days) and marks the jobs of dead servers
+interrupted; then the port opens at once with health `liveness` SERVING and every readiness name
+NOT_SERVING; models load and warm up in the background, each turning SERVING when ready, then the
+server ("" and spurguard.v1.Spurguard) does and one line `spurguard serving on HOST:PORT` goes to
+stdout. On SIGTERM / SIGINT: readiness NOT_SERVING at once (load balancers stop routing) and
+running fit jobs are cancelled (their finished classes stay in the store, resumable), while calls
+are still answered for the drain delay (a second signal ends it early); then no new calls are
+accepted, in-flight calls get the grace period to finish, and the process exits 0.
 
 Public builder API (tests, the demo, notebooks):
     config = ServerConfig(models=("path/to/model_dir",), store=Path("store"), port=0)
@@ -28,7 +29,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from spurguard.server.rpc import auth, inference
 from spurguard.server.rpc.health import Health
 from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.serving.dataplane import DataPlane
-from spurguard.server.serving.jobs import JobRegistry
+from spurguard.server.serving.jobs import DEFAULT_MAX_QUEUED, JobRegistry
 from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.models import ModelRegistry, ServedModel
 from spurguard.server.serving.paths import DataRoots
@@ -86,6 +87,9 @@ class ServerConfig:
     fit_workers: int = 1
     store_poll_s: float = 2.0
     max_heavy_calls: int = 2
+    max_waiting_heavy_calls: int = 8  # Visualize/Evaluate calls waiting for a slot; more: RESOURCE_EXHAUSTED
+    max_queued_jobs: int = DEFAULT_MAX_QUEUED  # fit jobs waiting for a worker; more: RESOURCE_EXHAUSTED
+    keep_unfinished_days: float = 7.0  # an unfinished fit untouched this long is removed at start-up
     runtime: str | None = None  # forward runtime for every model; None: each model's own (default auto)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: the port speaks TLS only
     tls_key: Path | None = None
@@ -171,7 +175,9 @@ class SpurguardServer:
             for backend in self._backends
         ]
         self.models = ModelRegistry(served)
-        self.jobs = JobRegistry(asyncio.get_running_loop(), workers=config.fit_workers)
+        self.jobs = JobRegistry(asyncio.get_running_loop(), self.store.jobs, workers=config.fit_workers,
+                                max_queued=config.max_queued_jobs)
+        await asyncio.to_thread(self._recover)
         self.health = Health(["", SERVICE_NAME, *(m.name for m in self.models)])
 
         limit = config.max_message_mb * 2**20
@@ -191,6 +197,7 @@ class SpurguardServer:
             spufix_default=config.spufix_default,
             max_request_images=config.max_request_images,
             max_heavy_calls=config.max_heavy_calls,
+            max_waiting_heavy_calls=config.max_waiting_heavy_calls,
         )
         pb_grpc.add_SpurguardServicer_to_server(SpurguardServicer(plane, self.metrics), self._server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -226,6 +233,15 @@ class SpurguardServer:
         if self.metrics_port is not None:
             log.info("metrics on http://%s/metrics", _address(config.metrics_host, self.metrics_port))
         self._loading = asyncio.create_task(self._load_models())
+
+    def _recover(self) -> None:
+        """Clear what killed servers left in the store, and settle the jobs they were running."""
+        for fit in self.store.remove_leftovers(self.config.keep_unfinished_days):
+            log.info("removed unfinished fit %s: untouched for over %g days (--keep-unfinished-days)",
+                     fit, self.config.keep_unfinished_days)
+        for job_id in self.store.jobs.settle():
+            log.warning("job %s was interrupted by the end of the server that ran it; "
+                        "fit again with its job id to resume it", job_id)
 
     async def _load_models(self) -> None:
         for model in self.models:
@@ -393,11 +409,21 @@ class BackgroundServer:
         self.stop()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer, refused below `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a non-number
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _port(text: str) -> int:
@@ -467,7 +493,15 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help="most images in one Score request; more is RESOURCE_EXHAUSTED "
                         f"(default {_default('max_request_images')})")
     p.add_argument("--fit-workers", type=_positive_int, default=_default("fit_workers"), metavar="N",
-                   help=f"fit jobs running at once; more wait QUEUED (default {_default('fit_workers')})")
+                   help=f"fit jobs running at once; more wait QUEUED, up to --max-queued-jobs (default {_default('fit_workers')})")
+    p.add_argument("--max-queued-jobs", type=_non_negative_int, default=_default("max_queued_jobs"), metavar="N",
+                   help="fit jobs that may wait QUEUED for a worker; more are RESOURCE_EXHAUSTED "
+                        f"(default {_default('max_queued_jobs')})")
+    p.add_argument("--keep-unfinished-days", type=_non_negative, default=_default("keep_unfinished_days"),
+                   metavar="DAYS",
+                   help="an unfinished (killed or cancelled) fit can be resumed with its job id until it has been "
+                        "untouched this long; then it is removed at start-up "
+                        f"(default {_default('keep_unfinished_days'):g})")
     p.add_argument("--drain-delay-s", type=_non_negative, default=_default("drain_delay_s"), metavar="S",
                    help="on SIGTERM, how long new calls are still answered after readiness turns NOT_SERVING, so "
                         "that load balancers stop routing here first; a second SIGTERM ends it "
@@ -476,8 +510,12 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help="on SIGTERM, after the drain delay: how long in-flight calls may take to finish "
                         f"(default {_default('grace_s'):g})")
     p.add_argument("--max-heavy-calls", type=_positive_int, default=_default("max_heavy_calls"), metavar="N",
-                   help="Visualize and Evaluate calls computing at once; more wait their turn "
-                        f"(default {_default('max_heavy_calls')})")
+                   help="Visualize and Evaluate calls computing at once; more wait their turn, up to "
+                        f"--max-waiting-heavy-calls (default {_default('max_heavy_calls')})")
+    p.add_argument("--max-waiting-heavy-calls", type=_non_negative_int, default=_default("max_waiting_heavy_calls"),
+                   metavar="N",
+                   help="Visualize and Evaluate calls that may wait for their turn; more are RESOURCE_EXHAUSTED "
+                        f"(default {_default('max_waiting_heavy_calls')})")
     p.add_argument("--tls-cert", type=Path, metavar="PEM",
                    help="serve TLS with this certificate chain (with --tls-key); default: plaintext")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")

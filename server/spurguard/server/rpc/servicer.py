@@ -100,16 +100,16 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
 
     @unary_call
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        return to_message(self.plane.get_job(request.job_id))
+        return to_message(await self.plane.get_job(request.job_id))
 
     @unary_call
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
         model = request.model if request.HasField("model") else None
-        return pb.ListJobsResponse(jobs=[to_message(job) for job in self.plane.list_jobs(model)])
+        return pb.ListJobsResponse(jobs=[to_message(job) for job in await self.plane.list_jobs(model)])
 
     @unary_call
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        return to_message(self.plane.cancel_job(request.job_id))
+        return to_message(await self.plane.cancel_job(request.job_id))
 
     # ---- components and labels ----
 

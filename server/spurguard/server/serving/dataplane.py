@@ -70,11 +70,14 @@ class DataPlane:
         spufix_default: SpufixModeName = "floor",
         max_request_images: int = 1024,
         max_heavy_calls: int = 2,
+        max_waiting_heavy_calls: int = 8,
     ) -> None:
         if spufix_default not in SPUFIX_MODES:
             raise InvalidInput(f"spufix default must be 'paper' or 'floor', got {spufix_default!r}")
         if max_heavy_calls < 1:
             raise InvalidInput(f"max_heavy_calls must be >= 1, got {max_heavy_calls}")
+        if max_waiting_heavy_calls < 0:
+            raise InvalidInput(f"max_waiting_heavy_calls must be >= 0, got {max_waiting_heavy_calls}")
         self.models = models
         self.store = store
         self.jobs = jobs
@@ -82,8 +85,12 @@ class DataPlane:
         self.spufix_default = spufix_default
         self.max_request_images = max_request_images
         # Visualize and Evaluate each keep a worker thread busy for seconds to minutes; capped so
-        # that they leave cores (and the shared thread pool) to Score. More wait their turn.
+        # that they leave cores (and the shared thread pool) to Score. A bounded number more wait
+        # their turn; beyond that a call is refused at once rather than left hanging.
         self._heavy = asyncio.Semaphore(max_heavy_calls)
+        self.max_heavy_calls = max_heavy_calls
+        self.max_waiting_heavy_calls = max_waiting_heavy_calls
+        self._waiting_heavy = 0
 
     def _fitted(self, served: ServedModel, fit_id: str | None, class_index: int) -> Fit:
         """The fit (current unless named) after checking the class: NOT_FOUND out of range,
@@ -96,6 +103,30 @@ class DataPlane:
                 f"(fitted classes: {list(fit.classes)}); fit it first, e.g. Fit with extend"
             )
         return fit
+
+    def _check_heavy_room(self, rpc: str) -> None:
+        """RESOURCE_EXHAUSTED when every heavy-call slot is busy and `max_waiting_heavy_calls` wait."""
+        if self._heavy.locked() and self._waiting_heavy >= self.max_waiting_heavy_calls:
+            raise ResourceExhausted(
+                f"{rpc}: all {self.max_heavy_calls} heavy-call slots (--max-heavy-calls) are busy and "
+                f"{self._waiting_heavy} Visualize/Evaluate calls already wait (limit --max-waiting-heavy-calls "
+                f"{self.max_waiting_heavy_calls}); try again later or raise the limits"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _heavy_slot(self, rpc: str) -> AsyncIterator[None]:
+        """Hold one of the heavy-call slots for a Visualize or Evaluate, waiting for it if there
+        is room to wait (`_check_heavy_room`)."""
+        self._check_heavy_room(rpc)
+        self._waiting_heavy += 1
+        try:
+            await self._heavy.acquire()
+        finally:
+            self._waiting_heavy -= 1
+        try:
+            yield
+        finally:
+            self._heavy.release()
 
     # ---- models ----
 
@@ -120,7 +151,7 @@ class DataPlane:
 
     # ---- fit jobs ----
 
-    def fit(self, request: vocab.FitRequest) -> AsyncIterator[vocab.FitUpdate]:
+    async def fit(self, request: vocab.FitRequest) -> AsyncIterator[vocab.FitUpdate]:
         """Start (or re-attach to) a fit job and follow it."""
         served = self.models.get(request.model)
         backend = served.backend
@@ -145,19 +176,23 @@ class DataPlane:
             served.reload_guard()  # before the job reports success, so callers then see the new fit
             return outcome.summary()
 
-        return self.jobs.submit(request, work).updates()
+        job = await self.jobs.submit(request, work)
+        async for update in job.updates():
+            yield update
 
-    def watch_job(self, job_id: str) -> AsyncIterator[vocab.FitUpdate]:
-        return self.jobs.get(job_id).updates()
+    async def watch_job(self, job_id: str) -> AsyncIterator[vocab.FitUpdate]:
+        job = await self.jobs.get(job_id)
+        async for update in job.updates():
+            yield update
 
-    def get_job(self, job_id: str) -> vocab.Job:
-        return self.jobs.get(job_id).info()
+    async def get_job(self, job_id: str) -> vocab.Job:
+        return (await self.jobs.get(job_id)).info()
 
-    def list_jobs(self, model: str | None) -> list[vocab.Job]:
-        return [job.info() for job in self.jobs.list(model)]
+    async def list_jobs(self, model: str | None) -> list[vocab.Job]:
+        return [job.info() for job in await self.jobs.list(model)]
 
-    def cancel_job(self, job_id: str) -> vocab.Job:
-        return self.jobs.cancel(job_id).info()
+    async def cancel_job(self, job_id: str) -> vocab.Job:
+        return (await self.jobs.cancel(job_id)).info()
 
     # ---- components and labels ----
 
@@ -243,7 +278,7 @@ class DataPlane:
         cancel = threading.Event()
         updates = await asyncio.to_thread(self._visualization, served, request, settings, cancel)
         loop = asyncio.get_running_loop()
-        async with self._heavy:
+        async with self._heavy_slot("Visualize"):
             try:
                 # Pulled item by item on a worker thread: the work advances only as the stream is sent.
                 while (update := await loop.run_in_executor(None, next, updates, None)) is not None:
@@ -314,8 +349,11 @@ class DataPlane:
         spurious = self.roots.resolve(request.spurious, "spurious dataset")
         settings = evaluate_settings(request, served.backend.num_classes, self.spufix_default)
         if self._heavy.locked():
+            self._check_heavy_room("Evaluate")  # refused before it says "queued"
             yield vocab.EvaluateProgress("queued", 0, 0, 0.0)
-        async with self._heavy, contextlib.aclosing(self._evaluate(served, clean, spurious, settings)) as updates:
+        async with self._heavy_slot("Evaluate"), contextlib.aclosing(
+            self._evaluate(served, clean, spurious, settings)
+        ) as updates:
             async for update in updates:
                 yield update
 

@@ -11,7 +11,6 @@ running it again with the same fit_id resumes after them.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,10 +25,11 @@ import torch
 from spurguard.server.backends.base import Backend
 from spurguard.server.datasets import ClassResolver, list_image_folder
 from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, ClassComponents, NeuralPCAFit, fit_alphas
-from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput
+from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput, NotFound
 from spurguard.server.loader import iter_features
 from spurguard.server.serving.paths import DataRoots
-from spurguard.server.store import FitMeta, FitWriter, Store
+from spurguard.server.store import Fit, FitMeta, FitWriter, Store
+from spurguard.server.store.faults import crash_point
 from spurguard.vocab import FitClass, FitProgress, FitSummary
 
 ALPHA_CHUNK_ROWS = 4096  # fit-image features are read back this many rows at a time
@@ -54,8 +54,8 @@ class FitOutcome:
 class _FeatureSpill:
     """A class's float32 feature rows in a temporary file, appended batch by batch."""
 
-    def __init__(self, directory: str, class_index: int, dim: int) -> None:
-        self.path = Path(directory) / f"class-{class_index}.f32"
+    def __init__(self, directory: Path, class_index: int, dim: int) -> None:
+        self.path = directory / f"class-{class_index}.f32"
         self.dim = dim
         self.rows = 0
         self.image_ids: list[str] = []
@@ -119,6 +119,23 @@ def _open_writer(
     return store.extend_fit(backend.name, backend.digest, fit_id=fit_id), False
 
 
+def _committed(backend: Backend, store: Store, root: Path, num_components: int, fit_id: str | None) -> Fit | None:
+    """The committed fit of this id, if there is one: a run killed between writing the manifest
+    and switching current.json left it so, and running it again finishes that step."""
+    if fit_id is None:
+        return None
+    try:
+        fit = store.load_fit(backend.name, backend.digest, fit_id)
+    except NotFound:
+        return None
+    if Path(fit.meta.dataset_root) != root or fit.meta.num_components != num_components:
+        raise FailedPrecondition(
+            f"fit {fit_id} is already committed, over {fit.meta.dataset_root!r} with {fit.meta.num_components} "
+            "components per class; choose another job id for other settings"
+        )
+    return fit
+
+
 def run_fit(
     backend: Backend,
     store: Store,
@@ -150,6 +167,10 @@ def run_fit(
         roots = DataRoots([root])
     roots.check_listing(e.path for e in entries)
     selected = sorted({e.class_index for e in entries})
+    committed = _committed(backend, store, root, num_components, fit_id)
+    if committed is not None:
+        store.set_current(backend.name, backend.digest, committed.fit_id)
+        return _outcome(committed, 0, [], [], started)
     writer, resuming = _open_writer(backend, store, root, num_components, fit_id, extend)
 
     def report(phase: str, images_done: int, classes_done: int) -> None:
@@ -184,12 +205,12 @@ def run_fit(
             del features
             spill.path.unlink()
 
-        with tempfile.TemporaryDirectory(prefix="spurguard-fit-") as spill_dir, ThreadPoolExecutor(
+        with writer.scratch() as spill_dir, ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="spurguard-finalize"
         ) as finalizer:
             spills: dict[int, _FeatureSpill] = {}
             pending: list[Future[None]] = []
-            for batch, features in iter_features(todo, backend, batch_size, cancel, read=roots.read):
+            for batches, (batch, features) in enumerate(iter_features(todo, backend, batch_size, cancel, read=roots.read), 1):
                 skipped.extend((entry.image_id, why) for entry, why in batch.skipped)
                 labels = torch.tensor([e.class_index for e in batch.entries], dtype=torch.int64)
                 if batch.entries:
@@ -205,6 +226,7 @@ def run_fit(
                     spill.append(features[rows], [batch.entries[i].image_id for i in rows.tolist()])
                     if remaining[k] == 0:
                         pending.append(finalizer.submit(finalize, k, spills.pop(k)))
+                crash_point("batch", writer.fit_id, batches)
                 images_done += len(seen)
                 classes_done = already_done + sum(future.done() for future in pending)
                 report("features", images_done, classes_done)
@@ -225,12 +247,15 @@ def run_fit(
         if not fitted:
             raise InvalidInput(f"no class of {str(root)!r} had 2 readable images; nothing was fitted")
         meta = writer.commit(expected_classes=fitted)
-    committed = store.load_fit(backend.name, backend.digest, meta.fit_id)
-    outcome_classes = [
-        FitClass(k, committed.summary(k).count, committed.summary(k).num_components)
-        for k in committed.classes
-    ]
-    return FitOutcome(meta, outcome_classes, len(todo), skipped, skipped_classes, time.monotonic() - started)
+    return _outcome(store.load_fit(backend.name, backend.digest, meta.fit_id), len(todo), skipped, skipped_classes,
+                    started)
+
+
+def _outcome(
+    fit: Fit, images: int, skipped: list[tuple[str, str]], skipped_classes: list[tuple[int, str]], started: float
+) -> FitOutcome:
+    classes = [FitClass(k, fit.summary(k).count, fit.summary(k).num_components) for k in fit.classes]
+    return FitOutcome(fit.meta, classes, images, skipped, skipped_classes, time.monotonic() - started)
 
 
 def _raise_failed(pending: list[Future[None]]) -> None:

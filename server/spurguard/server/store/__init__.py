@@ -1,10 +1,12 @@
-"""Persistent state of the server: fitted components (with their fit-image ids and alphas) and labels.
+"""Persistent state of the server: fitted components (with their fit-image ids and alphas),
+labels and job records.
 
-An embedded store, one directory and no server: safetensors + JSON for fits, SQLite for labels,
+An embedded store, one directory and no server: safetensors + JSON for fits, SQLite for labels and jobs,
 atomic writes throughout, never pickle. `Store` is the entry point; the rest is what it returns.
 """
 from spurguard.server.store.codec import ClassSummary
 from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter
+from spurguard.server.store.jobs import JobDB, JobRecord
 from spurguard.server.store.labels import Label
 from spurguard.server.store.store import Store
 
@@ -14,6 +16,8 @@ __all__ = [
     "FitMeta",
     "FitSettings",
     "FitWriter",
+    "JobDB",
+    "JobRecord",
     "Label",
     "Store",
 ]

@@ -7,10 +7,12 @@ fsynced so the rename itself survives a power loss. Readers only ever open final
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,7 +119,26 @@ def link_or_copy(src: Path, dst: Path) -> None:
     _publish(tmp, dst)
 
 
-def remove_temps(directory: Path) -> None:
-    """Delete temp files a killed writer left behind; call only while holding the directory's writer lock."""
+def remove_temps(directory: Path, older_than_s: float = 0.0) -> None:
+    """Delete temp files a killed writer left behind: all of them while holding the directory's
+    writer lock, else only those older than `older_than_s` (no live writer takes that long)."""
+    cutoff = time.time() - older_than_s
     for path in directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
-        path.unlink(missing_ok=True)
+        try:
+            if older_than_s <= 0 or path.stat().st_mtime < cutoff:
+                path.unlink()
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive flock on `path` (created if missing) as an open fd, or None while another
+    holder has it. Closing the fd releases it, and so does the kernel when the process dies:
+    a lock left behind by a kill -9 is free again at once."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -8,12 +8,12 @@ is what lets an extended fit share its base's class files through hard links.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,17 @@ from spurguard.server.store.atomic import (
     make_dirs,
     read_json,
     remove_temps,
+    try_lock,
     write_bytes,
     write_json,
 )
 from spurguard.server.store.codec import ClassSummary
+from spurguard.server.store.faults import crash_point
 from spurguard.server.store.labels import LabelDB, utc_now
 from spurguard.server.store.layout import (
     LOCK,
     MANIFEST,
+    SCRATCH,
     SETTINGS,
     ModelPaths,
     check_name,
@@ -174,6 +177,13 @@ class Fit:
         return codec.decode(data, record, where)
 
 
+def clear_leftovers(directory: Path) -> None:
+    """Remove what a killed writer of a fit folder left (temp files, its scratch folder); call
+    only while holding the folder's lock."""
+    remove_temps(directory)
+    shutil.rmtree(directory / SCRATCH, ignore_errors=True)
+
+
 def manifest_json(meta: FitMeta, summaries: dict[int, ClassSummary]) -> dict[str, Any]:
     return {
         "format": codec.FORMAT_VERSION,
@@ -208,14 +218,9 @@ class FitWriter:
         if settings is None and not (directory / SETTINGS).exists():
             raise NotFound(f"model {paths.model} has no unfinished fit {fit_id!r} to resume")
         make_dirs(directory)
-        lock_fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise FailedPrecondition(
-                f"fit {fit_id} of model {paths.model} is being written by another job"
-            ) from None
+        lock_fd = try_lock(directory / LOCK)
+        if lock_fd is None:
+            raise FailedPrecondition(f"fit {fit_id} of model {paths.model} is being written by another job")
         try:
             if (directory / MANIFEST).exists():
                 raise FailedPrecondition(f"fit {fit_id} of model {paths.model} is already committed")
@@ -233,7 +238,7 @@ class FitWriter:
                     f"fit {fit_id} was started with other settings ({stored.to_json()}); "
                     "resume it with the same ones or start a new fit"
                 )
-            remove_temps(directory)
+            clear_leftovers(directory)
             writer = cls(paths, fit_id, stored or settings, labels, lock_fd)
             writer._link_base()
         except BaseException:
@@ -274,6 +279,21 @@ class FitWriter:
                 fsync_dir(self._dir)
             write_bytes(class_tensors(self._dir, k), data)
             write_json(record_path, record)
+        crash_point("class", self.fit_id, k)
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """An empty folder for this run's temporary files (a fit's feature spill), removed after.
+
+        Inside the fit folder rather than in TMPDIR: on the store's disk, and under the fit's
+        lock, so that what a killed run left is cleared on resume or at the next start."""
+        path = self._dir / SCRATCH
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _summary(self, class_index: int) -> ClassSummary:
         record = read_json(class_record(self._dir, class_index))
@@ -312,7 +332,9 @@ class FitWriter:
             )
             if s.base_fit_id is not None:
                 self._carry_labels(s.base_fit_id, summaries)
+            crash_point("commit-manifest", self.fit_id)
             write_json(self._dir / MANIFEST, manifest_json(meta, summaries))
+            crash_point("commit-current", self.fit_id)
             write_json(self.paths.current, {"fit_id": self.fit_id})
             self._release()
         return meta

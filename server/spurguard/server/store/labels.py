@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from spurguard.server.errors import InvalidInput
+from spurguard.server.store.sqlite import connect, create_table
 from spurguard.vocab import LABELS, UNLABELED
 
 MAX_NOTE_CHARS = 10_000
-_BUSY_TIMEOUT_S = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
@@ -69,16 +69,10 @@ class LabelDB:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+        create_table(path, _SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # isolation_level=None: each statement is its own atomic transaction (all writes here
-        # are single statements), so no transaction is ever left open.
-        with closing(sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)) as db:
-            yield db
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return connect(self.path)
 
     def set(
         self, model: str, digest: str, fit_id: str, class_index: int, component: int, label: str, note: str

@@ -1,7 +1,9 @@
 """Where things live under the store root, and the names allowed in those paths.
 
 ```
-<root>/labels.sqlite3                              labels of every model and fit (WAL)
+<root>/labels.sqlite3                              labels of every model and fit, and the job
+                                                   records (tables labels, jobs; WAL)
+<root>/owners/<server id>.lock                     flocked by each running server: whose jobs still run
 <root>/models/<name>/<digest>/current.json         {"fit_id": ...}: the fit in use, replaced atomically
 <root>/models/<name>/<digest>/fits/<fit_id>/
     settings.json                                  what the fit was started with (resume checks it)
@@ -10,6 +12,8 @@
                                                    after the tensors, so it marks the class done
     manifest.json                                  written last: its presence commits the fit
     .lock                                          flock of the one open FitWriter
+    .scratch/                                      the running fit's feature spill (cleared on resume
+                                                   and at start-up)
 <root>/models/<name>/<digest>/evaluations/<id>.json  one finished Evaluate: request, fit, tables
 <root>/models/<name>/<digest>/backbone.onnx        the backbone exported for ONNX Runtime / OpenVINO
 ```
@@ -18,7 +22,9 @@ Names are checked before they become path components, so no request can escape t
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from spurguard.server.errors import InvalidInput
@@ -28,11 +34,20 @@ CURRENT = "current.json"
 SETTINGS = "settings.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+SCRATCH = ".scratch"
+OWNERS = "owners"
 ONNX_GRAPH = "backbone.onnx"
 
 # Same rule as model.toml names: starts alphanumeric, so never "." or "..".
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CLASS_JSON_RE = re.compile(r"^class_(\d+)\.json$")
+
+
+def new_id() -> str:
+    """A fit, job, evaluation or server id: sortable by start time (to the millisecond), unique
+    without coordination."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}"
 
 
 def check_name(value: object, what: str) -> str:

@@ -7,24 +7,40 @@ silently scoring with another model's components.
 from __future__ import annotations
 
 import os
-import secrets
+import shutil
+import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
-from spurguard.server.store.atomic import make_dirs, read_json, write_json, write_with
-from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter
+from spurguard.server.store.atomic import (
+    fsync_dir,
+    make_dirs,
+    read_json,
+    remove_temps,
+    try_lock,
+    write_json,
+    write_with,
+)
+from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter, clear_leftovers
+from spurguard.server.store.jobs import JobDB
 from spurguard.server.store.labels import UNLABELED, Label, LabelDB, check_label
-from spurguard.server.store.layout import CURRENT, LABELS_DB, MANIFEST, SETTINGS, ModelPaths, short
+from spurguard.server.store.layout import (
+    CURRENT,
+    LABELS_DB,
+    LOCK,
+    MANIFEST,
+    OWNERS,
+    SETTINGS,
+    ModelPaths,
+    new_id,
+    short,
+)
 
-
-def new_id() -> str:
-    """A fit, job or evaluation id: sortable by start time (to the millisecond), unique without
-    coordination."""
-    now = datetime.now(timezone.utc)
-    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}"
+# A temp file outside a locked fit folder is only removed at start-up once this old: a replica
+# sharing the store may be writing it (exporting an ONNX graph takes minutes, not an hour).
+STALE_TEMP_S = 3600.0
 
 
 def _index(value: object, what: str) -> int:
@@ -33,13 +49,46 @@ def _index(value: object, what: str) -> int:
     return value
 
 
+def _last_change(directory: Path) -> float:
+    """When anything in `directory` last changed (its files' newest mtime)."""
+    return max((p.stat().st_mtime for p in directory.iterdir()), default=directory.stat().st_mtime)
+
+
 class Store:
-    """Fits and labels under one root directory; safe for concurrent use by threads and processes."""
+    """Fits, labels and job records under one root directory; safe for concurrent use by threads
+    and processes."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         make_dirs(self.root / "models")
         self.labels = LabelDB(self.root / LABELS_DB)
+        self.jobs = JobDB(self.root / LABELS_DB, self.root / OWNERS)
+
+    def remove_leftovers(self, keep_unfinished_days: float) -> list[str]:
+        """What killed processes left, removed at start-up; returns the unfinished fits it deleted.
+
+        In every fit folder no live writer holds: temp files and the scratch folder, and the
+        whole folder if it is an unfinished fit that has not changed for `keep_unfinished_days`
+        (until then it can be resumed). Elsewhere: temp files older than STALE_TEMP_S.
+        """
+        cutoff = time.time() - keep_unfinished_days * 86400
+        removed = []
+        for digest_dir in (self.root / "models").glob("*/*"):
+            for folder in (digest_dir, digest_dir / "evaluations"):
+                remove_temps(folder, STALE_TEMP_S)
+            for fit_dir in sorted((digest_dir / "fits").glob("*")):
+                lock_fd = try_lock(fit_dir / LOCK)
+                if lock_fd is None:
+                    continue  # a live job is writing it
+                try:
+                    clear_leftovers(fit_dir)
+                    if not (fit_dir / MANIFEST).exists() and _last_change(fit_dir) < cutoff:
+                        shutil.rmtree(fit_dir)
+                        fsync_dir(fit_dir.parent)
+                        removed.append(f"{digest_dir.parent.name}/{fit_dir.name}")
+                finally:
+                    os.close(lock_fd)
+        return removed
 
     def _paths(self, model: str, digest: str) -> ModelPaths:
         return ModelPaths.of(self.root, model, digest)
