@@ -120,8 +120,8 @@ def test_errors(make_model_dir: MakeModelDir, tmp_path: Path) -> None:
         export_triton(str(tmp_path / "nope"), repository)
     with pytest.raises(InvalidInput, match="instances"):
         export_triton(model, repository, instances=0)
-    with pytest.raises(InvalidInput, match="'triton.url' 'grpc://h:1' must be HOST:PORT"):
-        export_triton(model, repository, url="grpc://h:1")
+    with pytest.raises(InvalidInput, match="'triton.url' 'http://h:1' must be HOST:PORT"):
+        export_triton(model, repository, url="http://h:1")
     assert not (repository / "tiny_backbone").exists()
 
     export_triton(model, repository)
@@ -144,7 +144,8 @@ def test_main_prints_json_and_errors(make_model_dir: MakeModelDir, tmp_path: Pat
     model = str(make_model_dir())
     assert main(["--model", model, "--out", str(tmp_path / "repo"), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document["model"] == "tiny_backbone" and document["triton"] == {"url": "127.0.0.1:8001", "model": "tiny_backbone"}
+    assert document["model"] == "tiny_backbone" and document["triton"] == {"url": "127.0.0.1:8001", "model": "tiny_backbone", "root_certificates": None,
+                                                                   "private_key": None, "certificate_chain": None}
     assert main(["--model", model, "--out", str(tmp_path / "repo"), "--json"]) == 1
     out, err = capsys.readouterr()
     assert json.loads(out)["error"]["code"] == "FAILED_PRECONDITION" and "pass --force" in err

@@ -4,7 +4,6 @@ clients without a certificate are turned away, bad configurations fail before th
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,36 +15,14 @@ from spurguard.client import Client, SpurguardClientError, cli, tls_credentials
 from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig, server_credentials
 
+from pki_support import make_pki
+
 MODEL = "demo"  # the shipped built-in: loads in about a second
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(pki: Path, name: str, extension: str) -> None:
-    """name.key and name.pem, an EC key and its certificate signed by the CA."""
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=pki)
-    (pki / f"{name}.ext").write_text(extension + "\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=pki)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ca.pem; server.pem/key for 127.0.0.1 and localhost; client.pem/key; stranger.pem/key
-    from another CA."""
-    root = tmp_path_factory.mktemp("pki")
-    for ca, folder in (("ca", root), ("ca", root / "other")):
-        folder.mkdir(exist_ok=True)
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN=test {folder.name}",
-                 cwd=folder)
-    _issue(root, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
-    _issue(root, "client", "extendedKeyUsage=clientAuth")
-    _issue(root / "other", "stranger", "extendedKeyUsage=clientAuth")
-    return root
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _config(pki: Path, tmp_path: Path, **tls: Path | None) -> ServerConfig:

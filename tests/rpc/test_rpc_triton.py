@@ -29,6 +29,7 @@ from spurguard.server.backends.triton_forward import TritonForward
 from spurguard.server.errors import InvalidInput, NotFound, Unavailable
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 
+from pki_support import make_pki
 from rpc_support import random_png, write_data_root
 from triton_support import TritonProcess, ensure_triton_venv, free_port
 
@@ -67,19 +68,39 @@ def head() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def triton(module: TinyCNN, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
+def graph(module: TinyCNN, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The backbone's ONNX graph, which the Triton servers run (needs the PyTriton venv)."""
     missing = ensure_triton_venv()
     if missing is not None:
         pytest.skip(missing)
-    graph = tmp_path_factory.mktemp("graph") / "backbone.onnx"
-    export_onnx(module, graph, SIZE)
-    process = TritonProcess(graph, TRITON_MODEL)
+    path = tmp_path_factory.mktemp("graph") / "backbone.onnx"
+    export_onnx(module, path, SIZE)
+    return path
+
+
+def _running(process: TritonProcess) -> Iterator[TritonProcess]:
     try:
         process.start()
     except RuntimeError as error:
         pytest.fail(str(error))
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def triton(graph: Path) -> Iterator[TritonProcess]:
+    yield from _running(TritonProcess(graph, TRITON_MODEL))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_triton(graph: Path, pki: Path) -> Iterator[TritonProcess]:
+    """A second Triton whose gRPC port speaks mutual TLS only."""
+    yield from _running(TritonProcess(graph, TRITON_MODEL, pki=pki))
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +248,36 @@ def test_an_unreachable_triton_is_unavailable_after_retrying() -> None:
     with pytest.raises(Unavailable, match=f"Triton at {url} is unreachable"):
         TritonForward(TritonSpec(url, TRITON_MODEL), input_size=SIZE, feature_dim=FEATURES, connect_timeout_s=1.0)
     assert 1.0 <= time.monotonic() - started < 5.0
+
+
+def test_a_grpcs_url_reaches_triton_over_mutual_tls(
+    module: TinyCNN, head: tuple[torch.Tensor, torch.Tensor], tls_triton: TritonProcess, pki: Path, tmp_path: Path
+) -> None:
+    """model.toml's [triton] with grpcs:// and the PEM files beside it: the same features as the
+    local backbone, through Triton over TLS."""
+    pem = {"root_certificates": "ca.pem", "private_key": "client.key", "certificate_chain": "client.pem"}
+    section = {"triton": {"url": f"grpcs://{tls_triton.url}", "model": TRITON_MODEL, **pem}}
+    root = _model_dir(tmp_path / "m", "m", module, head, **section)
+    for name in pem.values():
+        (root / name).write_bytes((pki / name).read_bytes())
+    backend = load_model_dir(root)
+    backend.select_runtime(None, lambda: pytest.fail("no ONNX export for a Triton model"))
+    assert backend.runtime == "triton" and backend.device == f"grpcs://{tls_triton.url}"
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((5, 3, SIZE, SIZE)).astype(np.float32))
+    with torch.inference_mode():
+        np.testing.assert_allclose(backend.features(x).numpy(), module(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["plaintext", "without a client certificate", "trusting another CA"])
+def test_a_tls_triton_refuses_what_does_not_match_and_says_unavailable(
+    how: str, tls_triton: TritonProcess, pki: Path
+) -> None:
+    tls = f"grpcs://{tls_triton.url}"
+    identity = {"private_key": pki / "client.key", "certificate_chain": pki / "client.pem"}
+    spec = {
+        "plaintext": TritonSpec(tls_triton.url, TRITON_MODEL),
+        "without a client certificate": TritonSpec(tls, TRITON_MODEL, root_certificates=pki / "ca.pem"),
+        "trusting another CA": TritonSpec(tls, TRITON_MODEL, root_certificates=pki / "other" / "ca.pem", **identity),
+    }[how]
+    with pytest.raises(Unavailable, match=f"Triton at {spec.url} is unreachable"):
+        TritonForward(spec, input_size=SIZE, feature_dim=FEATURES, connect_timeout_s=1.0)

@@ -33,11 +33,12 @@ def ensure_triton_venv() -> str | None:
 
 class TritonProcess:
     """triton_server.py serving `graph` as `model`, on fixed ports so that a restart comes back
-    at the same URL."""
+    at the same URL; with `pki` (pki_support.make_pki) over mutual TLS."""
 
-    def __init__(self, graph: Path, model: str) -> None:
+    def __init__(self, graph: Path, model: str, pki: Path | None = None) -> None:
         self.graph = graph
         self.model = model
+        self.pki = pki
         self.grpc_port, self.http_port = free_port(), free_port()
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -53,9 +54,9 @@ class TritonProcess:
         env = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
         env.pop("PYTHONPATH", None)
         command = [TRITON_PYTHON, Path(__file__).with_name("triton_server.py"), self.graph, self.model,
-                   str(self.grpc_port), str(self.http_port)]
+                   str(self.grpc_port), str(self.http_port), *([self.pki] if self.pki else [])]
         self.starts += 1
-        log = self.graph.with_name(f"triton-{self.starts}.log")  # a file, not a pipe: nobody drains it later
+        log = self.graph.with_name(f"triton-{self.grpc_port}-{self.starts}.log")  # a file, not a pipe: nobody drains it later
         with log.open("w") as output:
             self.process = subprocess.Popen([str(part) for part in command], env=env, stdout=output,
                                             stderr=subprocess.STDOUT)

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": {"code": error.code, "message": str(error)}}), flush=True)
         print(f"spurguard export-triton: error: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(asdict(done)) if args.json else _summary(done), flush=True)
+    print(json.dumps(asdict(done), default=str) if args.json else _summary(done), flush=True)
     return 0
 
 
