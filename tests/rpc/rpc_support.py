@@ -61,10 +61,10 @@ def random_png(rng: np.random.Generator, size: int = 20) -> bytes:
     return png(pixels)
 
 
-def write_data_root(root: Path, classes: int, per_class: int, spurious: int) -> Path:
+def write_data_root(root: Path, classes: int, per_class: int, spurious: int, seed: int = 0) -> Path:
     """A server's data root of random PNGs: train/<class>/ and a Spurious ImageNet folder
     (spurious_imagenet_0_thing_1) of `spurious` images for class 0."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for k in range(classes):
         (root / "train" / str(k)).mkdir(parents=True)
         for i in range(per_class):

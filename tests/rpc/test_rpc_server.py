@@ -933,3 +933,51 @@ def test_a_replica_sharing_the_store_reports_and_follows_the_others_job(data: Pa
             module.gate.set()
         summary = list(stream)[-1]
         assert list(following)[-1] == summary and list(b.watch_job("shared"))[-1] == summary
+
+
+# ---- labels across refits (SPEC §1 Labels) ----
+
+
+def test_a_refit_carries_labels_to_matching_components_and_lists_the_rest(model_dir: Path, tmp_path: Path) -> None:
+    """A refit on the same images carries every label to the same component (|cos| 1); a refit on
+    other images carries exactly the labels whose eigenvector has a match >= 0.95 (checked here
+    from the two fits' vectors) and lists the others in the summary, with the old fit keeping them."""
+    first, other = write_data_root(tmp_path / "a", CLASSES, PER_CLASS, 0), tmp_path / "b"
+    write_data_root(other, CLASSES, PER_CLASS, 0, seed=5)
+    store = tmp_path / "store"
+    config = ServerConfig(models=(str(model_dir),), store=store, port=0, data_roots=(first, other), device="cpu")
+    args = dict(classes=[0, 1], num_components=COMPONENTS)
+    with BackgroundServer(config) as running, Client(running.address, timeout=30) as c:
+        *_, base = c.fit("tiny", str(first / "train"), **args)
+        assert base.labels_from_fit == "" and base.labels_carried == () == base.labels_not_carried
+        given = {(0, 0): "spurious", (0, 1): "not_spurious", (1, 2): "inconsistent"}
+        for (k, component), label in given.items():
+            c.label("tiny", k, component, label, note="seen by a person")
+        *_, same = c.fit("tiny", str(first / "train"), **args)
+        assert same.labels_from_fit == base.fit_id and same.labels_not_carried == ()
+        assert {(x.class_index, x.from_component, x.to_component, x.label) for x in same.labels_carried} == {
+            (k, component, component, label) for (k, component), label in given.items()}
+        assert all(x.cos > 0.999 for x in same.labels_carried)
+        notes = {(r.class_index, r.component): r.note for r in c.list_labels("tiny", fit_id=same.fit_id)}
+        assert set(notes.values()) == {"seen by a person"}  # identical components: the labels as they were
+
+        *_, moved = c.fit("tiny", str(other / "train"), **args)
+    fits, digest = Store(store), moved.digest
+    old, new = fits.load_fit("tiny", digest, same.fit_id), fits.load_fit("tiny", digest, moved.fit_id)
+    expected_carried, expected_lost = set(), set()
+    for (k, component), label in given.items():
+        cos = np.abs(old.components(k).vectors[component] @ new.components(k).vectors.T)
+        (expected_carried if cos.max() >= 0.95 else expected_lost).add((k, component, label, int(cos.argmax())))
+    assert expected_carried and expected_lost  # the seeds give both cases
+    assert moved.labels_from_fit == same.fit_id
+    assert {(x.class_index, x.from_component, x.label, x.to_component) for x in moved.labels_carried} == expected_carried
+    assert {(x.class_index, x.component, x.label) for x in moved.labels_not_carried} == {
+        (k, component, label) for k, component, label, _ in expected_lost}
+    assert all(x.best_cos < 0.95 and "no component of the new fit matches it" in x.reason
+               for x in moved.labels_not_carried)
+    on_new = {(r.class_index, r.component, r.label) for r in fits.list_labels("tiny", digest, fit_id=moved.fit_id)
+              if r.updated is not None}
+    assert on_new == {(k, to, label) for k, _, label, to in expected_carried}
+    assert all(r.note.startswith(f"carried from fit {same.fit_id} component ") and r.note.endswith("; seen by a person")
+               for r in fits.list_labels("tiny", digest, fit_id=moved.fit_id) if r.updated is not None)
+    assert len(fits.labels.query("tiny", digest, same.fit_id)) == len(given)  # the old fit keeps every label

@@ -90,8 +90,31 @@ class FitClass(Result):
 
 
 @dataclass(frozen=True)
+class LabelCarried(Result):
+    """A label of the fit a refit replaced, now on the new fit's best-matching component."""
+
+    class_index: int
+    from_component: int
+    to_component: int
+    label: LabelName
+    cos: float  # |cos| between the two eigenvectors (>= 0.95)
+
+
+@dataclass(frozen=True)
+class LabelNotCarried(Result):
+    """A label of the replaced fit that no component of the new fit matches: it stays on the old fit."""
+
+    class_index: int
+    component: int
+    label: LabelName
+    best_cos: float  # the best |cos| over the new fit's components of that class (0: class not in it)
+    reason: str
+
+
+@dataclass(frozen=True)
 class FitSummary(Result):
-    """The last item of a fit stream: the committed fit."""
+    """The last item of a fit stream: the committed fit, and what became of the labels of the fit
+    it replaced (SPEC §1 Labels: nothing is dropped silently)."""
 
     job_id: str
     fit_id: str
@@ -101,6 +124,9 @@ class FitSummary(Result):
     skipped_images: int
     classes: tuple[FitClass, ...]
     elapsed_s: float
+    labels_from_fit: str = ""  # the fit whose labels were carried ("" when none was current)
+    labels_carried: tuple[LabelCarried, ...] = ()
+    labels_not_carried: tuple[LabelNotCarried, ...] = ()
 
 
 FitUpdate = Union[FitProgress, FitSummary]

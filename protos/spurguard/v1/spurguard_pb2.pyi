@@ -219,7 +219,7 @@ class FitClass(_message.Message):
     def __init__(self, class_index: _Optional[int] = ..., images: _Optional[int] = ..., num_components: _Optional[int] = ...) -> None: ...
 
 class FitSummary(_message.Message):
-    __slots__ = ("fit_id", "model", "digest", "images", "skipped_images", "classes", "elapsed_s")
+    __slots__ = ("fit_id", "model", "digest", "images", "skipped_images", "classes", "elapsed_s", "labels_from_fit", "labels_carried", "labels_not_carried")
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,9 @@ class FitSummary(_message.Message):
     SKIPPED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FROM_FIT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_CARRIED_FIELD_NUMBER: _ClassVar[int]
+    LABELS_NOT_CARRIED_FIELD_NUMBER: _ClassVar[int]
     fit_id: str
     model: str
     digest: str
@@ -234,7 +237,38 @@ class FitSummary(_message.Message):
     skipped_images: int
     classes: _containers.RepeatedCompositeFieldContainer[FitClass]
     elapsed_s: float
-    def __init__(self, fit_id: _Optional[str] = ..., model: _Optional[str] = ..., digest: _Optional[str] = ..., images: _Optional[int] = ..., skipped_images: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[FitClass, _Mapping]]] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    labels_from_fit: str
+    labels_carried: _containers.RepeatedCompositeFieldContainer[LabelCarried]
+    labels_not_carried: _containers.RepeatedCompositeFieldContainer[LabelNotCarried]
+    def __init__(self, fit_id: _Optional[str] = ..., model: _Optional[str] = ..., digest: _Optional[str] = ..., images: _Optional[int] = ..., skipped_images: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[FitClass, _Mapping]]] = ..., elapsed_s: _Optional[float] = ..., labels_from_fit: _Optional[str] = ..., labels_carried: _Optional[_Iterable[_Union[LabelCarried, _Mapping]]] = ..., labels_not_carried: _Optional[_Iterable[_Union[LabelNotCarried, _Mapping]]] = ...) -> None: ...
+
+class LabelCarried(_message.Message):
+    __slots__ = ("class_index", "from_component", "to_component", "label", "cos")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FROM_COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    TO_COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    COS_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    from_component: int
+    to_component: int
+    label: ComponentLabel
+    cos: float
+    def __init__(self, class_index: _Optional[int] = ..., from_component: _Optional[int] = ..., to_component: _Optional[int] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., cos: _Optional[float] = ...) -> None: ...
+
+class LabelNotCarried(_message.Message):
+    __slots__ = ("class_index", "component", "label", "best_cos", "reason")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    BEST_COS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    component: int
+    label: ComponentLabel
+    best_cos: float
+    reason: str
+    def __init__(self, class_index: _Optional[int] = ..., component: _Optional[int] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., best_cos: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "model", "state", "request", "progress", "summary", "error", "created", "updated")

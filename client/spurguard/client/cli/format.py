@@ -161,7 +161,19 @@ def fit_summary_table(summary: t.FitSummary) -> str:
         f"{len(summary.classes)} classes, {summary.elapsed_s:.1f} s"
     )
     rows = [[str(c.class_index), str(c.images), str(c.num_components)] for c in summary.classes]
-    return head + "\n" + render_table(["CLASS", "IMAGES", "COMPONENTS"], rows, right=(0, 1, 2))
+    table = head + "\n" + render_table(["CLASS", "IMAGES", "COMPONENTS"], rows, right=(0, 1, 2))
+    return table + _label_carry(summary)
+
+
+def _label_carry(summary: t.FitSummary) -> str:
+    """What the refit did with the replaced fit's labels; the ones left behind one line each."""
+    if not summary.labels_from_fit:
+        return ""
+    text = (f"\nlabels of fit {summary.labels_from_fit}: {len(summary.labels_carried)} carried to the matching "
+            f"component, {len(summary.labels_not_carried)} not carried")
+    for lost in summary.labels_not_carried:
+        text += f"\n  not carried: class {lost.class_index} component {lost.component} {lost.label}: {lost.reason}"
+    return text
 
 
 def _job_progress(job: t.Job) -> str:

@@ -46,9 +46,10 @@ class FitOutcome:
 
     def summary(self) -> FitSummary:
         """What the fit's job reports (the job id is the fit id)."""
-        meta = self.meta
+        meta, carry = self.meta, self.meta.label_carry
         return FitSummary(meta.fit_id, meta.fit_id, meta.model, meta.digest, self.images, len(self.skipped),
-                          tuple(self.classes), self.elapsed_s)
+                          tuple(self.classes), self.elapsed_s,
+                          *(() if carry is None else (carry.from_fit, carry.carried, carry.not_carried)))
 
 
 class _FeatureSpill:

@@ -14,7 +14,7 @@ import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ from spurguard.server.store.atomic import (
 )
 from spurguard.server.store.codec import ClassSummary
 from spurguard.server.store.faults import crash_point
-from spurguard.server.store.labels import LabelDB, utc_now
+from spurguard.server.store.carry import LabelCarry, carry_labels
+from spurguard.server.store.labels import UNLABELED, LabelDB, utc_now
+from spurguard.vocab import LabelCarried
 from spurguard.server.store.layout import (
     LOCK,
     MANIFEST,
@@ -107,14 +109,19 @@ class FitMeta:
     classes: tuple[int, ...]
     info: dict[str, Any]
     base_fit_id: str | None
+    label_carry: LabelCarry | None = None  # what became of the labels of the fit this one replaced
 
     def to_json(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "classes": list(self.classes)}
+        carry = None if self.label_carry is None else self.label_carry.to_json()
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "classes": list(self.classes),
+                "label_carry": carry}
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> FitMeta:
-        values = {f.name: record[f.name] for f in fields(cls)}
-        return cls(**{**values, "classes": tuple(values["classes"])})
+        values = {f.name: record[f.name] for f in fields(cls) if f.name != "label_carry"}
+        carry = record.get("label_carry")  # absent from manifests written before labels were carried
+        return cls(**{**values, "classes": tuple(values["classes"])},
+                   label_carry=None if carry is None else LabelCarry.from_json(carry))
 
 
 class Fit:
@@ -330,8 +337,9 @@ class FitWriter:
                 info=s.info,
                 base_fit_id=s.base_fit_id,
             )
-            if s.base_fit_id is not None:
-                self._carry_labels(s.base_fit_id, summaries)
+            replaced = s.base_fit_id or self._current_fit_id()
+            if replaced is not None and replaced != self.fit_id:
+                meta = replace(meta, label_carry=self._carry_labels(replaced, meta, summaries))
             crash_point("commit-manifest", self.fit_id)
             write_json(self._dir / MANIFEST, manifest_json(meta, summaries))
             crash_point("commit-current", self.fit_id)
@@ -339,11 +347,31 @@ class FitWriter:
             self._release()
         return meta
 
-    def _carry_labels(self, base_fit_id: str, summaries: dict[int, ClassSummary]) -> None:
-        """Labels follow the classes an extension carries unchanged (same tensor checksum)."""
-        base = Fit.read(self.paths, base_fit_id)
-        same = [k for k, s in summaries.items() if k in base and base.summary(k) == s]
-        self._labels.carry(self.paths.model, self.paths.digest, base.fit_id, self.fit_id, same)
+    def _current_fit_id(self) -> str | None:
+        try:
+            return str(read_json(self.paths.current)["fit_id"])
+        except FileNotFoundError:
+            return None
+
+    def _carry_labels(self, replaced: str, meta: FitMeta, summaries: dict[int, ClassSummary]) -> LabelCarry:
+        """The replaced fit's labels onto this one (see store.carry): as they are for the classes an
+        extension carries unchanged (same tensor checksum), by eigenvector match for the others."""
+        model, digest = self.paths.model, self.paths.digest
+        base = Fit.read(self.paths, replaced)
+        same = {k for k, s in summaries.items() if k in base and base.summary(k) == s}
+        self._labels.carry(model, digest, replaced, self.fit_id, sorted(same))
+        labels = [r for r in self._labels.query(model, digest, replaced) if r.label != UNLABELED]
+        kept = [LabelCarried(r.class_index, r.component, r.component, r.label, 1.0)
+                for r in labels if r.class_index in same]
+        others = [r for r in labels if r.class_index not in same]
+        new = Fit(meta, summaries, self._dir)
+        classes = {r.class_index for r in others}
+        carried, not_carried = carry_labels(
+            self._labels, self.fit_id, others,
+            {k: base.components(k).vectors for k in classes},
+            {k: new.components(k).vectors for k in classes if k in new},
+        )
+        return LabelCarry(replaced, tuple(kept + carried), tuple(not_carried))
 
     def _release(self) -> None:
         if self._lock_fd is not None:

@@ -25,7 +25,17 @@ from typing import Any
 from spurguard.server.store.atomic import make_dirs, try_lock
 from spurguard.server.store.layout import new_id
 from spurguard.server.store.sqlite import connect, create_table
-from spurguard.vocab import FINISHED_JOB_STATES, ErrorStatus, FitClass, FitProgress, FitRequest, FitSummary, Job
+from spurguard.vocab import (
+    FINISHED_JOB_STATES,
+    ErrorStatus,
+    FitClass,
+    FitProgress,
+    FitRequest,
+    FitSummary,
+    Job,
+    LabelCarried,
+    LabelNotCarried,
+)
 
 INTERRUPTED = "ABORTED"  # the error code of a job whose server died under it
 
@@ -60,9 +70,12 @@ def decode_job(text: str) -> Job:
         state=r["state"],
         request=FitRequest(**{**request, "classes": tuple(request["classes"])}),
         progress=None if progress is None else FitProgress(**progress),
-        summary=None if summary is None else FitSummary(
-            **{**summary, "classes": tuple(FitClass(**c) for c in summary["classes"])}
-        ),
+        summary=None if summary is None else FitSummary(**{
+            **summary,
+            "classes": tuple(FitClass(**c) for c in summary["classes"]),
+            "labels_carried": tuple(LabelCarried(**c) for c in summary.get("labels_carried", ())),
+            "labels_not_carried": tuple(LabelNotCarried(**c) for c in summary.get("labels_not_carried", ())),
+        }),
         error=None if error is None else ErrorStatus(**error),
         created=_time(r["created"]),
         updated=_time(r["updated"]),

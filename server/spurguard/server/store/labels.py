@@ -6,7 +6,8 @@ single row upsert is atomic and durable. A connection is opened per operation, s
 is ever shared between threads.
 
 Labels are keyed by fit_id as well as (model, digest, class, component): a component index only
-means something within one fit, so a refit starts unlabeled while the old labels stay queryable.
+means something within one fit; a refit's commit carries them to the new fit's matching
+components (store.carry), while the old labels stay queryable.
 """
 from __future__ import annotations
 

@@ -193,7 +193,8 @@ class Store:
         """A new fit holding the base fit's classes (hard links, no copy) plus the ones added now.
 
         Same dataset root and settings as the base, since image ids are relative to it. Classes
-        carried unchanged keep their labels; a class added again is refitted and starts unlabeled.
+        carried unchanged keep their labels; a class added again is refitted, and its labels follow
+        their eigenvectors (store.carry).
         """
         base = self.load_fit(model, digest, base_fit_id).meta
         settings = FitSettings(base.dataset_root, base.num_components, base.feature_dim, base.info, base.fit_id)
