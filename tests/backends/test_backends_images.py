@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -30,6 +28,8 @@ from spurguard.server.backends.images import (
 )
 from spurguard.server.errors import InvalidInput, ResourceExhausted
 
+from backends_support import png_with_header
+
 RNG = np.random.default_rng(0)
 
 
@@ -45,16 +45,6 @@ def photo(width: int = 64, height: int = 48) -> Image.Image:
     base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], axis=-1)
     noisy = base + np.random.default_rng(width * height).normal(0, 8, base.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-
-
-def png_with_header(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR declares width x height 8-bit gray: a decompression bomb's header."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 # --- decode errors ------------------------------------------------------------------------
