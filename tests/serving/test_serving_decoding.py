@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -65,6 +66,39 @@ def test_a_tenant_does_not_bank_its_idle_time(pool: DecodePool) -> None:
     ran = run_order(pool, jobs)
     longest_late_run = max(len(run) for run in "".join("L" if n.startswith("late") else " " for n in ran).split())
     assert longest_late_run <= 2, ran
+
+
+def test_a_tenant_over_its_share_waits_while_others_are_in_flight() -> None:
+    """Two tenants in flight on one worker each own half of it: after a 0.3 s job the heavy one
+    has used 0.6 s of its share and waits (~0.25 s) though the worker is free, while the other's
+    job runs at once; when the other's request ends, the heavy one goes on at once."""
+    pool = DecodePool(1)
+    heavy, other = Tenant(), Tenant()
+    ran: dict[str, tuple[float, float]] = {}
+
+    def job(name: str, seconds: float) -> None:
+        started = time.monotonic()
+        time.sleep(seconds)
+        ran[name] = (started, time.monotonic())
+
+    try:
+        with pool.serving(heavy):
+            with pool.serving(other):
+                first, second = (pool.submit(heavy, 1.0, job, name, 0.3) for name in ("first", "second"))
+                first.result(TIMEOUT)
+                pool.submit(other, 1.0, job, "other", 0.0).result(TIMEOUT)
+                assert ran["other"][0] - ran["first"][1] < 0.15 and not second.done()
+                time.sleep(0.1)
+                assert not second.done()  # held back with the worker idle
+                left = time.monotonic()
+            second.result(TIMEOUT)
+            assert ran["second"][0] - left < 0.15
+            alone = [pool.submit(heavy, 1.0, job, name, 0.3) for name in ("third", "fourth")]
+            for future in alone:
+                future.result(TIMEOUT)
+            assert ran["fourth"][0] - ran["third"][1] < 0.15  # alone: no waiting
+    finally:
+        pool.shutdown()
 
 
 def test_a_tenant_alone_uses_every_worker() -> None:

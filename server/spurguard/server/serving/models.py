@@ -265,19 +265,21 @@ class ServedModel:
         self, images: Sequence[tuple[str, ImageSource]], options: ScoreSettings, output: OutputKind, tenant: Tenant
     ) -> list[Scored | BaseException]:
         """Headers, the pixel budget and decoding on the decode pool in `tenant`'s share, then the
-        batcher; per image its output or its exception."""
+        batcher (the tenant counts as in flight for the pool meanwhile); per image its output or
+        its exception."""
         backend = self.backend
         guard = self.guard
         pool = self._decode_pool
-        queued = await pool.run(tenant, OPEN_COST * len(images), _open_and_queue, pool, tenant, backend,
-                                [source for _, source in images], self._max_request_pixels)
-        crops = await asyncio.gather(*(_result(item) for item in queued))
-        results: list[Scored | BaseException] = list(crops)  # placeholders where decoding failed
-        decoded = [i for i, x in enumerate(crops) if isinstance(x, np.ndarray)]
         assert self._batcher is not None
-        scored = await self._batcher.submit_many(
-            [_Item(crops[i], images[i][0], guard, options, output) for i in decoded]  # type: ignore[arg-type]
-        )
+        with pool.serving(tenant):
+            queued = await pool.run(tenant, OPEN_COST * len(images), _open_and_queue, pool, tenant, backend,
+                                    [source for _, source in images], self._max_request_pixels)
+            crops = await asyncio.gather(*(_result(item) for item in queued))
+            results: list[Scored | BaseException] = list(crops)  # placeholders where decoding failed
+            decoded = [i for i, x in enumerate(crops) if isinstance(x, np.ndarray)]
+            scored = await self._batcher.submit_many(
+                [_Item(crops[i], images[i][0], guard, options, output) for i in decoded]  # type: ignore[arg-type]
+            )
         for i, result in zip(decoded, scored):
             results[i] = result
         return results
