@@ -427,7 +427,7 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help="most images in one Score request; more is RESOURCE_EXHAUSTED "
                         f"(default {_default('max_request_images')})")
     p.add_argument("--max-request-pixels", type=_positive_int, default=_default("max_request_pixels"), metavar="N",
-                   help="most pixels the images of one Score request (or ScoreStream message) may decode to, "
+                   help="most pixels the images of one Score or ModelInfer request (or ScoreStream message) may decode to, "
                         "read from their headers before decoding (a large JPEG counts at the reduced scale it "
                         f"decodes at); more is RESOURCE_EXHAUSTED (default {_default('max_request_pixels')})")
     p.add_argument("--fit-workers", type=_positive_int, default=_default("fit_workers"), metavar="N",

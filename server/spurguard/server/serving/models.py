@@ -3,8 +3,9 @@ the entry to Visualize (its work is in visualizing.py).
 
 Score's path: read every image's header (the request's pixel budget is checked on them), decode
 per image on the shared decode pool (serving.decoding: fair across requests), batch forward
-passes per model, decompose + SpuFix in the same worker thread. A request captures the Guard once, so all its images,
-whichever batches they land in, are scored against one (fit, labels) snapshot and its fit_id.
+passes per model, decompose + SpuFix in the same worker thread. A request captures the Guard
+once, so all its images, whichever batches they land in, are scored against one (fit, labels)
+snapshot and its fit_id.
 The Open Inference Protocol's ModelInfer takes the same path (its images share batches with
 Score's) and gets each image's arrays (`Inference`) instead of a ScoreResult.
 """
@@ -43,8 +44,8 @@ log = logging.getLogger("spurguard.server")
 ImageSource = ImageInput | BaseException
 # What an image's batch work returns: a ScoreResult (Score) or its row of arrays (ModelInfer).
 OutputKind = Literal["result", "arrays"]
-# What reading one image's header costs, in the decode pool's unit (pixels decoded): measured, an
-# open takes 20-200 us, decoding 25-85 ns a pixel. Counted so that a client whose images all fail
+# What reading one image's header costs, in the decode pool's unit of cost (a pixel decoded or a
+# byte read): measured, an open takes 20-200 us, decoding 25-85 ns a pixel. Counted so that a client whose images all fail
 # at the header (forged bombs, say) is not free to flood the pool.
 OPEN_COST = 4096
 Scored = ScoreResult | Inference
