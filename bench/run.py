@@ -30,6 +30,11 @@ that decodes ahead of the forward, batch 32, on the same cores.
 6. Through Triton: the same server with efficientnet_lite0 as a `[triton]` model directory (its
    backbone on a real Triton: PyTriton from .venv-triton, ONNX Runtime inside) vs tritonclient
    ModelInfer straight to that Triton after the same bare decode: target >= 0.9x.
+7. Decoding fairness under load: 16 concurrent ScoreStream clients of the JPEGs of 3 (a few in
+   flight each, every reply matched to its request, 0 errors), p50/p99 latency, alone and while
+   a 17th client streams bomb-like images (forged 6300x6300 PNG headers, flat 6300x6300 lossless
+   WebPs: both rejected from their headers; legal flat 6300x6300 PNGs, 0.25 s of decoding each):
+   target, the others' p99 within 2x of the run without it.
 
 Throughput comparisons run in paired rounds (the two sides back to back) and report the median
 of the per-round ratios, which a noisy neighbour on a shared machine barely moves.
@@ -39,6 +44,7 @@ Run: `make bench` (or `.venv/bin/python bench/run.py [--quick] [--only SECTION]`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -48,6 +54,7 @@ import sys
 import tempfile
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -60,14 +67,14 @@ import numpy as np
 if TYPE_CHECKING:  # the server's modules load torch: imported where a section needs them
     import torch
 
-    from spurguard.client import Client
+    from spurguard.client import Client, ScoreResult
     from spurguard.server.backends import TorchBackend
     from spurguard.server.backends.runtimes import Forward, RuntimeChoice
 
 S = TypeVar("S")
 
 IMAGENET_CLASSES, IMAGES_PER_CLASS, DIM, TOP = 1000, 1300, 2048, 50
-SECTIONS = ("runtimes", "fit", "npca", "grpc", "attack", "oip", "triton")
+SECTIONS = ("runtimes", "fit", "npca", "grpc", "attack", "oip", "triton", "load")
 ROUNDS, ROUNDS_QUICK = 3, 1  # paired rounds per throughput comparison
 BATCH = 32  # images per forward pass, on every side of every comparison
 
@@ -372,8 +379,6 @@ def _scoring_server(quick: bool, model: Callable[[TorchBackend, Path], str] | No
 
 
 def bench_grpc_score(quick: bool) -> dict[str, object]:
-    from spurguard.client import ScoreResult
-
     with _scoring_server(quick) as served:
         client, backend, choice = served.client, served.backend, served.choice
         images, pixels = served.images, served.pixels
@@ -478,6 +483,135 @@ def bench_triton(quick: bool) -> dict[str, object]:
             if triton_server is not None:
                 triton_server.stop()
     return {"images": len(images), "served_runtime": served_runtime, "paired": paired}
+
+
+LOAD_CLIENTS, LOAD_WINDOW = 16, 2  # ScoreStream clients, and the images each keeps in flight
+BOMB_WINDOW = 24  # the bomb-like client's images in flight: the issue's 24 in one request
+BOMB_SIDE = 6300  # the issue's: 39.7 MP, under the 40 MP a single image may have
+
+
+def _bomb_like_images() -> list[tuple[str, bytes]]:
+    """What the bomb-like client cycles through: two bombs the header check rejects and one legal
+    image that costs as much to decode as an image may (an 8-bit PNG cannot pass ~1030 pixels a
+    byte, so a flat one is the heaviest legal PNG for its size)."""
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "backends"))
+    from backends_support import png_with_header
+
+    def flat(fmt: str, **options: object) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", (BOMB_SIDE, BOMB_SIDE), 100).save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    return [("forged-png", png_with_header(BOMB_SIDE, BOMB_SIDE)), ("flat-webp", flat("WEBP", lossless=True)),
+            ("flat-png", flat("PNG", optimize=True))]
+
+
+async def _stream_client(target: str, images: Sequence[tuple[str, bytes]], window: int,
+                         more: Callable[[int], bool]) -> list[tuple[float, ScoreResult]]:
+    """One ScoreStream client keeping `window` images in flight while `more(i)`: per reply its
+    latency (sent to answered) and result, each matched to its request by request_id and image id."""
+    import grpc
+
+    from spurguard import vocab
+    from spurguard.v1 import spurguard_pb2 as pb
+    from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
+    from spurguard.wire import from_message
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = pb_grpc.SpurguardStub(channel).ScoreStream()
+        sent: dict[str, tuple[float, str]] = {}
+        replies: list[tuple[float, ScoreResult]] = []
+        slots = asyncio.Semaphore(window)
+
+        async def write() -> None:
+            i = 0
+            while more(i):
+                await slots.acquire()
+                name, data = images[i % len(images)]
+                image_id = f"{name}-{i}"
+                sent[str(i)] = (time.perf_counter(), image_id)
+                await call.write(pb.ScoreStreamRequest(request_id=str(i), model="efficientnet_lite0",
+                                                       image=pb.Image(id=image_id, encoded=data)))
+                i += 1
+            await call.done_writing()
+
+        async def read() -> None:
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                started, image_id = sent.pop(reply.request_id)  # a KeyError: a reply to nothing sent
+                result = from_message(reply.result, vocab.ScoreResult)
+                if result.image_id != image_id:
+                    raise RuntimeError(f"request {reply.request_id} sent {image_id}, answered {result.image_id}")
+                replies.append((time.perf_counter() - started, result))
+                slots.release()
+
+        await asyncio.gather(write(), read())
+    if sent:
+        raise RuntimeError(f"{len(sent)} requests got no reply")
+    return replies
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """One run of the load test: the latencies of the 16 clients' images, what failed, and what
+    the bomb-like client's images got (codes by kind; empty without it)."""
+
+    latencies_s: list[float]
+    errors: list[str]
+    seconds: float
+    bomb_codes: Counter[str]  # "KIND CODE" (CODE "decoded" for a result without error)
+
+
+def _load_run(target: str, images: Sequence[tuple[str, bytes]], per_client: int,
+              bombs: Sequence[tuple[str, bytes]] | None) -> LoadRun:
+    async def main() -> LoadRun:
+        stop = asyncio.Event()
+        bomber = None if bombs is None else asyncio.create_task(
+            _stream_client(target, bombs, BOMB_WINDOW, lambda _: not stop.is_set()))
+        started = time.perf_counter()
+        clients = await asyncio.gather(*(
+            _stream_client(target, [(f"c{c}-{name}", data) for name, data in images], LOAD_WINDOW,
+                           lambda i: i < per_client)
+            for c in range(LOAD_CLIENTS)
+        ))
+        seconds = time.perf_counter() - started
+        stop.set()
+        bombed = [] if bomber is None else await bomber
+        codes = Counter(f"{r.image_id.rsplit('-', 1)[0]} {'decoded' if r.error is None else r.error.code}"
+                        for _, r in bombed)
+        replies = [reply for client in clients for reply in client]
+        return LoadRun([latency for latency, _ in replies],
+                       [f"{r.image_id}: {r.error.code} {r.error.message}" for _, r in replies if r.error is not None],
+                       seconds, codes)
+
+    return asyncio.run(main())
+
+
+def bench_load(quick: bool) -> dict[str, object]:
+    """16 ScoreStream clients alone, then with a bomb-like client beside them, in paired rounds;
+    the p99 ratio is the median of the rounds'."""
+    bombs = _bomb_like_images()
+    per_client = 16 if quick else 48
+    with _scoring_server(quick) as served:
+        images = [(f"{i:03d}", data) for i, data in enumerate(served.images)]
+        _load_run(served.target, images, 4, None)  # warm-up: channels, first-call allocations
+        rounds = [(_load_run(served.target, images, per_client, None), _load_run(served.target, images, per_client, bombs))
+                  for _ in range(ROUNDS_QUICK if quick else ROUNDS)]
+
+    def ratio(q: float) -> float:
+        return float(np.median([_percentile_ms(b.latencies_s, q) / _percentile_ms(a.latencies_s, q) for a, b in rounds]))
+
+    return {
+        "images": LOAD_CLIENTS * per_client,
+        "p99_ms": [(_percentile_ms(a.latencies_s, 99), _percentile_ms(b.latencies_s, 99)) for a, b in rounds],
+        "alone": rounds[-1][0],
+        "bombed": rounds[-1][1],
+        "p99_ratio": ratio(99),
+        "p50_ratio": ratio(50),
+        "errors": [error for pair in rounds for run in pair for error in run.errors],
+        "rounds": len(rounds),
+    }
 
 
 ATTACK_COMPONENTS = 4
@@ -605,6 +739,22 @@ def main() -> int:
               f"(PyTriton, ONNX Runtime inside), batch {BATCH}; spurguard's model runs on {through['served_runtime']}")
         _print_paired("images/s", through["images"], "spurguard ScoreStream (TritonBackend)", through["paired"],
                       {"direct": ("decode on all cores + tritonclient ModelInfer to Triton", "target >= 0.9")})
+    if "load" in sections:
+        load = bench_load(args.quick)
+        print(f"\n[decoding fairness under load] {LOAD_CLIENTS} ScoreStream clients x "
+              f"{load['images'] // LOAD_CLIENTS} JPEGs ({LOAD_WINDOW} in flight each), efficientnet_lite0 on the "
+              f"CPU, the server of [score over gRPC]; beside them, one client streaming bomb-like images "
+              f"({BOMB_WINDOW} in flight); {load['rounds']} paired rounds")
+        for label, run in (("last round, alone", load["alone"]), ("last round, beside it", load["bombed"])):
+            print(f"  {label:22s} p50 {_percentile_ms(run.latencies_s, 50):7.1f} ms   "
+                  f"p99 {_percentile_ms(run.latencies_s, 99):7.1f} ms   {len(run.latencies_s) / run.seconds:6.1f} images/s")
+        rounds = ", ".join(f"{alone:.0f} / {beside:.0f}" for alone, beside in load["p99_ms"])
+        print(f"  p99 beside the bomb-like client / alone: {load['p99_ratio']:.2f}x, the median of the rounds' "
+              f"({rounds} ms) (target <= 2); p50 {load['p50_ratio']:.2f}x")
+        errors = load["errors"]
+        print(f"  every result matched to its request; {len(errors)} errors" + (f" (first: {errors[0]})" if errors else ""))
+        answered = ", ".join(f"{what} {count}" for what, count in sorted(load["bombed"].bomb_codes.items()))
+        print(f"  the bomb-like client's images (last round): {answered}")
     return 0
 
 

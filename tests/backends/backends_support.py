@@ -1,7 +1,9 @@
-"""The tiny CNN and model.toml helpers shared by the backend tests and their fixtures."""
+"""The tiny CNN, model.toml helpers and a forged PNG header, shared by the backend tests and their fixtures."""
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,3 +60,13 @@ def default_toml(backbone: str = "backbone.pt") -> dict[str, Any]:
 
 
 MakeModelDir = Callable[..., Path]
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR declares width x height 8-bit gray: a decompression bomb's header."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -2,29 +2,33 @@
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage import data
 
 from spurguard.server.backends.base import ImageLimits, PreprocessConfig
 from spurguard.server.backends.images import (
     ALPHA_BACKGROUND,
     crop_box,
+    decode_crop,
     decode_image,
     denormalize,
     encode_png,
     load_rgb,
+    open_image,
     preprocess_images,
+    resize_and_crop,
     to_rgb,
 )
 from spurguard.server.errors import InvalidInput, ResourceExhausted
+
+from backends_support import png_with_header
 
 RNG = np.random.default_rng(0)
 
@@ -41,16 +45,6 @@ def photo(width: int = 64, height: int = 48) -> Image.Image:
     base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], axis=-1)
     noisy = base + np.random.default_rng(width * height).normal(0, 8, base.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-
-
-def png_with_header(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR declares width x height 8-bit gray: a decompression bomb's header."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 # --- decode errors ------------------------------------------------------------------------
@@ -143,6 +137,53 @@ def test_pixel_limit_is_configurable() -> None:
 def test_limits_above_pil_are_refused() -> None:
     with pytest.raises(InvalidInput, match="MAX_IMAGE_PIXELS"):
         ImageLimits(max_pixels=10**10)
+
+
+def test_a_forged_header_is_a_bomb_rejected_before_decoding() -> None:
+    """The issue's image: a tiny PNG that claims 6300 x 6300 (under max_pixels) is INVALID_ARGUMENT
+    from its header alone, and so is the same claim in any buffer too small to hold it."""
+    data = png_with_header(6300, 6300)
+    with pytest.raises(InvalidInput, match=r"6300x6300 = 39690000 pixels in \d+ bytes, .* decompression bomb"):
+        open_image(data)
+    with pytest.raises(InvalidInput, match="decompression bomb"):
+        decode_image(data)
+    assert open_image(png_with_header(6300, 6300), ImageLimits(max_pixels_per_byte=10**6)).pixels == 6300 * 6300
+
+
+def test_flat_fills_are_bombs_from_4_megapixels_on() -> None:
+    """A lossless WebP of one gray costs a photo's decoding in a few hundred bytes: a bomb at
+    2048 x 2048, a fine (if dull) image at 512 x 512."""
+    flat = encode(Image.new("L", (2048, 2048), 90), "WEBP", lossless=True)
+    with pytest.raises(InvalidInput, match="decompression bomb"):
+        open_image(flat)
+    small = encode(Image.new("L", (512, 512), 90), "WEBP", lossless=True)
+    assert 512 * 512 / len(small) > 2000  # as "compressed" as the bomb, but under bomb_min_pixels
+    assert decode_image(small).size == (512, 512)
+
+
+@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("JPEG", {"quality": 50}), ("WEBP", {"lossless": True})])
+def test_the_most_compressible_real_picture_is_no_bomb(fmt: str, options: dict[str, object]) -> None:
+    """skimage's checkerboard upscaled 10x, the most compressible real picture measured, passes."""
+    board = Image.fromarray(data.checkerboard()).resize((2048, 2048), Image.Resampling.BICUBIC)
+    encoded = encode(board, fmt, **options)
+    assert open_image(encoded).pixels == 2048 * 2048 and 2048 * 2048 / len(encoded) < ImageLimits().max_pixels_per_byte
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode() -> None:
+    """Twice the shorter side the resize wants: a 2400 x 1800 JPEG for resize 256 decodes at 1/2
+    (1200 x 900: the next scale, 1/4, would leave 450 < 512), and its crop is the full decode's
+    within JPEG's own noise; formats without DCT scaling decode whole."""
+    config = PreprocessConfig(size=224, resize=256, interpolation="bicubic", mean=MEAN, std=STD)
+    big = photo(600, 450).resize((2400, 1800), Image.Resampling.BICUBIC)
+    jpeg = encode(big, "JPEG", quality=90)
+    opened = open_image(jpeg, resize=config.resize)
+    assert opened.pixels == 1200 * 900 and opened.cost == opened.pixels + len(jpeg)
+    full = np.asarray(resize_and_crop(decode_image(jpeg), config)).astype(int)
+    drafted = opened.crop(config).astype(int)
+    assert drafted.shape == full.shape == (224, 224, 3) and np.abs(drafted - full).mean() < 1.0
+    assert np.array_equal(decode_crop(jpeg, config), opened.crop(config))
+    assert open_image(encode(big, "PNG"), resize=config.resize).pixels == 2400 * 1800
+    assert open_image(jpeg).pixels == 2400 * 1800  # no resize named: full size
 
 
 # --- formats and modes --------------------------------------------------------------------

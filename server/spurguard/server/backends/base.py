@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, Union, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from spurguard.server.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from spurguard.server.backends.images import OpenedImage
 
 ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image]
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -30,9 +33,14 @@ class ImageLimits:
 
     max_bytes: int = 32 * 2**20
     max_pixels: int = 40_000_000
+    # An encoded image of at least bomb_min_pixels that claims more than max_pixels_per_byte pixels
+    # per byte of its file is a decompression bomb, INVALID_ARGUMENT (backends/images.py says why
+    # these numbers).
+    max_pixels_per_byte: float = 2000.0
+    bomb_min_pixels: int = 2**22
 
     def __post_init__(self) -> None:
-        if self.max_bytes <= 0 or self.max_pixels <= 0:
+        if min(self.max_bytes, self.max_pixels, self.max_pixels_per_byte, self.bomb_min_pixels) <= 0:
             raise InvalidInput("image limits must be positive")
         pil_limit = Image.MAX_IMAGE_PIXELS
         if pil_limit is not None and self.max_pixels > pil_limit:
@@ -100,6 +108,11 @@ class Backend(Protocol):
     def decode_crop(self, image: ImageInput) -> np.ndarray:
         """preprocess's per-image half: one image to its uint8 [size,size,3] crop, without torch
         (runs in decode threads next to the forward pass)."""
+        ...
+
+    def open_image(self, image: ImageInput) -> OpenedImage:
+        """decode_crop in two steps: this one reads and checks the header and says what decoding
+        will cost; `.crop(preprocess_config)` then decodes."""
         ...
 
     def stack_crops(self, crops: Sequence[np.ndarray]) -> torch.Tensor:

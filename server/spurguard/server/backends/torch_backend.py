@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from spurguard.server.backends.base import DEFAULT_LIMITS, ImageInput, ImageLimits, PreprocessConfig
 from spurguard.server.backends.device import configure_cpu_threads, default_batch_size, resolve_device
-from spurguard.server.backends.images import decode_crop, preprocess_images, stack_crops
+from spurguard.server.backends.images import OpenedImage, decode_crop, open_image, preprocess_images, stack_crops
 from spurguard.server.backends.onnx_export import export_onnx
 from spurguard.server.backends.runtimes import (
     FEATURE_TOLERANCE,
@@ -166,6 +166,10 @@ class TorchBackend:
     def decode_crop(self, image: ImageInput) -> np.ndarray:
         """One image to its uint8 [size,size,3] crop; torch-free, for decode threads."""
         return decode_crop(image, self.preprocess_config, self.limits)
+
+    def open_image(self, image: ImageInput) -> OpenedImage:
+        """decode_crop's first step: the header, checked, and what decoding it will cost."""
+        return open_image(image, self.limits, self.preprocess_config.resize)
 
     def stack_crops(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 crops to the normalised float32 input batch [N,3,size,size]."""

@@ -30,7 +30,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +48,11 @@ from spurguard.server.rpc import auth, inference
 from spurguard.server.rpc.health import Health
 from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.serving.dataplane import DataPlane
+from spurguard.server.serving.decoding import DecodePool
 from spurguard.server.serving.jobs import DEFAULT_MAX_QUEUED, JobRegistry
 from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.models import ModelRegistry, ServedModel
+from spurguard.server.serving.options import MAX_REQUEST_PIXELS
 from spurguard.server.serving.paths import DataRoots
 from spurguard.server.store import Store
 from spurguard.v1 import spurguard_pb2 as pb
@@ -84,6 +85,7 @@ class ServerConfig:
     grace_s: float = 10.0
     drain_delay_s: float = 5.0  # on SIGTERM, calls are still answered this long after readiness turns NOT_SERVING
     max_request_images: int = 1024
+    max_request_pixels: int = MAX_REQUEST_PIXELS
     fit_workers: int = 1
     store_poll_s: float = 2.0
     max_heavy_calls: int = 2
@@ -159,13 +161,14 @@ class SpurguardServer:
         tokens = None if config.auth_tokens is None else auth.TokenFile(config.auth_tokens)  # a bad file fails here
         self.metrics = Metrics()
         self.store = Store(config.store)
-        self._decode_pool = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="spurguard-decode")
+        self._decode_pool = DecodePool(available_cpus())
         options = {
             "device": config.device,
             "max_batch_size": config.max_batch_size,
             "max_delay_s": config.max_delay_ms / 1000.0,
             "store_poll_s": config.store_poll_s,
             "runtime": config.runtime,
+            "max_request_pixels": config.max_request_pixels,
         }
         served = [
             ServedModel(model_name(spec), self.store, self.metrics, self._decode_pool, spec=spec, **options)
@@ -222,7 +225,7 @@ class SpurguardServer:
                 self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
         except BaseException:
             await self._server.stop(None)
-            self._decode_pool.shutdown(wait=False)
+            self._decode_pool.shutdown()
             raise
         self.port = port
         if tokens is not None:
@@ -300,7 +303,7 @@ class SpurguardServer:
         await jobs_done
         for model in self.models:
             await model.close()
-        self._decode_pool.shutdown(wait=False)
+        self._decode_pool.shutdown()
         self.metrics.close()
         log.info("server stopped")
 
@@ -492,6 +495,10 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
     p.add_argument("--max-request-images", type=_positive_int, default=_default("max_request_images"), metavar="N",
                    help="most images in one Score request; more is RESOURCE_EXHAUSTED "
                         f"(default {_default('max_request_images')})")
+    p.add_argument("--max-request-pixels", type=_positive_int, default=_default("max_request_pixels"), metavar="N",
+                   help="most pixels the images of one Score or ModelInfer request (or ScoreStream message) may decode to, "
+                        "read from their headers before decoding (a large JPEG counts at the reduced scale it "
+                        f"decodes at); more is RESOURCE_EXHAUSTED (default {_default('max_request_pixels')})")
     p.add_argument("--fit-workers", type=_positive_int, default=_default("fit_workers"), metavar="N",
                    help=f"fit jobs running at once; more wait QUEUED, up to --max-queued-jobs (default {_default('fit_workers')})")
     p.add_argument("--max-queued-jobs", type=_non_negative_int, default=_default("max_queued_jobs"), metavar="N",

@@ -21,6 +21,7 @@ from spurguard import vocab
 from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc.handlers import stream_call, unary_call
 from spurguard.server.serving.dataplane import DataPlane, image_result
+from spurguard.server.serving.decoding import Tenant
 from spurguard.server.serving.metrics import Metrics
 from spurguard.server.serving.models import ImageSource
 from spurguard.v1 import spurguard_pb2 as pb
@@ -152,9 +153,10 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
         replies: asyncio.Queue[pb.ScoreStreamResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)  # messages read but not yet answered on the wire
+        tenant = Tenant()  # the stream's messages share one fair share of the decode pool
 
         async def answer(message: pb.ScoreStreamRequest) -> None:
-            replies.put_nowait(await self._stream_reply(message))
+            replies.put_nowait(await self._stream_reply(message, tenant))
 
         async def read_requests() -> None:
             pending: set[asyncio.Task[None]] = set()
@@ -181,7 +183,7 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
         finally:
             reader.cancel()
 
-    async def _stream_reply(self, message: pb.ScoreStreamRequest) -> pb.ScoreStreamResponse:
+    async def _stream_reply(self, message: pb.ScoreStreamRequest, tenant: Tenant) -> pb.ScoreStreamResponse:
         """One stream message's reply; anything wrong with it, its options too, is its error."""
         image_id = message.image.id
         try:
@@ -189,7 +191,7 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
         except InvalidInput as error:
             result = image_result(image_id, error, "ScoreStream")
         else:
-            result = await self.plane.score_one(message.model, image_id, image_source(message.image), options)
+            result = await self.plane.score_one(message.model, image_id, image_source(message.image), options, tenant)
         return pb.ScoreStreamResponse(request_id=message.request_id, result=to_message(result))
 
     # ---- evaluate ----

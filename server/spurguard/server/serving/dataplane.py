@@ -29,6 +29,7 @@ from spurguard.server.errors import (
     error_status,
     in_context,
 )
+from spurguard.server.serving.decoding import Tenant
 from spurguard.server.serving.evaluation import run_evaluate
 from spurguard.server.serving.fitting import run_fit
 from spurguard.server.serving.guard import Inference
@@ -331,11 +332,14 @@ class DataPlane:
                 "send smaller batches"
             )
 
-    async def score_one(self, model: str, image_id: str, image: ImageSource, options: vocab.ScoreOptions) -> vocab.ScoreResult:
-        """One image of a stream; anything wrong with it, even an unknown model, is its error."""
+    async def score_one(
+        self, model: str, image_id: str, image: ImageSource, options: vocab.ScoreOptions, tenant: Tenant
+    ) -> vocab.ScoreResult:
+        """One image of a stream (`tenant`: the stream's share of the decode pool); anything wrong
+        with it, even an unknown model, is its error."""
         try:
             served = self.models.get(model)
-            (result,) = await served.score([(image_id, image)], self._score_settings(served, options))
+            (result,) = await served.score([(image_id, image)], self._score_settings(served, options), tenant)
         except Exception as error:  # noqa: BLE001 - this image's error, not the stream's
             result = error
         return image_result(image_id, result, "ScoreStream")

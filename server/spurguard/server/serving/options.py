@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from spurguard.server.engine import DEFAULT_NUM_COMPONENTS
-from spurguard.server.errors import InvalidInput, NotFound
+from spurguard.server.errors import InvalidInput, NotFound, ResourceExhausted
 from spurguard.server.store.store import new_id
 from spurguard.server.visualize import DEFAULT_STEPS
 from spurguard.vocab import (
@@ -31,6 +31,11 @@ MAX_TOP_K = 64
 MAX_FRAMES = 1000  # attack frames per component and request
 DEFAULT_TOP_K = 8
 FRAMES_PER_ATTACK = 10  # frame_every unset: steps / 10
+# What the images of one Score / ModelInfer request (one ScoreStream message) may decode to,
+# together: the default request of 1024 images (--max-request-images) at ImageNet's 500 x 500,
+# or six images at the 40 MP each may have (ImageLimits.max_pixels). Counted from the headers
+# before anything is decoded; a large JPEG counts at the reduced scale it decodes at.
+MAX_REQUEST_PIXELS = 256_000_000
 
 
 def check_class(class_index: int, num_classes: int) -> int:
@@ -38,6 +43,15 @@ def check_class(class_index: int, num_classes: int) -> int:
     if not 0 <= class_index < num_classes:
         raise NotFound(f"class {class_index} does not exist: the model has classes 0..{num_classes - 1}")
     return class_index
+
+
+def check_request_pixels(pixels: int, limit: int) -> None:
+    """RESOURCE_EXHAUSTED for a request whose images would decode to more than `limit` pixels."""
+    if pixels > limit:
+        raise ResourceExhausted(
+            f"the request's images decode to {pixels} pixels, over the limit of {limit} a request "
+            "(--max-request-pixels); send fewer or smaller images per request"
+        )
 
 
 def _classes(classes: Iterable[int], num_classes: int) -> tuple[int, ...]:
