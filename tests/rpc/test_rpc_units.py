@@ -64,3 +64,13 @@ def test_no_roots_means_no_datasets(layout: tuple[Path, Path]) -> None:
         DataRoots([]).resolve(str(layout[0] / "train"))
     with pytest.raises(InvalidInput):
         DataRoots([layout[0]]).resolve("")
+
+
+@pytest.mark.parametrize("path, message", [
+    ("train\x00x", "NUL character"),  # os calls raise ValueError: was INTERNAL
+    ("a" * 300, "too long"),  # one name over NAME_MAX: ENAMETOOLONG, was INTERNAL
+    ("a/" * 3000, "too long"),  # over PATH_MAX
+])
+def test_paths_that_no_file_system_takes_are_invalid_input(layout: tuple[Path, Path], path: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        DataRoots([layout[0]]).resolve(path)
