@@ -63,14 +63,16 @@ def iter_batches(
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     slices = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    if not slices:
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spurguard-decode") as pool:
-        pending: Future[Batch] | None = pool.submit(_prepare, slices[0], backend) if slices else None
+        pending: Future[Batch] = pool.submit(_prepare, slices[0], backend)
         for next_slice in slices[1:] + [None]:
             if cancel is not None and cancel.is_set():
                 return
-            assert pending is not None
             batch = pending.result()
-            pending = pool.submit(_prepare, next_slice, backend) if next_slice is not None else None
+            if next_slice is not None:
+                pending = pool.submit(_prepare, next_slice, backend)
             yield batch
 
 

@@ -78,6 +78,9 @@ def run_evaluate(
     if classes is not None:
         wanted = set(classes)
         spurious_entries = [e for e in spurious_entries if e.class_index in wanted]
+        if not spurious_entries:
+            raise InvalidInput(f"the spurious dataset has no images of classes {sorted(wanted)}; "
+                               "leave classes empty for every class it has")
     total = len(clean_entries) + len(spurious_entries)
     report("scanning", 0)
     done = [0]
