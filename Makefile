@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: setup triton-venv test demo bench clean
+.PHONY: setup triton-venv test demo bench fuzz clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,16 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# The request fuzzer of `make test` (tests/rpc/test_rpc_fuzz.py) with many more examples per RPC
+# and a seed of its own each run (printed; FUZZ_SEED=N repeats one).
+FUZZ_EXAMPLES ?= 1000
+ifndef FUZZ_SEED
+FUZZ_SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+fuzz: $(STAMP)
+	@echo "make fuzz: $(FUZZ_EXAMPLES) examples per RPC, seed $(FUZZ_SEED)"
+	SPURGUARD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SPURGUARD_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q tests/rpc/test_rpc_fuzz.py
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info

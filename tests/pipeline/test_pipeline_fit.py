@@ -20,6 +20,7 @@ from torch import nn
 from spurguard.server.backends import PreprocessConfig, TorchBackend
 from spurguard.server.engine import roc_auc, softmax
 from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput, PermissionDenied
+from spurguard.server.loader import iter_batches
 from spurguard.server.serving.evaluation import run_evaluate
 from spurguard.server.serving.fitting import FitProgress, run_fit
 from spurguard.server.serving.guard import Guard
@@ -328,3 +329,17 @@ def test_evaluation_matches_metrics_on_logits(backend: TorchBackend, dataset: Pa
     clean_y = np.repeat([0, 1, 2], [len(c) for c in clean])
     assert result.baseline.clean_accuracy == pytest.approx((clean_all.argmax(1) == clean_y).mean())
     store.set_label("tiny", backend.digest, 0, 0, "unlabeled")
+
+
+def test_evaluation_of_classes_the_spurious_folder_lacks_says_so(
+    backend: TorchBackend, dataset: Path, fitted, tmp_path: Path
+) -> None:
+    """Was INTERNAL (an assertion in the loader on no images at all), found by the request fuzzer."""
+    spurious = tmp_path / "spurious"
+    _write_images(spurious, {"spurious_imagenet_0_dots_1": 2}, seed=9)
+    with pytest.raises(InvalidInput, match=r"no images of classes \[1, 2\]"):
+        run_evaluate(backend, Guard.load(backend, fitted[0]), dataset, spurious, mode="paper", classes=[1, 2])
+
+
+def test_batches_of_no_images_are_none(backend: TorchBackend) -> None:
+    assert list(iter_batches([], backend, batch_size=4, read=Path.read_bytes)) == []

@@ -22,11 +22,14 @@ import torch
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2 as oip
 from tritonclient.utils import InferenceServerException
 
 from spurguard.client import Client, FitSummary, ScoreResult
 from spurguard.server.backends import PreprocessConfig, TorchBackend
+from spurguard.server.errors import InvalidInput
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig, SpurguardServer
+from spurguard.server.rpc.inference import read_images
 
 from rpc_support import Gated, random_png
 
@@ -271,6 +274,15 @@ def test_errors_have_their_status_codes(triton_client: triton.InferenceServerCli
     assert too_many[0] == "StatusCode.RESOURCE_EXHAUSTED"
     statistics = _code(lambda: triton_client.get_inference_statistics("tiny"))
     assert statistics[0] == "StatusCode.UNIMPLEMENTED" and "ModelInfer" in statistics[1]
+
+
+@pytest.mark.parametrize("shape", [[0, 8, 8, 3], [1, 0, 8, 3], [0, 2**62, 2**62, 3], [1, 2**62, 0, 3]])
+def test_uint8_pixels_of_no_size_are_invalid(shape: list[int]) -> None:
+    """Huge dimensions beside a 0 were INTERNAL: numpy cannot make that empty array (the request fuzzer)."""
+    request = oip.ModelInferRequest(inputs=[{"name": "IMAGE", "datatype": "UINT8", "shape": shape}],
+                                    raw_input_contents=[b""])
+    with pytest.raises(InvalidInput, match="no pixels"):
+        read_images(request)
 
 
 def test_a_loading_model_is_not_ready_and_unavailable(tmp_path: Path) -> None:

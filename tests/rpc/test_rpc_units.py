@@ -113,3 +113,13 @@ def test_a_file_of_a_folder_outside_the_roots_is_refused_as_outside(layout: tupl
 def test_no_model_may_take_the_liveness_health_name() -> None:
     with pytest.raises(InvalidInput, match="may not be named 'liveness'"):
         Health(["", "liveness"])
+
+
+@pytest.mark.parametrize("path, message", [
+    ("train\x00x", "NUL character"),  # os calls raise ValueError: was INTERNAL
+    ("a" * 300, "too long"),  # one name over NAME_MAX: ENAMETOOLONG, was INTERNAL
+    ("a/" * 3000, "too long"),  # over PATH_MAX
+])
+def test_paths_that_no_file_system_takes_are_invalid_input(layout: tuple[Path, Path], path: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        DataRoots([layout[0]]).resolve(path)

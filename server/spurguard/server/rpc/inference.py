@@ -110,6 +110,8 @@ def read_images(request: oip.ModelInferRequest) -> list[ImageSource]:
     if tensor.datatype == "UINT8":
         if len(shape) != 4 or shape[3] != 3:
             raise InvalidInput(f"UINT8 {INPUT} has shape {shape}; use [N, H, W, 3], RGB pixels")
+        if 0 in shape:  # also: numpy cannot even make an empty array of [0, 2**62, 2**62, 3]
+            raise InvalidInput(f"UINT8 {INPUT} has shape {shape}, no pixels; every dimension must be >= 1")
         if raw is not None:
             pixels = np.frombuffer(raw, np.uint8)
         else:

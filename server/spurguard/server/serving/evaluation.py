@@ -81,6 +81,9 @@ def run_evaluate(
     if classes is not None:
         wanted = set(classes)
         spurious_entries = [e for e in spurious_entries if e.class_index in wanted]
+        if not spurious_entries:
+            raise InvalidInput(f"the spurious dataset has no images of classes {sorted(wanted)}; "
+                               "leave classes empty for every class it has")
     if roots is None:
         roots = DataRoots([clean_root, spurious_root])
     roots.check_listing(e.path for e in [*clean_entries, *spurious_entries])

@@ -36,8 +36,18 @@ class DataRoots:
         """The real path of the folder `path`: PERMISSION_DENIED outside the roots, NOT_FOUND if absent."""
         if not path:
             raise InvalidInput(f"{what} path is empty")
+        if "\x00" in path:  # no file system takes it: os calls would raise ValueError
+            raise InvalidInput(f"{what} path contains a NUL character")
         if not self.roots:
             raise PermissionDenied(f"this server allows no {what} paths; start it with --data-root DIR")
+        try:
+            return self._resolve(path, what)
+        except OSError as error:
+            if error.errno == errno.ENAMETOOLONG:  # the request's fault, not the server's
+                raise InvalidInput(f"{what} path is too long for the server's file system ({len(path)} characters)") from None
+            raise
+
+    def _resolve(self, path: str, what: str) -> Path:
         if os.path.isabs(path):
             candidate = Path(path)
         else:
