@@ -1,4 +1,7 @@
-"""The store: exact round trips, digest isolation, crash safety, resume, extension and labels."""
+"""The store: exact round trips, digest isolation, crash safety, resume, extension and labels.
+
+The label and job tests run on both databases (`BOTH`): SQLite in the store, and PostgreSQL
+(a throwaway server, postgres_support; a new database per test)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +14,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import psycopg
 import pytest
 import safetensors.numpy
 
@@ -26,11 +32,14 @@ from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
 from spurguard.server.store import Store
 
+from postgres_support import PostgresServer, postgres_server
+
 MODEL = "mycnn"
 DIGEST = "a" * 64
 OTHER_DIGEST = "b" * 64
 DIM = 16
 NUM = 4
+T = TypeVar("T")
 
 
 def components(k: int, *, num: int = NUM, images: int = 9, seed: int = 0) -> ClassComponents:
@@ -65,9 +74,28 @@ def write_fit(store: Store, classes: list[int], *, seed: int = 0) -> str:
         return w.commit().fit_id
 
 
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "store")
+def labels_url(request: pytest.FixtureRequest) -> str:
+    """`--labels` of the store under test: sqlite unless parametrized (BOTH); a fresh database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return "sqlite"
+    return request.getfixturevalue("postgres").new_database()
+
+
+BOTH = pytest.mark.parametrize("labels_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def store(tmp_path: Path, labels_url: str) -> Iterator[Store]:
+    opened = Store(tmp_path / "store", labels_url)
+    yield opened
+    opened.close()
 
 
 def fit_dir(store: Store, fit_id: str) -> Path:
@@ -313,6 +341,7 @@ def test_resume_rules(store: Store) -> None:
     assert store.current_fit_id(MODEL, DIGEST) == "job-1"
 
 
+@BOTH
 def test_extend_shares_files_and_carries_labels_of_unchanged_classes(store: Store) -> None:
     base = write_fit(store, [0, 1])
     store.set_label(MODEL, DIGEST, 0, 1, "spurious", "watermark")
@@ -338,6 +367,7 @@ def test_extend_shares_files_and_carries_labels_of_unchanged_classes(store: Stor
 # ---- labels ----
 
 
+@BOTH
 def test_labels_set_overwrite_filter_and_clear(store: Store) -> None:
     fit_id = write_fit(store, [0, 1])
     first = store.set_label(MODEL, DIGEST, 0, 2, "spurious", "text in the corner")
@@ -364,6 +394,7 @@ def test_labels_set_overwrite_filter_and_clear(store: Store) -> None:
     assert [x.component for x in store.list_labels(MODEL, DIGEST, class_index=1)] == [3]
 
 
+@BOTH
 def test_label_validation(store: Store) -> None:
     write_fit(store, [0])
     assert vocab.LABELS == ("spurious", "not_spurious", "inconsistent", "unlabeled")  # what the store accepts
@@ -386,6 +417,7 @@ def test_label_validation(store: Store) -> None:
     assert store.list_labels(MODEL, DIGEST) == []
 
 
+@BOTH
 def test_refit_starts_unlabeled_and_old_labels_stay_queryable(store: Store) -> None:
     old = write_fit(store, [0])
     store.set_label(MODEL, DIGEST, 0, 0, "spurious")
@@ -399,7 +431,8 @@ def test_refit_starts_unlabeled_and_old_labels_stay_queryable(store: Store) -> N
     assert store.label_map(MODEL, DIGEST, new) == {}
 
 
-def test_concurrent_label_writes_from_threads(store: Store) -> None:
+@BOTH
+def test_concurrent_label_writes_from_threads(store: Store, labels_url: str) -> None:
     write_fit(store, list(range(8)))
     barrier = threading.Barrier(8)
 
@@ -417,14 +450,16 @@ def test_concurrent_label_writes_from_threads(store: Store) -> None:
     assert {(x.class_index, x.note) for x in labels if x.class_index > 0 and x.component == 1} == {
         (t, f"t{t} i29") for t in range(1, 8)
     }
-    with closing(sqlite3.connect(store.root / "labels.sqlite3")) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    if labels_url == "sqlite":
+        with closing(sqlite3.connect(store.root / "labels.sqlite3")) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 # ---- formats ----
 
 
-def test_only_safetensors_json_and_sqlite_on_disk(store: Store) -> None:
+@BOTH
+def test_only_safetensors_json_and_sqlite_on_disk(store: Store, labels_url: str) -> None:
     write_fit(store, [0, 1])
     store.set_label(MODEL, DIGEST, 0, 0, "spurious")
     with store.extend_fit(MODEL, DIGEST) as writer:
@@ -448,6 +483,7 @@ def test_only_safetensors_json_and_sqlite_on_disk(store: Store) -> None:
             pytest.fail(f"unexpected file in the store: {path}")
         kinds.add(path.suffix or path.name)
     assert {".safetensors", ".json", ".lock"} <= kinds
+    assert (".sqlite3" in kinds) == (labels_url == "sqlite")  # PostgreSQL: nothing of it on the volume
     forbidden = re.compile(
         r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib)\b|allow_pickle\s*=\s*True|torch\.load|np\.load", re.M
     )
@@ -488,14 +524,15 @@ import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from test_store import _job
 from spurguard.server.store import Store
-jobs = Store(sys.argv[2]).jobs
+jobs = Store(sys.argv[2], sys.argv[3]).jobs
 jobs.claim_owner()
 jobs.save(_job("orphan"))
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_job_records_round_trip_and_outlive_their_server(store: Store) -> None:
+@BOTH
+def test_job_records_round_trip_and_outlive_their_server(store: Store, labels_url: str) -> None:
     jobs = store.jobs
     jobs.claim_owner()
     done = _job("done", "succeeded", created=datetime(2024, 1, 1, tzinfo=timezone.utc))
@@ -503,12 +540,14 @@ def test_job_records_round_trip_and_outlive_their_server(store: Store) -> None:
     assert jobs.get("done").job == done and jobs.get("nope") is None
     # A server killed while it ran a job: its lock is gone with it, so the job is interrupted.
     here = str(Path(__file__).parent)
-    died = subprocess.run([sys.executable, "-c", DYING_OWNER, here, str(store.root)], capture_output=True, timeout=60)
+    died = subprocess.run([sys.executable, "-c", DYING_OWNER, here, str(store.root), labels_url],
+                          capture_output=True, timeout=60)
     assert died.returncode == -signal.SIGKILL, died.stderr
-    replica = Store(store.root).jobs  # another live server sharing the store
-    replica.claim_owner()
-    replica.save(_job("elsewhere"))
-    assert jobs.settle() == ["orphan"]
+    replica = Store(store.root, labels_url)  # another live server sharing the store
+    replica.jobs.claim_owner()
+    replica.jobs.save(_job("elsewhere"))
+    # PostgreSQL ends the killed server's session (and its lock) once it reads the closed socket.
+    assert eventually(jobs.settle) == ["orphan"]
     orphan = jobs.get("orphan").job
     assert orphan.state == "failed" and orphan.error.code == "ABORTED"
     assert "interrupted" in orphan.error.message and "job id orphan to resume" in orphan.error.message
@@ -516,9 +555,26 @@ def test_job_records_round_trip_and_outlive_their_server(store: Store) -> None:
     assert jobs.get("elsewhere").job.state == "running"  # its server lives
     assert [r.job.job_id for r in jobs.list(MODEL)] == ["elsewhere", "orphan", "done"]  # newest first
     assert jobs.list("other") == []
-    replica.release_owner()  # that server went away without finishing it
+    replica.jobs.release_owner()  # that server went away without finishing it
     assert jobs.get("elsewhere").job.error.code == "ABORTED"
-    assert [p.name for p in (store.root / "owners").iterdir()] == [f"{jobs.owner}.lock"]  # dead owners' removed
+    assert owner_traces(store, labels_url) == [jobs.owner]  # dead owners' removed
+    replica.close()
+
+
+def eventually(check: Callable[[], T], timeout: float = 5.0) -> T:
+    """`check()`'s first truthy result, tried until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return result
+
+
+def owner_traces(store: Store, labels_url: str) -> list[str]:
+    """The owners a store still keeps a trace of (lock files, or rows of the owners table)."""
+    if labels_url == "sqlite":
+        return sorted(p.name.removesuffix(".lock") for p in (store.root / "owners").iterdir())
+    with psycopg.connect(labels_url) as db:
+        return [row[0] for row in db.execute("SELECT owner FROM owners ORDER BY owner")]
 
 
 def test_start_up_removes_crash_leftovers_and_old_unfinished_fits(store: Store) -> None:
