@@ -167,6 +167,8 @@ def test_without_the_database_labels_are_unavailable_and_its_return_is_picked_up
             assert "password" not in message
             assert _code(lambda: b.list_labels("tiny"))[0] == grpc.StatusCode.UNAVAILABLE
             assert _code(lambda: b.get_job("nope"))[0] == grpc.StatusCode.UNAVAILABLE
+            assert _code(lambda: list(b.fit("tiny", str(data / "train"), classes=[2], num_components=2)))[0] \
+                == grpc.StatusCode.UNAVAILABLE  # never INTERNAL
             assert _scored(b) == (summary.fit_id, {slot: "unlabeled" for slot in SLOTS})  # scoring goes on
 
             own.start()

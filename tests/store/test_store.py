@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import re
 import signal
 import sqlite3
@@ -31,6 +32,7 @@ from spurguard import vocab
 from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
 from spurguard.server.store import Store
+from spurguard.server.store.changes import Change
 
 from postgres_support import PostgresServer, postgres_server
 
@@ -604,3 +606,99 @@ def test_start_up_removes_crash_leftovers_and_old_unfinished_fits(store: Store) 
     assert_same(store.load_fit(MODEL, DIGEST).components(0), components(0))
     assert not stale.exists() and fresh.exists()
     assert store.remove_leftovers(keep_unfinished_days=7) == [f"{MODEL}/busy"]  # free now, and old
+
+
+# ---- PostgreSQL: migration, schema, changes pushed, sessions ----
+
+
+def test_first_start_on_postgresql_imports_the_sqlite_labels_and_jobs_once(tmp_path: Path, postgres: PostgresServer) -> None:
+    root = tmp_path / "store"
+    embedded = Store(root)
+    old = write_fit(embedded, [0, 1])
+    embedded.set_label(MODEL, DIGEST, 0, 1, "spurious", "watermark")
+    current = write_fit(embedded, [0, 1], seed=1)
+    embedded.set_label(MODEL, DIGEST, 1, 0, "inconsistent", "half of them")
+    embedded.set_label(MODEL, DIGEST, 1, 2, "not_spurious")
+    embedded.jobs.claim_owner()
+    done = _job("done", "succeeded", created=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    embedded.jobs.save(done)
+    embedded.jobs.save(_job("cut-short"))  # its server is about to stop without finishing it
+    before = {fit: embedded.list_labels(MODEL, DIGEST, fit_id=fit) for fit in (old, current)}
+    embedded.jobs.release_owner()
+    embedded.close()
+
+    url = postgres.new_database()
+    shared = Store(root, url)
+    assert {fit: shared.list_labels(MODEL, DIGEST, fit_id=fit) for fit in (old, current)} == before  # notes, times
+    assert shared.jobs.get("done").job == done
+    assert shared.jobs.settle() == ["cut-short"]  # its server (on SQLite) is gone
+    shared.set_label(MODEL, DIGEST, 1, 0, "unlabeled")
+    shared.close()
+    again = Store(root, url)  # a later start imports nothing again: the cleared label stays cleared
+    assert [(x.class_index, x.component) for x in again.list_labels(MODEL, DIGEST)] == [(1, 2)]
+    again.close()
+    with psycopg.connect(url) as db:
+        assert db.execute("SELECT source, labels, jobs FROM imports").fetchall() == [("labels.sqlite3", 3, 2)]
+
+
+def test_postgresql_schema_is_made_once_by_concurrent_starts_and_a_newer_one_is_refused(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = postgres.new_database()
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda i: Store(tmp_path / "store", url), range(4)))
+    for opened in stores:
+        opened.close()
+    with psycopg.connect(url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        db.execute("INSERT INTO schema_version (version) VALUES (2)")
+    with pytest.raises(FailedPrecondition, match="schema version 2, newer than this server's 1"):
+        Store(tmp_path / "store", url)
+
+
+def test_changes_reach_every_store_on_the_database_as_they_commit(tmp_path: Path, postgres: PostgresServer) -> None:
+    assert Store(tmp_path / "embedded").changes is None  # SQLite pushes nothing: servers poll
+    url = postgres.new_database()
+    writer, reader = Store(tmp_path / "store", url), Store(tmp_path / "store", url)
+    heard: queue.Queue[Change | None] = queue.Queue()
+    reader.changes.subscribe(heard.put)
+    assert reader.database.listening.wait(5)
+    fit_id = write_fit(writer, [0])
+    assert heard.get(timeout=1) == Change(MODEL, DIGEST, fit_id)  # the commit
+    writer.set_label(MODEL, DIGEST, 0, 1, "spurious")
+    assert heard.get(timeout=1) == Change(MODEL, DIGEST, fit_id)
+    writer.set_label(MODEL, DIGEST, 0, 1, "unlabeled")
+    assert heard.get(timeout=1) == Change(MODEL, DIGEST, fit_id)
+    writer.close()
+    reader.close()
+
+
+def test_a_lost_session_reconnects_retakes_its_owner_lock_and_has_everything_checked(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = postgres.new_database()
+    server, other = Store(tmp_path / "store", url), Store(tmp_path / "store", url)
+    server.jobs.claim_owner()
+    server.jobs.save(_job("running"))
+    heard: queue.Queue[Change | None] = queue.Queue()
+    server.changes.subscribe(heard.put)
+    with psycopg.connect(url, autocommit=True) as db:  # the connection holding the owner lock, cut
+        (cut,) = db.execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN owners o ON l.objid::bigint = o.lock_key "
+            "WHERE l.locktype = 'advisory' AND o.owner = %s", (server.jobs.owner,)).fetchone()
+    assert cut
+    assert heard.get(timeout=10) is None  # back: whatever changed meanwhile, check everything
+    assert other.jobs.get("running").job.state == "running"  # its owner is alive again
+    write_fit(other, [0])
+    assert isinstance(heard.get(timeout=1), Change)  # and it hears the others again
+    server.close()
+    assert eventually(lambda: other.jobs.get("running").job.state == "failed")  # closed: its lock is gone
+    other.close()
+
+
+def test_a_labels_url_other_than_sqlite_or_postgresql_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="--labels must be sqlite or a postgresql://") as refused:
+        Store(tmp_path / "store", "mysql://spurguard:s3cret@db/labels")
+    assert "s3cret" not in str(refused.value)  # a URL may hold a password: never echoed
+    with pytest.raises(InvalidInput, match="got 'sqlite3'"):
+        Store(tmp_path / "store", "sqlite3")

@@ -83,10 +83,10 @@ class ServedModel:
         runtime: str | None = None,
     ) -> None:
         """Give a `spec` to load (built-in name or model directory) or an already built `backend`;
-        `device` and `max_batch_size` apply to loading a spec. `store_poll_s` > 0 follows changes
-        other processes make to the store by polling, a store with a change feed without (see
-        `watch_store`). `runtime` is where forward-only
-        work runs (None: the model's own choice, model.toml `runtime`, by default "auto")."""
+        `device` and `max_batch_size` apply to loading a spec. Changes other processes make to the
+        store are followed as its change feed pushes them, and by polling every `store_poll_s`
+        if > 0 (see `watch_store`). `runtime` is where forward-only work runs (None: the model's
+        own choice, model.toml `runtime`, by default "auto")."""
         if (spec is None) == (backend is None):
             raise ValueError("give exactly one of spec and backend")
         self.name = name
@@ -220,6 +220,7 @@ class ServedModel:
                     loop.call_soon_threadsafe(changed.set)
 
         unsubscribe = None if self.store.changes is None else self.store.changes.subscribe(on_change)
+        changed.set()  # the Guard was loaded before subscribing: check once now
         try:
             while True:
                 with contextlib.suppress(TimeoutError):

@@ -238,6 +238,7 @@ class _Session(threading.Thread):
             try:
                 with connection:
                     connection.execute(f"LISTEN {CHANNEL}")
+                    self._lock_wanted(connection)  # the owner is alive again before anyone is told
                     self.listening.set()
                     if lost:
                         log.warning("the label database %s is back; checking every model", self._connections.where)
