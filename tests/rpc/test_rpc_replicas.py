@@ -136,7 +136,7 @@ def test_replicas_apply_each_others_labels_and_fits_at_once_and_a_kill_9_loses_n
             for slot in SLOTS:  # the last acknowledged write, or the one in flight at the kill
                 assert acked[slot] <= kept[slot] <= attempted[slot], (slot, acked, kept, attempted)
             expected = {slot: ("spurious", "not_spurious")[i % 2] for slot, i in kept.items()}
-            assert _scored(b) == (summary.fit_id, expected)  # the other keeps serving, with all of them
+            _within(1.0, lambda: _scored(b) == (summary.fit_id, expected))  # the other serves on, with all of them
 
             restarted = _server_process(model_dir, store, url, data)
             try:
