@@ -702,3 +702,6 @@ def test_a_labels_url_other_than_sqlite_or_postgresql_is_refused(tmp_path: Path)
     assert "s3cret" not in str(refused.value)  # a URL may hold a password: never echoed
     with pytest.raises(InvalidInput, match="got 'sqlite3'"):
         Store(tmp_path / "store", "sqlite3")
+    with pytest.raises(InvalidInput, match="cannot parse") as refused:
+        Store(tmp_path / "store", "postgresql://spurguard:s3cret@[db/labels")
+    assert "s3cret" not in str(refused.value)

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from spurguard.server.errors import FailedPrecondition, Unavailable, first_line
+from spurguard.server.errors import FailedPrecondition, InvalidInput, Unavailable, first_line
 from spurguard.server.store.changes import Change, ChangeFeed
 from spurguard.server.store.jobs import JobDB, JobRecord, Row, decode_job, encode_job, iso
 from spurguard.server.store.labels import COLUMNS, Label, LabelDB, key_of
@@ -138,7 +138,10 @@ class Connections:
     """Connections to one database: opened on demand, a few idle ones kept for reuse."""
 
     def __init__(self, url: str) -> None:
-        params = conninfo_to_dict(url)
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.ProgrammingError:  # its message may quote the URL, password and all
+            raise InvalidInput("--labels: libpq cannot parse this postgresql:// URL") from None
         self._params = {**_DEFAULTS, **params}
         user, host = params.get("user", ""), params.get("host", "localhost")
         self.where = f"postgresql://{user + '@' if user else ''}{host}:{params.get('port', 5432)}/{params.get('dbname', '')}"
@@ -154,8 +157,12 @@ class Connections:
         """A new connection (autocommit: transactions are explicit), or UNAVAILABLE."""
         try:
             connection = psycopg.connect(**self._params, autocommit=True)
+        except psycopg.OperationalError as error:
+            raise self.unavailable(error) from None
+        try:
             connection.execute("SELECT set_config('statement_timeout', %s, false)", (str(STATEMENT_TIMEOUT_MS),))
         except psycopg.OperationalError as error:
+            connection.close()
             raise self.unavailable(error) from None
         return connection
 
@@ -455,7 +462,11 @@ class PostgresDatabase:
 
     def __init__(self, url: str, root: Path) -> None:
         self._connections = Connections(url)
-        self._connections.run(lambda db: (_migrate(db), _import_sqlite(db, root)))
+        try:
+            self._connections.run(lambda db: (_migrate(db), _import_sqlite(db, root)))
+        except BaseException:
+            self._connections.close()
+            raise
         self.changes = ChangeFeed()
         self._session = _Session(self._connections, self.changes)
         self.labels = PostgresLabels(self._connections)
