@@ -1,9 +1,13 @@
-"""The store: exact round trips, digest isolation, crash safety, resume, extension and labels."""
+"""The store: exact round trips, digest isolation, crash safety, resume, extension and labels.
+
+The label and job tests run on both databases (`BOTH`): SQLite in the store, and PostgreSQL
+(a throwaway server, postgres_support; a new database per test)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import queue
 import re
 import signal
 import sqlite3
@@ -11,12 +15,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import psycopg
 import pytest
 import safetensors.numpy
 
@@ -25,12 +32,16 @@ from spurguard import vocab
 from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
 from spurguard.server.store import Store
+from spurguard.server.store.changes import Change
+
+from postgres_support import PostgresServer, postgres_server
 
 MODEL = "mycnn"
 DIGEST = "a" * 64
 OTHER_DIGEST = "b" * 64
 DIM = 16
 NUM = 4
+T = TypeVar("T")
 
 
 def components(k: int, *, num: int = NUM, images: int = 9, seed: int = 0) -> ClassComponents:
@@ -65,9 +76,28 @@ def write_fit(store: Store, classes: list[int], *, seed: int = 0) -> str:
         return w.commit().fit_id
 
 
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "store")
+def labels_url(request: pytest.FixtureRequest) -> str:
+    """`--labels` of the store under test: sqlite unless parametrized (BOTH); a fresh database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return "sqlite"
+    return request.getfixturevalue("postgres").new_database()
+
+
+BOTH = pytest.mark.parametrize("labels_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def store(tmp_path: Path, labels_url: str) -> Iterator[Store]:
+    opened = Store(tmp_path / "store", labels_url)
+    yield opened
+    opened.close()
 
 
 def fit_dir(store: Store, fit_id: str) -> Path:
@@ -313,6 +343,7 @@ def test_resume_rules(store: Store) -> None:
     assert store.current_fit_id(MODEL, DIGEST) == "job-1"
 
 
+@BOTH
 def test_extend_shares_files_and_carries_labels_of_unchanged_classes(store: Store) -> None:
     base = write_fit(store, [0, 1])
     store.set_label(MODEL, DIGEST, 0, 1, "spurious", "watermark")
@@ -338,6 +369,7 @@ def test_extend_shares_files_and_carries_labels_of_unchanged_classes(store: Stor
 # ---- labels ----
 
 
+@BOTH
 def test_labels_set_overwrite_filter_and_clear(store: Store) -> None:
     fit_id = write_fit(store, [0, 1])
     first = store.set_label(MODEL, DIGEST, 0, 2, "spurious", "text in the corner")
@@ -364,6 +396,7 @@ def test_labels_set_overwrite_filter_and_clear(store: Store) -> None:
     assert [x.component for x in store.list_labels(MODEL, DIGEST, class_index=1)] == [3]
 
 
+@BOTH
 def test_label_validation(store: Store) -> None:
     write_fit(store, [0])
     assert vocab.LABELS == ("spurious", "not_spurious", "inconsistent", "unlabeled")  # what the store accepts
@@ -386,6 +419,7 @@ def test_label_validation(store: Store) -> None:
     assert store.list_labels(MODEL, DIGEST) == []
 
 
+@BOTH
 def test_refit_starts_unlabeled_and_old_labels_stay_queryable(store: Store) -> None:
     old = write_fit(store, [0])
     store.set_label(MODEL, DIGEST, 0, 0, "spurious")
@@ -399,7 +433,8 @@ def test_refit_starts_unlabeled_and_old_labels_stay_queryable(store: Store) -> N
     assert store.label_map(MODEL, DIGEST, new) == {}
 
 
-def test_concurrent_label_writes_from_threads(store: Store) -> None:
+@BOTH
+def test_concurrent_label_writes_from_threads(store: Store, labels_url: str) -> None:
     write_fit(store, list(range(8)))
     barrier = threading.Barrier(8)
 
@@ -417,14 +452,16 @@ def test_concurrent_label_writes_from_threads(store: Store) -> None:
     assert {(x.class_index, x.note) for x in labels if x.class_index > 0 and x.component == 1} == {
         (t, f"t{t} i29") for t in range(1, 8)
     }
-    with closing(sqlite3.connect(store.root / "labels.sqlite3")) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    if labels_url == "sqlite":
+        with closing(sqlite3.connect(store.root / "labels.sqlite3")) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 # ---- formats ----
 
 
-def test_only_safetensors_json_and_sqlite_on_disk(store: Store) -> None:
+@BOTH
+def test_only_safetensors_json_and_sqlite_on_disk(store: Store, labels_url: str) -> None:
     write_fit(store, [0, 1])
     store.set_label(MODEL, DIGEST, 0, 0, "spurious")
     with store.extend_fit(MODEL, DIGEST) as writer:
@@ -448,6 +485,7 @@ def test_only_safetensors_json_and_sqlite_on_disk(store: Store) -> None:
             pytest.fail(f"unexpected file in the store: {path}")
         kinds.add(path.suffix or path.name)
     assert {".safetensors", ".json", ".lock"} <= kinds
+    assert (".sqlite3" in kinds) == (labels_url == "sqlite")  # PostgreSQL: nothing of it on the volume
     forbidden = re.compile(
         r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib)\b|allow_pickle\s*=\s*True|torch\.load|np\.load", re.M
     )
@@ -488,14 +526,15 @@ import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from test_store import _job
 from spurguard.server.store import Store
-jobs = Store(sys.argv[2]).jobs
+jobs = Store(sys.argv[2], sys.argv[3]).jobs
 jobs.claim_owner()
 jobs.save(_job("orphan"))
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_job_records_round_trip_and_outlive_their_server(store: Store) -> None:
+@BOTH
+def test_job_records_round_trip_and_outlive_their_server(store: Store, labels_url: str) -> None:
     jobs = store.jobs
     jobs.claim_owner()
     done = _job("done", "succeeded", created=datetime(2024, 1, 1, tzinfo=timezone.utc))
@@ -503,12 +542,14 @@ def test_job_records_round_trip_and_outlive_their_server(store: Store) -> None:
     assert jobs.get("done").job == done and jobs.get("nope") is None
     # A server killed while it ran a job: its lock is gone with it, so the job is interrupted.
     here = str(Path(__file__).parent)
-    died = subprocess.run([sys.executable, "-c", DYING_OWNER, here, str(store.root)], capture_output=True, timeout=60)
+    died = subprocess.run([sys.executable, "-c", DYING_OWNER, here, str(store.root), labels_url],
+                          capture_output=True, timeout=60)
     assert died.returncode == -signal.SIGKILL, died.stderr
-    replica = Store(store.root).jobs  # another live server sharing the store
-    replica.claim_owner()
-    replica.save(_job("elsewhere"))
-    assert jobs.settle() == ["orphan"]
+    replica = Store(store.root, labels_url)  # another live server sharing the store
+    replica.jobs.claim_owner()
+    replica.jobs.save(_job("elsewhere"))
+    # PostgreSQL ends the killed server's session (and its lock) once it reads the closed socket.
+    assert eventually(jobs.settle) == ["orphan"]
     orphan = jobs.get("orphan").job
     assert orphan.state == "failed" and orphan.error.code == "ABORTED"
     assert "interrupted" in orphan.error.message and "job id orphan to resume" in orphan.error.message
@@ -516,9 +557,26 @@ def test_job_records_round_trip_and_outlive_their_server(store: Store) -> None:
     assert jobs.get("elsewhere").job.state == "running"  # its server lives
     assert [r.job.job_id for r in jobs.list(MODEL)] == ["elsewhere", "orphan", "done"]  # newest first
     assert jobs.list("other") == []
-    replica.release_owner()  # that server went away without finishing it
+    replica.jobs.release_owner()  # that server went away without finishing it
     assert jobs.get("elsewhere").job.error.code == "ABORTED"
-    assert [p.name for p in (store.root / "owners").iterdir()] == [f"{jobs.owner}.lock"]  # dead owners' removed
+    assert owner_traces(store, labels_url) == [jobs.owner]  # dead owners' removed
+    replica.close()
+
+
+def eventually(check: Callable[[], T], timeout: float = 5.0) -> T:
+    """`check()`'s first truthy result, tried until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return result
+
+
+def owner_traces(store: Store, labels_url: str) -> list[str]:
+    """The owners a store still keeps a trace of (lock files, or rows of the owners table)."""
+    if labels_url == "sqlite":
+        return sorted(p.name.removesuffix(".lock") for p in (store.root / "owners").iterdir())
+    with psycopg.connect(labels_url) as db:
+        return [row[0] for row in db.execute("SELECT owner FROM owners ORDER BY owner")]
 
 
 def test_start_up_removes_crash_leftovers_and_old_unfinished_fits(store: Store) -> None:
@@ -548,3 +606,102 @@ def test_start_up_removes_crash_leftovers_and_old_unfinished_fits(store: Store) 
     assert_same(store.load_fit(MODEL, DIGEST).components(0), components(0))
     assert not stale.exists() and fresh.exists()
     assert store.remove_leftovers(keep_unfinished_days=7) == [f"{MODEL}/busy"]  # free now, and old
+
+
+# ---- PostgreSQL: migration, schema, changes pushed, sessions ----
+
+
+def test_first_start_on_postgresql_imports_the_sqlite_labels_and_jobs_once(tmp_path: Path, postgres: PostgresServer) -> None:
+    root = tmp_path / "store"
+    embedded = Store(root)
+    old = write_fit(embedded, [0, 1])
+    embedded.set_label(MODEL, DIGEST, 0, 1, "spurious", "watermark")
+    current = write_fit(embedded, [0, 1], seed=1)
+    embedded.set_label(MODEL, DIGEST, 1, 0, "inconsistent", "half of them")
+    embedded.set_label(MODEL, DIGEST, 1, 2, "not_spurious")
+    embedded.jobs.claim_owner()
+    done = _job("done", "succeeded", created=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    embedded.jobs.save(done)
+    embedded.jobs.save(_job("cut-short"))  # its server is about to stop without finishing it
+    before = {fit: embedded.list_labels(MODEL, DIGEST, fit_id=fit) for fit in (old, current)}
+    embedded.jobs.release_owner()
+    embedded.close()
+
+    url = postgres.new_database()
+    shared = Store(root, url)
+    assert {fit: shared.list_labels(MODEL, DIGEST, fit_id=fit) for fit in (old, current)} == before  # notes, times
+    assert shared.jobs.get("done").job == done
+    assert shared.jobs.settle() == ["cut-short"]  # its server (on SQLite) is gone
+    shared.set_label(MODEL, DIGEST, 1, 0, "unlabeled")
+    shared.close()
+    again = Store(root, url)  # a later start imports nothing again: the cleared label stays cleared
+    assert [(x.class_index, x.component) for x in again.list_labels(MODEL, DIGEST)] == [(1, 2)]
+    again.close()
+    with psycopg.connect(url) as db:
+        assert db.execute("SELECT source, labels, jobs FROM imports").fetchall() == [("labels.sqlite3", 3, 2)]
+
+
+def test_postgresql_schema_is_made_once_by_concurrent_starts_and_a_newer_one_is_refused(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = postgres.new_database()
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda i: Store(tmp_path / "store", url), range(4)))
+    for opened in stores:
+        opened.close()
+    with psycopg.connect(url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        db.execute("INSERT INTO schema_version (version) VALUES (2)")
+    with pytest.raises(FailedPrecondition, match="schema version 2, newer than this server's 1"):
+        Store(tmp_path / "store", url)
+
+
+def test_changes_reach_every_store_on_the_database_as_they_commit(tmp_path: Path, postgres: PostgresServer) -> None:
+    assert Store(tmp_path / "embedded").changes is None  # SQLite pushes nothing: servers poll
+    url = postgres.new_database()
+    writer, reader = Store(tmp_path / "store", url), Store(tmp_path / "store", url)
+    heard: queue.Queue[Change | None] = queue.Queue()
+    reader.changes.subscribe(heard.put)
+    assert reader.database.listening.wait(5)
+    fit_id = write_fit(writer, [0])
+    assert heard.get(timeout=1) == Change(MODEL, DIGEST, fit_id)  # the commit
+    writer.set_label(MODEL, DIGEST, 0, 1, "spurious")
+    assert heard.get(timeout=1) == Change(MODEL, DIGEST, fit_id)
+    writer.set_label(MODEL, DIGEST, 0, 1, "unlabeled")
+    assert heard.get(timeout=1) == Change(MODEL, DIGEST, fit_id)
+    writer.close()
+    reader.close()
+
+
+def test_a_lost_session_reconnects_retakes_its_owner_lock_and_has_everything_checked(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = postgres.new_database()
+    server, other = Store(tmp_path / "store", url), Store(tmp_path / "store", url)
+    server.jobs.claim_owner()
+    server.jobs.save(_job("running"))
+    heard: queue.Queue[Change | None] = queue.Queue()
+    server.changes.subscribe(heard.put)
+    with psycopg.connect(url, autocommit=True) as db:  # the connection holding the owner lock, cut
+        (cut,) = db.execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN owners o ON l.objid::bigint = o.lock_key "
+            "WHERE l.locktype = 'advisory' AND o.owner = %s", (server.jobs.owner,)).fetchone()
+    assert cut
+    assert heard.get(timeout=10) is None  # back: whatever changed meanwhile, check everything
+    assert other.jobs.get("running").job.state == "running"  # its owner is alive again
+    write_fit(other, [0])
+    assert isinstance(heard.get(timeout=1), Change)  # and it hears the others again
+    server.close()
+    assert eventually(lambda: other.jobs.get("running").job.state == "failed")  # closed: its lock is gone
+    other.close()
+
+
+def test_a_labels_url_other_than_sqlite_or_postgresql_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="--labels must be sqlite or a postgresql://") as refused:
+        Store(tmp_path / "store", "mysql://spurguard:s3cret@db/labels")
+    assert "s3cret" not in str(refused.value)  # a URL may hold a password: never echoed
+    with pytest.raises(InvalidInput, match="got 'sqlite3'"):
+        Store(tmp_path / "store", "sqlite3")
+    with pytest.raises(InvalidInput, match="cannot parse") as refused:
+        Store(tmp_path / "store", "postgresql://spurguard:s3cret@[db/labels")
+    assert "s3cret" not in str(refused.value)

@@ -88,6 +88,7 @@ class ServerConfig:
     max_request_pixels: int = MAX_REQUEST_PIXELS
     fit_workers: int = 1
     store_poll_s: float = 2.0
+    labels: str = "sqlite"  # where labels and job records live: sqlite (in the store) or a postgresql:// URL
     max_heavy_calls: int = 2
     max_waiting_heavy_calls: int = 8  # Visualize/Evaluate calls waiting for a slot; more: RESOURCE_EXHAUSTED
     max_queued_jobs: int = DEFAULT_MAX_QUEUED  # fit jobs waiting for a worker; more: RESOURCE_EXHAUSTED
@@ -160,7 +161,16 @@ class SpurguardServer:
         resolve_device(config.device)  # a bad --device fails now, not after the port opened
         tokens = None if config.auth_tokens is None else auth.TokenFile(config.auth_tokens)  # a bad file fails here
         self.metrics = Metrics()
-        self.store = Store(config.store)
+        self.store = await asyncio.to_thread(Store, config.store, config.labels)  # PostgreSQL: connects, migrates
+        try:
+            await self._start_serving(tokens)
+        except BaseException:
+            await asyncio.to_thread(self.store.close)
+            raise
+
+    async def _start_serving(self, tokens: auth.TokenFile | None) -> None:
+        """start() once the store is open: models, jobs, recovery, the port."""
+        config = self.config
         self._decode_pool = DecodePool(available_cpus())
         options = {
             "device": config.device,
@@ -304,6 +314,7 @@ class SpurguardServer:
         for model in self.models:
             await model.close()
         self._decode_pool.shutdown()
+        await asyncio.to_thread(self.store.close)
         self.metrics.close()
         log.info("server stopped")
 
@@ -466,7 +477,12 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve models over gRPC (spurguard.v1.Spurguard).")
     p.add_argument("--model", dest="models", action="append", required=True, metavar="SPEC",
                    help="built-in model name or model directory; repeat for several models")
-    p.add_argument("--store", required=True, type=Path, metavar="DIR", help="fits and labels live here")
+    p.add_argument("--store", required=True, type=Path, metavar="DIR", help="fits (and, with --labels sqlite, labels) live here")
+    p.add_argument("--labels", default=_default("labels"), metavar="URL",
+                   help="where labels and job records live: sqlite (labels.sqlite3 in --store) or a PostgreSQL "
+                        "database, postgresql://USER@HOST:PORT/DB, that replicas share and that pushes every label "
+                        "change to them at once; its first start imports the store's labels.sqlite3 "
+                        f"(default {_default('labels')})")
     p.add_argument("--host", default=_default("host"),
                    help=f"address to listen on (default {_default('host')}; 0.0.0.0: all)")
     p.add_argument("--port", type=_port, default=_default("port"),
@@ -534,7 +550,8 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                         "token's hex digest); re-read when it changes. Default: no auth")
     p.add_argument("--store-poll-s", type=_non_negative, default=_default("store_poll_s"), metavar="S",
                    help="how often to pick up labels and fits that other servers sharing --store made "
-                        f"(default {_default('store_poll_s'):g}; 0: only this server's own)")
+                        f"(default {_default('store_poll_s'):g}; 0: only this server's own); with a "
+                        "postgresql --labels they arrive at once besides")
     return p
 
 

@@ -192,7 +192,7 @@ class FitJob:
         with self._save_lock:
             try:
                 self._save(self.info())
-            except (sqlite3.Error, OSError) as error:  # the job goes on; only its record lags
+            except (sqlite3.Error, OSError, Unavailable) as error:  # the job goes on; only its record lags
                 log.warning("fit job %s: could not record its state in the store: %s", self.job_id, error)
 
     def _wake(self) -> None:

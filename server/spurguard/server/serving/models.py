@@ -36,6 +36,7 @@ from spurguard.server.serving.options import MAX_REQUEST_PIXELS, ScoreSettings, 
 from spurguard.server.serving.paths import DataRoots
 from spurguard.server.serving.visualizing import visualize
 from spurguard.server.store import Store
+from spurguard.server.store.changes import Change
 from spurguard.server.visualize.heatmap import default_gradcam_layer
 from spurguard.vocab import ScoreResult, VisualizeUpdate
 
@@ -117,9 +118,10 @@ class ServedModel:
         max_request_pixels: int = MAX_REQUEST_PIXELS,
     ) -> None:
         """Give a `spec` to load (built-in name or model directory) or an already built `backend`;
-        `device` and `max_batch_size` apply to loading a spec. `store_poll_s` > 0 follows changes
-        other processes make to the store (see `watch_store`). `runtime` is where forward-only
-        work runs (None: the model's own choice, model.toml `runtime`, by default "auto").
+        `device` and `max_batch_size` apply to loading a spec. Changes other processes make to the
+        store are followed as its change feed pushes them, and by polling every `store_poll_s`
+        if > 0 (see `watch_store`). `runtime` is where forward-only work runs (None: the model's
+        own choice, model.toml `runtime`, by default "auto").
         `max_request_pixels`: what the images of one request may decode to, together."""
         if (spec is None) == (backend is None):
             raise ValueError("give exactly one of spec and backend")
@@ -194,8 +196,8 @@ class ServedModel:
             name=f"model-{self.name}",
             on_batch=lambda stats: self._metrics.observe_batch(self.name, stats),
         )
-        if self._store_poll_s > 0:
-            self._watcher = asyncio.create_task(self.watch_store(self._store_poll_s), name=f"spurguard-watch-{self.name}")
+        if self._store_poll_s > 0 or self.store.changes is not None:
+            self._watcher = asyncio.create_task(self.watch_store(), name=f"spurguard-watch-{self.name}")
         return time.monotonic() - started
 
     def _load(self) -> None:
@@ -239,18 +241,36 @@ class ServedModel:
         self.reload_guard()
         return True
 
-    async def watch_store(self, interval_s: float) -> None:
-        """Follow what other processes sharing the store do (another replica's Label or fit):
-        every `interval_s` the Guard is checked against the store and rebuilt when stale, so
-        replicas agree within about that time. This server's own Label and fit calls rebuild
-        it at once without waiting."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                if await asyncio.to_thread(self.refresh_if_stale):
-                    log.info("model %s: store changed; now scoring with fit %s", self.name, self.guard.fit_id)
-            except Exception as error:  # noqa: BLE001 - a store hiccup must not stop the watching
-                log.warning("model %s: could not check the store: %s", self.name, error)
+    async def watch_store(self) -> None:
+        """Follow what other processes sharing the store do (another replica's Label or fit): the
+        Guard is checked against the store and rebuilt when stale, at once when the database
+        pushes a change of this model (PostgreSQL's NOTIFY: store.changes), and besides every
+        `store_poll_s` (0: never) for what nobody pushes (SQLite; a fit committed by a process
+        that could not notify). This server's own Label and fit calls rebuild it without waiting."""
+        changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        backend = self.backend
+
+        def on_change(change: Change | None) -> None:  # on the database's listening thread
+            if change is None or (change.model, change.digest) == (backend.name, backend.digest):
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
+                    loop.call_soon_threadsafe(changed.set)
+
+        unsubscribe = None if self.store.changes is None else self.store.changes.subscribe(on_change)
+        changed.set()  # the Guard was loaded before subscribing: check once now
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self._store_poll_s or None)
+                changed.clear()  # before reading: a change pushed during the check makes another round
+                try:
+                    if await asyncio.to_thread(self.refresh_if_stale):
+                        log.info("model %s: store changed; now scoring with fit %s", self.name, self.guard.fit_id)
+                except Exception as error:  # noqa: BLE001 - a store hiccup must not stop the watching
+                    log.warning("model %s: could not check the store: %s", self.name, error)
+        finally:
+            if unsubscribe is not None:
+                unsubscribe()
 
     async def score(
         self, images: Sequence[tuple[str, ImageSource]], options: ScoreSettings, tenant: Tenant | None = None

@@ -1,8 +1,9 @@
 """Persistent state of the server: fitted components (with their fit-image ids and alphas),
 labels and job records.
 
-An embedded store, one directory and no server: safetensors + JSON for fits, SQLite for labels and jobs,
-atomic writes throughout, never pickle. `Store` is the entry point; the rest is what it returns.
+One directory of safetensors + JSON for fits, atomic writes throughout, never pickle; labels and
+jobs in SQLite inside it (embedded, no server) or in a PostgreSQL database that replicas share
+(store/database.py). `Store` is the entry point; the rest is what it returns.
 """
 from spurguard.server.store.codec import ClassSummary
 from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter

@@ -345,6 +345,7 @@ class FitWriter:
             crash_point("commit-current", self.fit_id)
             write_json(self.paths.current, {"fit_id": self.fit_id})
             self._release()
+        self._labels.announce(self.paths.model, self.paths.digest, self.fit_id)  # replicas switch at once
         return meta
 
     def _current_fit_id(self) -> str | None:

@@ -2,8 +2,11 @@
 
 ```
 <root>/labels.sqlite3                              labels of every model and fit, and the job
-                                                   records (tables labels, jobs; WAL)
-<root>/owners/<server id>.lock                     flocked by each running server: whose jobs still run
+                                                   records (tables labels, jobs; WAL); with
+                                                   --labels postgresql://… they are in that
+                                                   database instead (store/postgres.py)
+<root>/owners/<server id>.lock                     flocked by each running server: whose jobs still
+                                                   run (SQLite only)
 <root>/models/<name>/<digest>/current.json         {"fit_id": ...}: the fit in use, replaced atomically
 <root>/models/<name>/<digest>/fits/<fit_id>/
     settings.json                                  what the fit was started with (resume checks it)

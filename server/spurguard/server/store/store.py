@@ -1,4 +1,5 @@
-"""The embedded store: one directory with every fit and label, keyed by model name + weights digest.
+"""The store: one directory with every fit, keyed by model name + weights digest, and a database
+of labels and job records (SQLite inside the directory, or PostgreSQL: store/database.py).
 
 Why keyed by digest: components describe one set of weights. A model whose weights (or classes,
 or preprocessing) changed gets a new digest, finds no fit, and is told to refit instead of
@@ -23,15 +24,14 @@ from spurguard.server.store.atomic import (
     write_json,
     write_with,
 )
+from spurguard.server.store.changes import ChangeFeed
+from spurguard.server.store.database import SQLITE, open_database
 from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter, clear_leftovers
-from spurguard.server.store.jobs import JobDB
-from spurguard.server.store.labels import UNLABELED, Label, LabelDB, check_label
+from spurguard.server.store.labels import UNLABELED, Label, check_label
 from spurguard.server.store.layout import (
     CURRENT,
-    LABELS_DB,
     LOCK,
     MANIFEST,
-    OWNERS,
     SETTINGS,
     ModelPaths,
     new_id,
@@ -55,14 +55,25 @@ def _last_change(directory: Path) -> float:
 
 
 class Store:
-    """Fits, labels and job records under one root directory; safe for concurrent use by threads
-    and processes."""
+    """Fits under one root directory, labels and job records in the database `labels` names
+    (`sqlite`: inside the root); safe for concurrent use by threads and processes.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    `changes` is the feed of what other servers change, where the database pushes it (None:
+    SQLite, servers poll). `close` releases what the database holds open."""
+
+    def __init__(self, root: str | os.PathLike[str], labels: str = SQLITE) -> None:
         self.root = Path(root)
         make_dirs(self.root / "models")
-        self.labels = LabelDB(self.root / LABELS_DB)
-        self.jobs = JobDB(self.root / LABELS_DB, self.root / OWNERS)
+        self.database = open_database(labels, self.root)
+        self.labels = self.database.labels
+        self.jobs = self.database.jobs
+
+    @property
+    def changes(self) -> ChangeFeed | None:
+        return self.database.changes
+
+    def close(self) -> None:
+        self.database.close()
 
     def remove_leftovers(self, keep_unfinished_days: float) -> list[str]:
         """What killed processes left, removed at start-up; returns the unfinished fits it deleted.
@@ -139,6 +150,7 @@ class Store:
         paths = self._paths(model, digest)
         Fit.read(paths, fit_id)
         write_json(paths.current, {"fit_id": fit_id})
+        self.labels.announce(model, digest, fit_id)
 
     # ---- evaluations ----
 
