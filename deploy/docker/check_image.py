@@ -5,8 +5,8 @@ passes its own probes, where no registry and no container runtime are at hand.
 1. base: a Debian bookworm root filesystem with python3 (mmdebstrap) imported as
    localhost/spurguard-base:bookworm (once; `--rebuild-base` makes it again);
 2. build: deploy/docker/Dockerfile with `podman build --isolation=chroot` on that base (the
-   Dockerfile's default base is the public python:3.12-slim-bookworm); pip's PIP_CERT and
-   PIP_FIND_LINKS of this machine are handed to the build stage, with the folders they name;
+   Dockerfile's default base is the public python:3.12-slim-bookworm); this machine's pip CA
+   bundle (else the system's) and find-links folders are handed to the build stage, mounted;
 3. smoke: `podman run` does not work here (cgroups), so the image's filesystem is mounted
    read-only, as in the pod, with a tmpfs on /tmp and on the store, in a mount and network
    namespace of its own (so its 0.0.0.0:50051 is private), and its ENTRYPOINT runs there under
@@ -34,6 +34,7 @@ DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
 BASE_IMAGE = "localhost/spurguard-base:bookworm"
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"
 PIP_CACHE = Path(os.environ.get("SPURGUARD_DEPLOY_CACHE", "/var/cache/spurguard-deploy")) / "pip"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # what this machine trusts, a TLS-inspecting proxy included
 READY_PREFIX = "spurguard serving on "
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
@@ -55,6 +56,14 @@ def build_base(rebuild: bool) -> None:
         run("podman", "import", "--quiet", str(tarball), BASE_IMAGE, stdout=subprocess.DEVNULL)
 
 
+def pip_setting(variable: str, key: str) -> str:
+    """This machine's pip setting: its variable, else pip's configuration files ("" if none)."""
+    if os.environ.get(variable):
+        return os.environ[variable]
+    done = subprocess.run([sys.executable, "-m", "pip", "config", "get", f"global.{key}"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def build_image(tag: str) -> None:
     """podman build on the local base, with this machine's pip settings (a TLS-inspecting
     proxy's CA bundle, local wheel folders) mounted into the build."""
@@ -62,15 +71,18 @@ def build_image(tag: str) -> None:
     args = ["--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
             "--build-arg", f"TORCH_INDEX_URL={os.environ.get('SPURGUARD_TORCH_INDEX_URL', '')}",
             "-v", f"{PIP_CACHE}:/root/.cache/pip"]
-    cert = os.environ.get("PIP_CERT")
-    if cert:
+    cert = pip_setting("PIP_CERT", "cert") or SYSTEM_CA_BUNDLE
+    if Path(cert).is_file():
         args += ["-v", f"{cert}:/etc/ssl/certs/build-ca.crt:ro", "--build-arg", "PIP_CERT=/etc/ssl/certs/build-ca.crt"]
-    links = [folder for folder in os.environ.get("PIP_FIND_LINKS", "").split() if Path(folder).is_dir()]
+    links = [folder for folder in pip_setting("PIP_FIND_LINKS", "find-links").split() if Path(folder).is_dir()]
     if links:
         args += [arg for folder in links for arg in ("-v", f"{folder}:{folder}:ro")]
         args += ["--build-arg", f"PIP_FIND_LINKS={' '.join(links)}"]
     run("podman", "build", "--isolation=chroot", "--format=docker", "--quiet", "-f", str(DOCKERFILE), "-t", tag,
         *args, str(REPO), stdout=subprocess.DEVNULL)
+    # Older builds' layers (a moved tag, the wheel stage) would pile up on a machine that keeps
+    # its storage: pip's cache, not podman's, is what makes the next build quick.
+    run("podman", "image", "prune", "--force", stdout=subprocess.DEVNULL)
 
 
 def inspect(tag: str) -> dict[str, object]:
