@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: setup triton-venv test demo bench fuzz clean
+.PHONY: setup triton-venv test demo bench fuzz deploy-check image-check clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,18 @@ endif
 fuzz: $(STAMP)
 	@echo "make fuzz: $(FUZZ_EXAMPLES) examples per RPC, seed $(FUZZ_SEED)"
 	SPURGUARD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SPURGUARD_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q tests/rpc/test_rpc_fuzz.py
+
+# README "Deploy". Every overlay renders and validates, and the pod-args test runs the cpu
+# Deployment's container here (these are part of `make test` too); then image-check.
+deploy-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/deploy
+	$(MAKE) image-check
+
+# The image: a Debian base (mmdebstrap, once), `podman build --isolation=chroot`, then its
+# entrypoint and HEALTHCHECK run from the read-only mounted image. As root, with podman and
+# mmdebstrap installed (.ci/run installs them); about 4 minutes the first time, 1 after.
+image-check:
+	$(PYTHON) deploy/docker/check_image.py
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info

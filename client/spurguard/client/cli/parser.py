@@ -138,7 +138,7 @@ exit status:
   {EXIT_OK}    success
   {EXIT_ERROR}    a call failed; "spurguard: error: CODE: message" names the gRPC status (with
        --json, {{"error": {{"code": CODE, "message": …}}}} goes to stdout as well)
-  {EXIT_USAGE}    usage error (or serve/demo/export-triton without the spurguard[server] extra)
+  {EXIT_USAGE}    usage error (or serve/demo/export-triton/health without the spurguard[server] extra)
   {EXIT_PARTIAL}    score: some images failed (their lines carry the error); the rest were scored
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); a fit job keeps running on the server
 """
@@ -225,6 +225,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         ("demo", "run the whole method on the planted-spurious demo data (needs spurguard[server])"),
         ("export-triton", "write a Triton model repository for a model's backbone (needs spurguard[server]); "
                           "see `spurguard export-triton --help`"),
+        ("health", "check a server's gRPC health once, exit 0 if SERVING (a container or Kubernetes probe; needs "
+                   "spurguard[server]); see `spurguard health --help`"),
     ):
         # No options of ours: every argument after the name goes to the server's own parser.
         sub = commands.add_parser(name, add_help=False, help=summary)

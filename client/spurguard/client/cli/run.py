@@ -1,7 +1,7 @@
 """`spurguard`'s entry point: parse, connect, run the command, map what went wrong to an exit status.
 
 Only grpcio, protobuf, numpy and the standard library are imported, so the CLI works from
-`pip install spurguard` without the server extra; `serve`, `demo` and `export-triton` import the
+`pip install spurguard` without the server extra; `serve`, `demo`, `export-triton` and `health` import the
 server lazily. The client comes from a factory that tests replace.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ FORWARDED = {
     "serve": "spurguard.server.rpc.app",
     "demo": "spurguard.server.demo.__main__",
     "export-triton": "spurguard.server.backends.triton_repo",
+    "health": "spurguard.server.rpc.probe",
 }
 
 ClientFactory = Callable[[str, float | None, grpc.ChannelCredentials | None, str | None], Client]
@@ -63,7 +64,7 @@ def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | N
 
 
 def _forward(command: str, argv: list[str]) -> int:
-    """Run a server-side program (serve, demo, export-triton) with the remaining arguments."""
+    """Run a server-side program (serve, demo, export-triton, health) with the remaining arguments."""
     try:
         module = importlib.import_module(FORWARDED[command])
     except ImportError as error:

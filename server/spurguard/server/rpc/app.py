@@ -26,10 +26,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ from spurguard.server.backends.device import available_cpus, resolve_device
 from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.errors import InvalidInput, SpurguardError
 from spurguard.server.rpc import auth, inference
+from spurguard.server.rpc.envargs import LIST_SEPARATOR, EnvArgumentParser
 from spurguard.server.rpc.health import Health
+from spurguard.server.rpc.logformat import LOG_FORMATS, configure_logging
 from spurguard.server.rpc.servicer import SpurguardServicer
 from spurguard.server.serving.dataplane import DataPlane
 from spurguard.server.serving.decoding import DecodePool
@@ -64,6 +67,8 @@ log = logging.getLogger("spurguard.server")
 REMOTE_HEALTH_POLL_S = 1.0  # how often the health of Triton-served models follows Triton's readiness
 MIN_MESSAGE_MB = 64  # the documented limit clients rely on (spurguard.client.MAX_MESSAGE_BYTES)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Spurguard"].full_name
+ENV_PREFIX = "SPURGUARD_"  # every serve flag is also a variable: --grace-s is SPURGUARD_GRACE_S (SPEC §3)
+DEFAULT_LOG_FORMAT = "text"
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,7 @@ async def serve(config: ServerConfig) -> int:
     try:
         await server.start()
     except (SpurguardError, RuntimeError, OSError) as error:
-        print(f"spurguard serve: {error}", file=sys.stderr)
+        log.error("spurguard serve: %s", error)
         return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -346,10 +351,9 @@ async def serve(config: ServerConfig) -> int:
         if not ready.done():
             return 0  # stopped while loading
         error = ready.exception()
-        if error is not None:
-            if not isinstance(error, SpurguardError):
-                log.error("model loading failed", exc_info=error)
-            print(f"spurguard serve: a model failed to load: {error}", file=sys.stderr)
+        if error is not None:  # with the traceback unless it is one of ours, which says all
+            log.error("spurguard serve: a model failed to load: %s", error,
+                      exc_info=None if isinstance(error, SpurguardError) else error)
             return 1
         print(f"spurguard serving on {server.address}", flush=True)
         await stopping
@@ -471,10 +475,16 @@ def _default(name: str) -> Any:
     return getattr(_DEFAULTS, name)
 
 
-def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
+def build_parser(prog: str = "spurguard serve", environ: Mapping[str, str] = os.environ) -> EnvArgumentParser:
     """The arguments of `spurguard serve` (the CLI hands them to `main`); each flag's `dest` is
-    the ServerConfig field it sets."""
-    p = argparse.ArgumentParser(prog=prog, description="Serve models over gRPC (spurguard.v1.Spurguard).")
+    the ServerConfig field it sets, and each flag also reads its SPURGUARD_* variable of `environ`."""
+    p = EnvArgumentParser(
+        prog=prog, env_prefix=ENV_PREFIX, environ=environ,
+        description="Serve models over gRPC (spurguard.v1.Spurguard).",
+        epilog=f"Every flag can also be set by the variable named beside it ({ENV_PREFIX}<FLAG>: upper case, "
+               f"'-' -> '_'); the flag wins over its variable. A repeatable flag's variable is a "
+               f"'{LIST_SEPARATOR}'-separated list, e.g. {ENV_PREFIX}MODEL=demo{LIST_SEPARATOR}/models/mycnn.",
+    )
     p.add_argument("--model", dest="models", action="append", required=True, metavar="SPEC",
                    help="built-in model name or model directory; repeat for several models")
     p.add_argument("--store", required=True, type=Path, metavar="DIR", help="fits (and, with --labels sqlite, labels) live here")
@@ -552,6 +562,9 @@ def build_parser(prog: str = "spurguard serve") -> argparse.ArgumentParser:
                    help="how often to pick up labels and fits that other servers sharing --store made "
                         f"(default {_default('store_poll_s'):g}; 0: only this server's own); with a "
                         "postgresql --labels they arrive at once besides")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=DEFAULT_LOG_FORMAT,
+                   help="log records on stderr as text lines or as JSON lines (time, level, logger, message, "
+                        f"exception) for a log collector; stdout only ever has the ready line (default {DEFAULT_LOG_FORMAT})")
     return p
 
 
@@ -564,7 +577,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def main(argv: list[str] | None = None) -> int:
     """`spurguard serve …`: returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     config = config_from_args(args)
     return asyncio.run(serve(config))
 
