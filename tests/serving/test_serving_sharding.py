@@ -7,6 +7,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from spurguard.server.errors import FailedPrecondition
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 from spurguard.server.serving.sharding import merge_shards, run_shard, shard_range
 from spurguard.server.store import Store
-from spurguard.server.store.layout import ModelPaths
+from spurguard.server.store.layout import ModelPaths, recorded_classes
 from spurguard.server.store.shards import shards_dir
 
 pytestmark = pytest.mark.timeout(300)
@@ -213,3 +217,21 @@ def test_a_rerun_shard_replaces_its_own_output(tmp_path: Path, small: Path, back
     second = json.loads((root / "0-of-2.json").read_text())["run"]
     assert first != second
     assert {p.name for p in root.iterdir()} == {"0-of-2.json", "0-of-2.lock", second}
+
+
+def test_a_merge_killed_midway_resumes_after_the_classes_it_wrote(tmp_path: Path, small: Path,
+                                                                  backend: TorchBackend) -> None:
+    store = tmp_path / "store"
+    for shard in (0, 1):
+        run_shard(backend, store, small, fit_id="j", shard=shard, num_shards=2, num_components=3)
+    merge = [sys.executable, "-m", "spurguard", "fit", "--store", str(store), "--model", "demo", "--job-id", "j",
+             "--merge", "2"]
+    killed = subprocess.run(merge, env={**os.environ, "SPURGUARD_CRASH_AT": "class:j:2"}, capture_output=True,
+                            text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    paths = ModelPaths.of(store, backend.name, backend.digest)
+    assert recorded_classes(paths.fit("j")) == [0, 1, 2] and Store(store).current_fit_id(backend.name, backend.digest) is None
+    done = fit_ok("--store", str(store), "--model", "demo", "--job-id", "j", "--merge", "2")
+    assert [c["class"] for c in done["classes"]] == list(range(6))
+    assert done["images"] == 24 - 12  # classes 0-2 came from the killed run
+    assert Store(store).current_fit_id(backend.name, backend.digest) == "j"
