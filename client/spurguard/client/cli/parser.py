@@ -138,7 +138,7 @@ exit status:
   {EXIT_OK}    success
   {EXIT_ERROR}    a call failed; "spurguard: error: CODE: message" names the gRPC status (with
        --json, {{"error": {{"code": CODE, "message": …}}}} goes to stdout as well)
-  {EXIT_USAGE}    usage error (or serve/demo/export-triton without the spurguard[server] extra)
+  {EXIT_USAGE}    usage error (or serve/demo/export-triton/fit --store without the spurguard[server] extra)
   {EXIT_PARTIAL}    score: some images failed (their lines carry the error); the rest were scored
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); a fit job keeps running on the server
 """
