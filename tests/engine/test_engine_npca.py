@@ -308,3 +308,29 @@ def test_cuda_gram_path_matches_cpu(large_problem, method):
     cpu = fit_components(p.weight, p.features, p.labels, 10)[0]
     np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=1e-9)
     assert projector_distance(gpu.vectors, cpu.vectors) < 1e-8
+
+
+def test_class_statistics_taken_out_and_rebuilt_from_their_scatter_merge_like_the_whole(problem_factory):
+    """What a shard of a sharded fit does: take a class's statistics out of its fit, keep them as
+    rows or (count, mean, scatter), and a merging fit absorbs them class by class."""
+    p = problem_factory(seed=12, num_classes=2, dim=20, per_class=[66, 9])  # 22 > d rows of class 0 a part
+    whole = NeuralPCAFit(p.weight)
+    whole.update(p.features, p.labels)
+    thirds = np.arange(len(p.labels)) % 3
+    merged, kinds = NeuralPCAFit(p.weight), []
+    for part in range(3):
+        fit = NeuralPCAFit(p.weight)
+        fit.update(p.features[thirds == part], p.labels[thirds == part])
+        for k in fit.classes_seen:
+            stats = fit.take_class(k)
+            kinds.append(stats.rows is None)
+            if stats.rows is None:  # more rows than d in this part: kept as the scatter
+                stats = ClassStatistics.from_scatter(stats.count, stats.mean.numpy(), stats.scatter.numpy())
+            merged.merge_class(k, stats)
+        assert fit.classes_seen == []
+    assert set(kinds) == {False, True}  # class 1's parts keep rows, class 0's (mostly) their scatters
+    assert_same_statistics(merged, whole)
+    with pytest.raises(InvalidInput, match="out of range"):
+        merged.merge_class(2, ClassStatistics.empty(20))
+    with pytest.raises(InvalidInput, match="a \\[d, d\\] scatter"):
+        ClassStatistics.from_scatter(3, np.zeros(20), np.zeros((20, 19)))

@@ -138,7 +138,7 @@ exit status:
   {EXIT_OK}    success
   {EXIT_ERROR}    a call failed; "spurguard: error: CODE: message" names the gRPC status (with
        --json, {{"error": {{"code": CODE, "message": …}}}} goes to stdout as well)
-  {EXIT_USAGE}    usage error (or serve/demo/export-triton/health without the spurguard[server] extra)
+  {EXIT_USAGE}    usage error (or serve/demo/export-triton/health/fit --store without the spurguard[server] extra)
   {EXIT_PARTIAL}    score: some images failed (their lines carry the error); the rest were scored
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); a fit job keeps running on the server
 """
@@ -183,6 +183,23 @@ def _global_options(
     parser.add_argument("--tls-key", metavar="PEM", default=default(None), help="the private key of --tls-cert")
     parser.add_argument("--token", metavar="TOKEN", default=default(token_default),  # never shown in --help
                         help=f"bearer token for a server started with --auth-tokens (default: ${TOKEN_ENV})")
+
+
+def split_command(argv: Sequence[str]) -> tuple[dict[str, object], str | None, list[str]]:
+    """(the global options given before the command, the command's name, every argument after it),
+    read without the commands' own parsers: what decides whether `fit` runs offline. A command
+    line that does not parse here gives (empty, None, []), and the full parser reports it."""
+    probe = argparse.ArgumentParser(add_help=False, exit_on_error=False, allow_abbrev=False)
+    _global_options(probe, None, None, for_command=True)  # SUPPRESS defaults: only what was given
+    probe.add_argument("command", nargs="?")
+    probe.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        args, _ = probe.parse_known_args(list(argv))
+    except argparse.ArgumentError:
+        return {}, None, []
+    given = vars(args)
+    command, rest = given.pop("command"), given.pop("rest")
+    return given, command, rest
 
 
 def _add_view_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,7 +261,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "fit class-wise neural PCA components on a dataset",
         "Start a fit job on the server and follow its progress; prints the committed fit. The job "
         "runs on the server: Ctrl-C stops watching, not the job (unless --cancel-on-interrupt); "
-        "follow it again with `spurguard watch JOB`.",
+        "follow it again with `spurguard watch JOB`. With --store DIR the fit runs in this process "
+        "instead, with no server (needs spurguard[server]): the whole fit, one shard of a sharded fit "
+        "(--shard I/N) or the merge of the shards (--merge N); see `spurguard fit --store DIR --help`.",
     )
     fit.add_argument("--model", required=True, metavar="NAME", help="model name (see `spurguard models`)")
     fit.add_argument(

@@ -1,8 +1,9 @@
 """`spurguard`'s entry point: parse, connect, run the command, map what went wrong to an exit status.
 
 Only grpcio, protobuf, numpy and the standard library are imported, so the CLI works from
-`pip install spurguard` without the server extra; `serve`, `demo`, `export-triton` and `health` import the
-server lazily. The client comes from a factory that tests replace.
+`pip install spurguard` without the server extra; `serve`, `demo`, `export-triton`, `health` and
+`fit --store` (a fit in this process, no server) import the server lazily. The client comes from a
+factory that tests replace.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from spurguard import vocab as t
 from spurguard.client.cli import format as fmt
 from spurguard.client.cli.commands import COMMANDS, os_error_code, resolve_classes
 from spurguard.client.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError, UsageError
-from spurguard.client.cli.parser import build_parser
+from spurguard.client.cli.parser import build_parser, split_command
 from spurguard.client.client import Client, SpurguardClientError, tls_credentials
 
 # Commands whose arguments belong to another program: everything after the name is passed on.
@@ -29,6 +30,8 @@ FORWARDED = {
     "export-triton": "spurguard.server.backends.triton_repo",
     "health": "spurguard.server.rpc.probe",
 }
+# `fit` with --store: the fit runs here, with no server (whole, one shard, or the shards' merge).
+OFFLINE_FIT = "spurguard.server.serving.offline"
 
 ClientFactory = Callable[[str, float | None, grpc.ChannelCredentials | None, str | None], Client]
 
@@ -63,10 +66,10 @@ def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | N
 # ---- entry point ----
 
 
-def _forward(command: str, argv: list[str]) -> int:
-    """Run a server-side program (serve, demo, export-triton, health) with the remaining arguments."""
+def _forward(command: str, argv: list[str], module_name: str | None = None) -> int:
+    """Run a server-side program (serve, demo, export-triton, health, fit --store) with the remaining arguments."""
     try:
-        module = importlib.import_module(FORWARDED[command])
+        module = importlib.import_module(module_name or FORWARDED[command])
     except ImportError as error:
         print(
             f"spurguard: error: `spurguard {command}` needs the server ({error}); "
@@ -89,6 +92,15 @@ def _failed(args: argparse.Namespace, code: grpc.StatusCode, message: str, line:
 
 def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory = connect) -> int:
     """Parse `argv` (default sys.argv[1:]), run the command and return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given, command, rest = split_command(argv)
+    if command == "fit" and any(arg == "--store" or arg.startswith("--store=") for arg in rest):
+        connection = sorted(f"--{name.replace('_', '-')}" for name in given if name != "json")
+        if connection:
+            print(f"spurguard fit: error: {', '.join(connection)}: a fit with --store runs here, with no server",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return _forward("fit", ["--json"] * bool(given.get("json")) + rest, OFFLINE_FIT)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in FORWARDED:

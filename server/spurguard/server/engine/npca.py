@@ -140,6 +140,24 @@ class ClassStatistics:
     def empty(cls, dim: int, device: torch.device | str | None = None) -> ClassStatistics:
         return cls(dim, device)
 
+    @classmethod
+    def from_scatter(
+        cls, count: int, mean: torch.Tensor | np.ndarray, scatter: torch.Tensor | np.ndarray
+    ) -> ClassStatistics:
+        """Statistics kept as (count, mean, scatter), such as a partial fit read back from files;
+        merging them is Chan's formula, as for statistics built in this process."""
+        scatter = as_matrix(scatter, "scatter", dtype=torch.float64)
+        dim = int(scatter.shape[0])
+        mean = _tensor(mean, "mean").to(dtype=torch.float64, device=scatter.device)
+        if scatter.shape != (dim, dim) or mean.shape != (dim,) or count < 1:
+            raise InvalidInput(
+                f"statistics need count >= 1, a [d] mean and a [d, d] scatter; got {count}, "
+                f"{tuple(mean.shape)}, {tuple(scatter.shape)}"
+            )
+        stats = cls(dim, scatter.device)
+        stats.count, stats.mean, stats._scatter = int(count), mean.clone(), scatter.clone()
+        return stats
+
     @property
     def dim(self) -> int:
         return int(self.mean.shape[0])
@@ -439,6 +457,18 @@ class NeuralPCAFit:
             else:
                 self._stats[k] = stats.to(self.device)
         other._stats = {}
+
+    def merge_class(self, class_index: int, stats: ClassStatistics) -> None:
+        """Absorb one class's partial statistics (another worker's, or read back from files)."""
+        if not 0 <= class_index < self.num_classes:
+            raise InvalidInput(f"class {class_index} out of range [0, {self.num_classes})")
+        self._stats.setdefault(class_index, ClassStatistics.empty(self.dim, self.device)).merge(stats)
+
+    def take_class(self, class_index: int) -> ClassStatistics:
+        """Remove and return a class's open statistics, so that another process can merge them."""
+        stats = self.statistics(class_index)
+        del self._stats[class_index]
+        return stats
 
     def count(self, class_index: int) -> int:
         return self.statistics(class_index).count

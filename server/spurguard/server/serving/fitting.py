@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from spurguard.server.backends.base import Backend
-from spurguard.server.datasets import ClassResolver, list_image_folder
-from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, ClassComponents, NeuralPCAFit, fit_alphas
+from spurguard.server.datasets import ClassResolver, ImageEntry, list_image_folder
+from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, NeuralPCAFit, fit_alphas
 from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput, NotFound
-from spurguard.server.loader import iter_features
+from spurguard.server.loader import Reader, iter_features
 from spurguard.server.serving.paths import DataRoots
 from spurguard.server.store import Fit, FitMeta, FitWriter, Store
 from spurguard.server.store.faults import crash_point
@@ -52,11 +52,12 @@ class FitOutcome:
                           *(() if carry is None else (carry.from_fit, carry.carried, carry.not_carried)))
 
 
-class _FeatureSpill:
+class FeatureSpill:
     """A class's float32 feature rows in a temporary file, appended batch by batch."""
 
     def __init__(self, directory: Path, class_index: int, dim: int) -> None:
         self.path = directory / f"class-{class_index}.f32"
+        self.class_index = class_index
         self.dim = dim
         self.rows = 0
         self.image_ids: list[str] = []
@@ -75,12 +76,91 @@ class _FeatureSpill:
         return np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
 
 
-def _alphas_chunked(components: ClassComponents, weight_row: torch.Tensor, features: np.ndarray) -> np.ndarray:
-    parts = [
-        fit_alphas(components, weight_row, np.array(features[i : i + ALPHA_CHUNK_ROWS]))
-        for i in range(0, features.shape[0], ALPHA_CHUNK_ROWS)
+RowReader = Callable[[int, int], np.ndarray]  # (start, stop) -> feature rows [stop - start, d]
+
+
+def too_few_images(count: int) -> str:
+    """Why a class is skipped: without two images it has no covariance."""
+    return f"{count} readable image(s); a fit needs at least 2"
+
+
+def commit_class(
+    writer: FitWriter,
+    fit: NeuralPCAFit,
+    class_index: int,
+    num_components: int,
+    weight_row: torch.Tensor,
+    image_ids: Sequence[str],
+    blocks: Sequence[tuple[int, RowReader]],
+) -> None:
+    """Finalize a class whose statistics are complete and persist it with its fit-image alphas,
+    computed from its features (`blocks`: row counts and readers, in image_ids order) read back
+    ALPHA_CHUNK_ROWS at a time, so memory does not grow with the class."""
+    components = fit.finalize_class(class_index, num_components)
+    components.image_ids = list(image_ids)
+    alphas = [
+        fit_alphas(components, weight_row, read(i, min(i + ALPHA_CHUNK_ROWS, rows)))
+        for rows, read in blocks
+        for i in range(0, rows, ALPHA_CHUNK_ROWS)
     ]
-    return np.concatenate(parts) if parts else np.zeros((0, components.num_components), np.float32)
+    components.alphas = np.concatenate(alphas) if alphas else np.zeros((0, components.num_components), np.float32)
+    writer.add_class(components)
+
+
+@dataclass(frozen=True)
+class FeaturePass:
+    skipped: list[tuple[str, str]]  # (image id, why) of unreadable images
+    completed: int  # classes handed to `complete`
+    unfinished: bool  # the pass stopped before the end (cancelled)
+
+
+def feature_pass(
+    entries: Sequence[ImageEntry],
+    backend: Backend,
+    fit: NeuralPCAFit,
+    spill_dir: Path,
+    complete: Callable[[FeatureSpill], None],
+    *,
+    batch_size: int,
+    cancel: threading.Event | None,
+    read: Reader,
+    on_batch: Callable[[int, int, int], None],
+) -> FeaturePass:
+    """One pass of the backbone over `entries` (grouped by class) into `fit`, each class's
+    features spilled to `spill_dir`. As soon as a class's last image is through, `complete(spill)`
+    runs on a second thread, overlapping the next forward passes. `on_batch(batches, images,
+    classes completed)` follows every batch."""
+    remaining = Counter(e.class_index for e in entries)
+    skipped: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spurguard-finalize") as finalizer:
+        spills: dict[int, FeatureSpill] = {}
+        pending: list[Future[None]] = []
+        images = 0
+        for batches, (batch, features) in enumerate(iter_features(entries, backend, batch_size, cancel, read=read), 1):
+            skipped.extend((entry.image_id, why) for entry, why in batch.skipped)
+            labels = torch.tensor([e.class_index for e in batch.entries], dtype=torch.int64)
+            if batch.entries:
+                fit.update(features, labels)
+            seen = batch.entries + [entry for entry, _ in batch.skipped]
+            for entry in seen:
+                remaining[entry.class_index] -= 1
+            for k in sorted({entry.class_index for entry in seen}):
+                rows = (labels == k).nonzero().squeeze(1)
+                if k not in spills:
+                    spills[k] = FeatureSpill(spill_dir, k, backend.feature_dim)
+                spill = spills[k]
+                spill.append(features[rows], [batch.entries[i].image_id for i in rows.tolist()])
+                if remaining[k] == 0:
+                    pending.append(finalizer.submit(complete, spills.pop(k)))
+            images += len(seen)
+            on_batch(batches, images, sum(future.done() for future in pending))
+            _raise_failed(pending)
+        for future in pending:
+            future.result()
+        unfinished = bool(spills) or any(remaining.values())
+        for spill in spills.values():
+            spill.close()
+    return FeaturePass(skipped, len(pending), unfinished)
 
 
 def _open_writer(
@@ -137,6 +217,19 @@ def _committed(backend: Backend, store: Store, root: Path, num_components: int, 
     return fit
 
 
+def list_fit_images(
+    backend: Backend, dataset_root: str | os.PathLike[str], classes: Sequence[int] | None, roots: DataRoots | None
+) -> tuple[Path, list[ImageEntry], DataRoots]:
+    """The resolved dataset folder, its images grouped by class, and the roots they were checked
+    against (default: the folder itself): a link out of them refuses the fit (PermissionDenied)."""
+    root = Path(dataset_root).resolve()
+    entries = list_image_folder(root, ClassResolver(backend.class_names, backend.class_wnids), classes)
+    if roots is None:
+        roots = DataRoots([root])
+    roots.check_listing(e.path for e in entries)
+    return root, entries, roots
+
+
 def run_fit(
     backend: Backend,
     store: Store,
@@ -162,16 +255,12 @@ def run_fit(
     """
     started = time.monotonic()
     batch_size = batch_size or backend.max_batch_size
-    root = Path(dataset_root).resolve()
-    entries = list_image_folder(root, ClassResolver(backend.class_names, backend.class_wnids), classes)
-    if roots is None:
-        roots = DataRoots([root])
-    roots.check_listing(e.path for e in entries)
+    root, entries, roots = list_fit_images(backend, dataset_root, classes, roots)
     selected = sorted({e.class_index for e in entries})
     committed = _committed(backend, store, root, num_components, fit_id)
     if committed is not None:
         store.set_current(backend.name, backend.digest, committed.fit_id)
-        return _outcome(committed, 0, [], [], started)
+        return fit_outcome(committed, 0, [], [], started)
     writer, resuming = _open_writer(backend, store, root, num_components, fit_id, extend)
 
     def report(phase: str, images_done: int, classes_done: int) -> None:
@@ -187,72 +276,43 @@ def run_fit(
         weight, _ = backend.head()
         # The statistics and eigensolves live where the backbone runs (CUDA where it does).
         fit = NeuralPCAFit(weight, device=getattr(backend, "torch_device", None))
-        remaining = Counter(e.class_index for e in todo)
-        skipped: list[tuple[str, str]] = []
         skipped_classes: list[tuple[int, str]] = []
         already_done = len(skip & set(selected))
 
-        def finalize(k: int, spill: _FeatureSpill) -> None:
-            features = spill.close()
+        def finalize(spill: FeatureSpill) -> None:
+            k, features = spill.class_index, spill.close()
             if spill.rows < 2:
-                skipped_classes.append((k, f"{spill.rows} readable image(s); a fit needs at least 2"))
+                skipped_classes.append((k, too_few_images(spill.rows)))
                 if spill.rows:
-                    fit.finalize_class(k, 1)  # frees the statistics
+                    fit.take_class(k)  # frees the statistics
             else:
-                components = fit.finalize_class(k, num_components)
-                components.image_ids = spill.image_ids
-                components.alphas = _alphas_chunked(components, weight[k], features)
-                writer.add_class(components)
-            del features
+                commit_class(writer, fit, k, num_components, weight[k], spill.image_ids,
+                             [(spill.rows, lambda a, b: np.array(features[a:b]))])
             spill.path.unlink()
 
-        with writer.scratch() as spill_dir, ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="spurguard-finalize"
-        ) as finalizer:
-            spills: dict[int, _FeatureSpill] = {}
-            pending: list[Future[None]] = []
-            for batches, (batch, features) in enumerate(iter_features(todo, backend, batch_size, cancel, read=roots.read), 1):
-                skipped.extend((entry.image_id, why) for entry, why in batch.skipped)
-                labels = torch.tensor([e.class_index for e in batch.entries], dtype=torch.int64)
-                if batch.entries:
-                    fit.update(features, labels)
-                seen = batch.entries + [entry for entry, _ in batch.skipped]
-                for entry in seen:
-                    remaining[entry.class_index] -= 1
-                for k in sorted({entry.class_index for entry in seen}):
-                    rows = (labels == k).nonzero().squeeze(1)
-                    if k not in spills:
-                        spills[k] = _FeatureSpill(spill_dir, k, backend.feature_dim)
-                    spill = spills[k]
-                    spill.append(features[rows], [batch.entries[i].image_id for i in rows.tolist()])
-                    if remaining[k] == 0:
-                        pending.append(finalizer.submit(finalize, k, spills.pop(k)))
-                crash_point("batch", writer.fit_id, batches)
-                images_done += len(seen)
-                classes_done = already_done + sum(future.done() for future in pending)
-                report("features", images_done, classes_done)
-                _raise_failed(pending)
-            for future in pending:
-                future.result()
-            unfinished = bool(spills) or any(remaining.values())  # the pass stopped early
-            for spill in spills.values():
-                spill.close()
-        if unfinished:
+        def on_batch(batches: int, images: int, classes: int) -> None:
+            crash_point("batch", writer.fit_id, batches)
+            report("features", images_done + images, already_done + classes)
+
+        with writer.scratch() as spill_dir:
+            done = feature_pass(todo, backend, fit, spill_dir, finalize, batch_size=batch_size, cancel=cancel,
+                                read=roots.read, on_batch=on_batch)
+        if done.unfinished:
             raise Cancelled(
-                f"fit {writer.fit_id} of model {backend.name} cancelled after {already_done + len(pending)} of "
+                f"fit {writer.fit_id} of model {backend.name} cancelled after {already_done + done.completed} of "
                 f"{len(selected)} classes; fit again with job/fit id {writer.fit_id} to resume"
             )
-        report("committing", images_done, already_done + len(pending))
+        report("committing", len(entries), already_done + done.completed)
         written = set(writer.done_classes)
         fitted = [k for k in selected if k in written]
         if not fitted:
             raise InvalidInput(f"no class of {str(root)!r} had 2 readable images; nothing was fitted")
         meta = writer.commit(expected_classes=fitted)
-    return _outcome(store.load_fit(backend.name, backend.digest, meta.fit_id), len(todo), skipped, skipped_classes,
-                    started)
+    return fit_outcome(store.load_fit(backend.name, backend.digest, meta.fit_id), len(todo), done.skipped,
+                    skipped_classes, started)
 
 
-def _outcome(
+def fit_outcome(
     fit: Fit, images: int, skipped: list[tuple[str, str]], skipped_classes: list[tuple[int, str]], started: float
 ) -> FitOutcome:
     classes = [FitClass(k, fit.summary(k).count, fit.summary(k).num_components) for k in fit.classes]

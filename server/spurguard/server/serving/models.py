@@ -16,9 +16,10 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -96,6 +97,14 @@ def _open_and_queue(
 
 async def _result(item: Future[np.ndarray | BaseException] | BaseException) -> np.ndarray | BaseException:
     return item if isinstance(item, BaseException) else await asyncio.wrap_future(item)
+
+
+def select_forward(backend: Backend, runtime: str | None, graphs: Callable[[str, str, Callable[[Path], None]], Path]) -> None:
+    """Choose where a torch model's forward-only work runs (`TorchBackend.select_runtime`) and log
+    it; `graphs(name, digest, export)` keeps the exported ONNX backbone (`Store.onnx_graph`)."""
+    if isinstance(backend, TorchBackend):
+        choice = backend.select_runtime(runtime, lambda: graphs(backend.name, backend.digest, backend.export_onnx))
+        log.info("model %s: %s", backend.name, choice.describe())
 
 
 class ServedModel:
@@ -206,12 +215,7 @@ class ServedModel:
             self._backend = load_model(self.spec, self._device, self._max_batch_size)
             if self._backend.name != self.name:
                 raise InvalidInput(f"model {self.spec!r} loaded as {self._backend.name!r}, expected {self.name!r}")
-        backend = self._backend
-        if isinstance(backend, TorchBackend):
-            choice = backend.select_runtime(
-                self._runtime, lambda: self.store.onnx_graph(backend.name, backend.digest, backend.export_onnx)
-            )
-            log.info("model %s: %s", self.name, choice.describe())
+        select_forward(self._backend, self._runtime, self.store.onnx_graph)
         self._backend.warm_up()
         self._gradcam_layer = default_gradcam_layer(self._backend)  # before traffic: it hooks every layer
         if self.supports_gradients:

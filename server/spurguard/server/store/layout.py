@@ -17,6 +17,8 @@
     .lock                                          flock of the one open FitWriter
     .scratch/                                      the running fit's feature spill (cleared on resume
                                                    and at start-up)
+    shards/                                        a sharded fit's partial statistics until its merge
+                                                   (store/shards.py)
 <root>/models/<name>/<digest>/evaluations/<id>.json  one finished Evaluate: request, fit, tables
 <root>/models/<name>/<digest>/backbone.onnx        the backbone exported for ONNX Runtime / OpenVINO
 ```

@@ -54,6 +54,15 @@ def _last_change(directory: Path) -> float:
     return max((p.stat().st_mtime for p in directory.iterdir()), default=directory.stat().st_mtime)
 
 
+def onnx_graph(root: Path, model: str, digest: str, export: Callable[[Path], None]) -> Path:
+    """`Store.onnx_graph` without opening the store's database (the shards of a sharded fit)."""
+    path = ModelPaths.of(root, model, digest).onnx
+    if not path.is_file():
+        make_dirs(path.parent)
+        write_with(path, export)
+    return path
+
+
 class Store:
     """Fits under one root directory, labels and job records in the database `labels` names
     (`sqlite`: inside the root); safe for concurrent use by threads and processes.
@@ -172,11 +181,7 @@ class Store:
     def onnx_graph(self, model: str, digest: str, export: Callable[[Path], None]) -> Path:
         """These weights' backbone as ONNX, exported with `export(path)` the first time (written
         whole or not at all) and reused after; keyed by the digest like everything else."""
-        path = self._paths(model, digest).onnx
-        if not path.is_file():
-            make_dirs(path.parent)
-            write_with(path, export)
-        return path
+        return onnx_graph(self.root, model, digest, export)
 
     # ---- writing fits ----
 
