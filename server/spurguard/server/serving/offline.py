@@ -13,11 +13,12 @@ runs where the model says (local torch, ONNX Runtime, OpenVINO, or Triton for a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from spurguard.server.serving.fitting import run_fit
 from spurguard.server.serving.models import select_forward
 from spurguard.server.serving.sharding import merge_shards, run_shard, wait_for_shards
 from spurguard.server.store import Store
+from spurguard.server.store.database import SQLITE
 from spurguard.server.store.store import onnx_graph
 from spurguard.vocab import FitProgress, FitSummary
 
@@ -103,6 +105,10 @@ def build_parser(prog: str = "spurguard fit") -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--runtime", choices=RUNTIME_CHOICES, help="where the backbone runs (default: the model's "
                    "runtime, else auto); a model.toml with [triton] runs it on Triton")
+    p.add_argument("--labels", default=SQLITE, metavar="URL",
+                   help="the label database of the servers on this store (a serve --labels: sqlite, or "
+                        "postgresql://…): a fit's commit carries the labels of the fit it replaces there "
+                        f"(default {SQLITE})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -148,17 +154,29 @@ def _run(args: argparse.Namespace) -> dict[str, object] | FitSummary:
     if args.merge is not None:
         if args.wait:
             wait_for_shards(backend, args.store, args.job_id, args.merge, args.wait)
-        return merge_shards(backend, Store(args.store), fit_id=args.job_id, num_shards=args.merge,
-                            dataset_root=args.data, num_components=args.components, classes=classes,
-                            progress=_progress).summary()
+        with _store(args) as store:
+            return merge_shards(backend, store, fit_id=args.job_id, num_shards=args.merge,
+                                dataset_root=args.data, num_components=args.components, classes=classes,
+                                progress=_progress).summary()
     select_forward(backend, args.runtime, partial(onnx_graph, args.store))
     components = {} if args.components is None else {"num_components": args.components}
     if args.shard is not None:
         shard, num_shards = args.shard
         return run_shard(backend, args.store, args.data, fit_id=args.job_id, shard=shard, num_shards=num_shards,
                          classes=classes, batch_size=args.batch_size, progress=_progress, **components).to_json()
-    return run_fit(backend, Store(args.store), args.data, classes=classes, batch_size=args.batch_size,
-                   fit_id=args.job_id, progress=_progress, **components).summary()
+    with _store(args) as store:
+        return run_fit(backend, store, args.data, classes=classes, batch_size=args.batch_size,
+                       fit_id=args.job_id, progress=_progress, **components).summary()
+
+
+@contextlib.contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Store]:
+    """The store with the servers' label database (commits write carried labels there)."""
+    store = Store(args.store, args.labels)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "spurguard fit") -> int:
