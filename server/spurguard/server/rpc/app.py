@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from spurguard.server.backends import Backend
 from spurguard.server.backends.builtins import model_name
 from spurguard.server.backends.device import available_cpus, resolve_device
 from spurguard.server.backends.runtimes import RUNTIME_CHOICES
-from spurguard.server.errors import InvalidInput, SpurguardError
+from spurguard.server.errors import InvalidInput, SpurguardError, Unavailable
 from spurguard.server.rpc import auth, inference
 from spurguard.server.rpc.envargs import LIST_SEPARATOR, EnvArgumentParser
 from spurguard.server.rpc.health import Health
@@ -67,6 +67,7 @@ log = logging.getLogger("spurguard.server")
 REMOTE_HEALTH_POLL_S = 1.0  # how often the health of Triton-served models follows Triton's readiness
 MIN_MESSAGE_MB = 64  # the documented limit clients rely on (spurguard.client.MAX_MESSAGE_BYTES)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Spurguard"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 ENV_PREFIX = "SPURGUARD_"  # every serve flag is also a variable: --grace-s is SPURGUARD_GRACE_S (SPEC §3)
 DEFAULT_LOG_FORMAT = "text"
 
@@ -129,6 +130,27 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _ClosingGate(grpc.aio.ServerInterceptor):
+    """Once closed, new calls get UNAVAILABLE here, which clients retry elsewhere. grpc's own
+    shutdown answers calls that arrive while it begins with CANCELLED, which they do not retry;
+    closing this gate first leaves that race only to calls already on their way. Health stays
+    open: it answers NOT_SERVING to the probes until the port closes."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not self.closed or method.startswith(f"/{HEALTH_SERVICE}/"):
+            return handler
+        return auth.refusal(handler, Unavailable("the server is shutting down; call another replica"), method)
+
+
 class SpurguardServer:
     """One server: the gRPC port, its models, jobs and store, and the metrics endpoint.
 
@@ -141,6 +163,7 @@ class SpurguardServer:
         self.port: int | None = None  # set once the port is open
         self.metrics_port: int | None = None
         self._stopped = False
+        self._gate = _ClosingGate()
         self._ready = False  # every model loaded once: from then on load balancers may route here
         self._delay_over = asyncio.Event()  # set early by a second SIGTERM (end_drain_delay)
         self._following: asyncio.Task[None] | None = None
@@ -200,7 +223,7 @@ class SpurguardServer:
 
         limit = config.max_message_mb * 2**20
         self._server = grpc.aio.server(
-            interceptors=[] if tokens is None else [auth.AuthInterceptor(tokens)],
+            interceptors=[self._gate, *([] if tokens is None else [auth.AuthInterceptor(tokens)])],
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
@@ -223,7 +246,7 @@ class SpurguardServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, inference.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (SERVICE_NAME, inference.SERVICE_NAME, HEALTH_SERVICE,
              reflection.SERVICE_NAME),
             self._server,
         )
@@ -314,6 +337,7 @@ class SpurguardServer:
                 await asyncio.wait_for(self._delay_over.wait(), drain_delay)
         log.info("refusing new calls; in-flight ones may take %.1f s", grace)
         self.health.close()
+        self._gate.closed = True
         await self._server.stop(grace)
         await jobs_done
         for model in self.models:

@@ -212,7 +212,7 @@ _HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = 
 }
 
 
-def _refusal(handler: grpc.RpcMethodHandler, error: SpurguardError, method: str) -> grpc.RpcMethodHandler:
+def refusal(handler: grpc.RpcMethodHandler, error: SpurguardError, method: str) -> grpc.RpcMethodHandler:
     """A handler of the method's own kind (unary or streaming either way) that only aborts."""
     status = status_of(error, method)
 
@@ -242,7 +242,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             check(self.tokens, handler_call_details.method, handler_call_details.invocation_metadata)
         except SpurguardError as error:
-            return _refusal(handler, error, handler_call_details.method)
+            return refusal(handler, error, handler_call_details.method)
         return handler
 
 
