@@ -24,6 +24,9 @@ that decodes ahead of the forward, batch 32, on the same cores.
    same bytes: target >= 0.9x; also vs the pre-decoded forward (~0.85x at most) and eager torch
    (>= 4x); plus p50/p99 latency of single-image unary Score.
 4. Feature attack: APGD vs a bare autograd loop of as many steps: target >= 0.9x.
+   attack_readability (not a speed): on the demo models (demo, demo_robust), the energy
+   concentration ratio (spurguard.server.demo.planted; 1 = uniform) of each planted feature's
+   attack on the component its ground truth labels, for each attack parameterisation.
 5. The Open Inference Protocol: tritonclient's ModelInfer into the same kind of server as 3
    (the same JPEG bytes, batch 32, a few requests in flight) vs spurguard's own ScoreStream of
    those bytes: target >= 0.9x.
@@ -528,15 +531,18 @@ READABILITY_MODELS = ("demo", "demo_robust")
 
 def bench_attack_readability(quick: bool, models: Sequence[str] = READABILITY_MODELS) -> dict[str, object]:
     """Per demo model and attack parameterisation, the energy concentration ratio of each planted
-    feature's attack (spurguard.server.demo.planted: 1 = spread uniformly), on the component its
+    feature's attack (spurguard.server.demo.planted: 1 = spread uniformly) and, for the local
+    features, its template match (0 = unrelated, 1 = the feature drawn), on the component its
     class's ground truth labels (feature-only contrast), at the default eps."""
     from spurguard.server.backends import load_model
     from spurguard.server.demo import generate, load_ground_truth
     from spurguard.server.demo.planted import (
         concentration_ratio,
         engine_alphas,
+        feature_crops,
         fit_planted_classes,
         label_planted_features,
+        template_match,
     )
     from spurguard.server.demo.train import NUM_COMPONENTS
     from spurguard.server.visualize import feature_attack
@@ -561,6 +567,9 @@ def bench_attack_readability(quick: bool, models: Sequence[str] = READABILITY_MO
                                                 frame_every=0, parameterization=name)
                     ratios[name] = float(concentration_ratio(result.pixels, root, truth, feature)[0])
                     ratios[name + "_alpha"] = float(result.final_alphas[0])
+                    if feature.kind != "background_pattern":  # a pattern over the whole background has no template
+                        ratios[name + "_match"] = float(
+                            template_match(result.pixels, feature_crops(root, truth, feature))[0])
                 rows[feature.name] = {"component": component, "auc": label.auc, "accepted": label.accepted, **ratios}
             table["models"][spec] = rows
     return table
@@ -637,17 +646,20 @@ def main() -> int:
         _print_paired("steps/s", attack["steps"], "APGD attack", attack["paired"],
                       {"bare": ("bare autograd loop", "target >= 0.9")})
     if "attack_readability" in sections:
-        readable = bench_attack_readability(args.quick)
-        print(f"\n[attack readability] demo models, {readable['steps']} steps at the default eps; energy concentration "
-              "ratio of each planted feature's attack on its ground-truth component (1 = uniform; "
-              "spurguard.server.demo.planted), final alpha in brackets")
         from spurguard.vocab import ATTACK_PARAMETERIZATIONS
+
+        readable = bench_attack_readability(args.quick)
+        print(f"\n[attack readability] demo models, {readable['steps']} steps at the default eps; per planted feature's "
+              "attack on its ground-truth component: energy concentration ratio (1 = uniform, white noise ~1.1) / "
+              "template match (0 = unrelated, white noise ~0.13; local features only), final alpha in brackets "
+              "(spurguard.server.demo.planted)")
         print(f"  {'model':12s} {'feature':10s} {'comp':>4s} {'AUC':>5s} "
-              + " ".join(f"{name:>20s}" for name in ATTACK_PARAMETERIZATIONS))
+              + " ".join(f"{name:>24s}" for name in ATTACK_PARAMETERIZATIONS))
         for spec, rows in readable["models"].items():
             for feature, row in rows.items():
                 print(f"  {spec:12s} {feature:10s} {row['component']:4d} {row['auc']:5.2f} " + " ".join(
-                    f"{row[name]:9.2f} ({row[name + '_alpha']:8.1f})" for name in ATTACK_PARAMETERIZATIONS))
+                    f"{row[name]:6.2f} / {row.get(name + '_match', float('nan')):5.2f} ({row[name + '_alpha']:6.1f})"
+                    for name in ATTACK_PARAMETERIZATIONS))
     if "oip" in sections:
         oip = bench_oip(args.quick)
         print(f"\n[Open Inference Protocol] {oip['images']} JPEGs, efficientnet_lite0 on the CPU, batch {BATCH}, "

@@ -15,11 +15,12 @@ from spurguard.server.demo.generator import STRIPE_ANGLES, STRIPE_PERIODS, Groun
 from spurguard.server.demo.planted import (
     concentration_ratio,
     contrast_images,
-    feature_masks,
+    feature_crops,
     label_planted_features,
     local_concentration,
     spectral_concentration,
     stripe_band,
+    template_match,
 )
 
 SIZE = 64
@@ -122,6 +123,24 @@ def test_concentration_ratio_uses_the_feature_masks_or_the_band(small: tuple[Pat
         if feature.kind == "background_pattern":
             np.testing.assert_allclose(ratio, spectral_concentration(image))
         else:
-            masks = feature_masks(root, truth, feature)
-            assert len(masks) == 6 and all(m.any() and m.dtype == bool for m in masks)
-            np.testing.assert_allclose(ratio, local_concentration(image, masks))
+            crops = feature_crops(root, truth, feature)
+            assert len(crops) == 6
+            for mask, patch in crops:
+                assert mask.any() and mask.dtype == bool and patch.shape == (3, *mask.shape)
+            np.testing.assert_allclose(ratio, local_concentration(image, [mask for mask, _ in crops]))
+
+
+def test_template_match_is_one_where_the_feature_is_drawn_and_low_on_noise(small: tuple[Path, GroundTruth]) -> None:
+    """The feature pasted from its own spurious-test image matches it exactly (cosine 1); on
+    gray with noise, and at a scale of the template's contrast, the match stays near noise level."""
+    root, truth = small
+    flower = next(f for f in truth.features if f.name == "flower")
+    crops = feature_crops(root, truth, flower)
+    mask, patch = crops[0]
+    pasted = torch.full((1, 3, SIZE, SIZE), 0.5)
+    h, w = mask.shape
+    region = pasted[0, :, 10:10 + h, 20:20 + w]
+    region[:] = torch.where(torch.from_numpy(mask), 0.5 + 0.3 * (torch.from_numpy(patch).float() - 0.5), region)
+    assert template_match(pasted, crops[:1])[0] == pytest.approx(1.0)
+    noise = 0.5 + 0.05 * torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    assert float(template_match(noise, crops).max()) < 0.25

@@ -1,10 +1,12 @@
 """The built-in demo_robust (issue 13): the demo CNN adversarially trained by the shipped script,
 recorded beside its weights, and what it is for: from gray, the feature attack of the component
 that the ground truth labels for each planted feature draws that feature, measured by the
-energy concentration ratio of spurguard.server.demo.planted (1 = spread uniformly)."""
+energy concentration ratio and the template match of spurguard.server.demo.planted, and better
+than the standard demo's where those measures can tell (the flower, the stripes)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,20 +19,25 @@ from spurguard.server.demo.planted import (
     PlantedLabel,
     concentration_ratio,
     engine_alphas,
+    feature_crops,
     fit_planted_classes,
     label_planted_features,
+    template_match,
 )
 from spurguard.server.demo.train import DEMO_PREPROCESS, NUM_COMPONENTS, REPORT
 from spurguard.server.engine import ClassComponents
 from spurguard.server.visualize import AttackResult, feature_attack
 
-STEPS = 100  # half the default: enough at 64² for the ratios below, a second per attack here
-# Thresholds from bench/run.py attack_readability (200 steps) and white noise: noise scores at
-# most 1.11 (local) and 1.28 (stripes); this model's pixel attacks 1.6 (watermark), 2.3
-# (flower) and 24 (stripes), the standard demo's 2.0, 1.5 and 2.6. The local ratio does not
-# separate the two models (both tile the feature over the image; see the bench), the band does.
+STEPS = 100  # half the default: enough at 64² for the measures below, a second per attack here
+# Thresholds from bench/run.py attack_readability (200 steps) and white noise. Concentration
+# ratio: noise at most 1.11 (local) and 1.28 (stripes); this model's pixel attacks 1.6
+# (watermark), 2.3 (flower), 24 (stripes); the standard demo's 2.0, 1.5, 2.6. Template match:
+# noise at most 0.16; this model 0.34 (watermark), 0.57 (flower); the standard's 0.35, 0.17.
+# Neither measure tells the two models' watermark attacks apart (README, "Readable attacks").
 MIN_LOCAL_RATIO = 1.4
 MIN_STRIPES_RATIO = 10.0
+MIN_MATCH = 0.25
+BETTER_THAN_STANDARD = 2.0  # flower match, stripes ratio: measured 3.3x and 9x
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +57,31 @@ def components(robust: TorchBackend, demo_data: DemoDataset, truth: GroundTruth)
     return fit_planted_classes(robust, demo_data.root, truth, NUM_COMPONENTS)
 
 
+def _labels(backend: TorchBackend, root: Path, truth: GroundTruth, components: dict[int, ClassComponents]
+            ) -> dict[str, PlantedLabel]:
+    return {label.feature: label for label in label_planted_features(truth, engine_alphas(backend, root, components))}
+
+
 @pytest.fixture(scope="module")
 def labels(
     robust: TorchBackend, demo_data: DemoDataset, truth: GroundTruth, components: dict[int, ClassComponents]
 ) -> dict[str, PlantedLabel]:
-    found = label_planted_features(truth, engine_alphas(robust, demo_data.root, components))
-    return {label.feature: label for label in found}
+    return _labels(robust, demo_data.root, truth, components)
+
+
+def _attack(backend: TorchBackend, components: dict[int, ClassComponents], label: PlantedLabel) -> AttackResult:
+    *_, result = feature_attack(backend, components[label.class_index], [label.component], steps=STEPS, frame_every=0)
+    assert isinstance(result, AttackResult) and result.parameterization == "pixel"
+    return result
+
+
+def _readability(result: AttackResult, root: Path, truth: GroundTruth, name: str) -> tuple[float, float | None]:
+    """(concentration ratio, template match or None for the background pattern) of one attack."""
+    feature = next(f for f in truth.features if f.name == name)
+    ratio = float(concentration_ratio(result.pixels, root, truth, feature)[0])
+    if feature.kind == "background_pattern":
+        return ratio, None
+    return ratio, float(template_match(result.pixels, feature_crops(root, truth, feature))[0])
 
 
 def test_shipped_as_a_builtin_with_how_it_was_made(robust: TorchBackend, demo_report: dict[str, Any]) -> None:
@@ -86,11 +112,33 @@ def test_the_attack_from_gray_draws_the_feature(
     name: str,
 ) -> None:
     label = labels[name]
-    feature = next(f for f in truth.features if f.name == name)
-    *_, result = feature_attack(robust, components[label.class_index], [label.component], steps=STEPS, frame_every=0)
-    assert isinstance(result, AttackResult) and result.parameterization == "pixel"
-    ratio = float(concentration_ratio(result.pixels, demo_data.root, truth, feature)[0])
+    result = _attack(robust, components, label)
+    ratio, match = _readability(result, demo_data.root, truth, name)
     print(f"{name}: component {label.component} (AUC {label.auc:.3f}), alpha {result.start_alphas[0]:.1f} -> "
-          f"{result.final_alphas[0]:.1f}, concentration ratio {ratio:.2f}")
+          f"{result.final_alphas[0]:.1f}, concentration ratio {ratio:.2f}, template match {match}")
     assert result.final_alphas[0] > result.start_alphas[0]
-    assert ratio >= (MIN_STRIPES_RATIO if feature.kind == "background_pattern" else MIN_LOCAL_RATIO)
+    if match is None:
+        assert ratio >= MIN_STRIPES_RATIO
+    else:
+        assert ratio >= MIN_LOCAL_RATIO and match >= MIN_MATCH
+
+
+def test_the_flower_and_the_stripes_read_better_than_on_the_standard_model(
+    robust: TorchBackend,
+    components: dict[int, ClassComponents],
+    labels: dict[str, PlantedLabel],
+    demo_data: DemoDataset,
+    truth: GroundTruth,
+) -> None:
+    """The point of a discovery model: the standard demo's attacks of the same features, on its
+    own ground-truth components, show them far less (flower: template match; stripes: ratio)."""
+    standard = load_model("demo", device="cpu")
+    assert isinstance(standard, TorchBackend)
+    standard_components = fit_planted_classes(standard, demo_data.root, truth, NUM_COMPONENTS)
+    standard_labels = _labels(standard, demo_data.root, truth, standard_components)
+    for name, measure in (("flower", 1), ("stripes", 0)):
+        robust_value = _readability(_attack(robust, components, labels[name]), demo_data.root, truth, name)[measure]
+        standard_value = _readability(
+            _attack(standard, standard_components, standard_labels[name]), demo_data.root, truth, name)[measure]
+        print(f"{name}: robust {robust_value:.2f}, standard {standard_value:.2f}")
+        assert robust_value >= BETTER_THAN_STANDARD * standard_value
