@@ -24,6 +24,9 @@ that decodes ahead of the forward, batch 32, on the same cores.
    same bytes: target >= 0.9x; also vs the pre-decoded forward (~0.85x at most) and eager torch
    (>= 4x); plus p50/p99 latency of single-image unary Score.
 4. Feature attack: APGD vs a bare autograd loop of as many steps: target >= 0.9x.
+   attack_readability (not a speed): on the demo models (demo, demo_robust), the energy
+   concentration ratio (spurguard.server.demo.planted; 1 = uniform) of each planted feature's
+   attack on the component its ground truth labels, for each attack parameterisation.
 5. The Open Inference Protocol: tritonclient's ModelInfer into the same kind of server as 3
    (the same JPEG bytes, batch 32, a few requests in flight) vs spurguard's own ScoreStream of
    those bytes: target >= 0.9x.
@@ -74,7 +77,7 @@ if TYPE_CHECKING:  # the server's modules load torch: imported where a section n
 S = TypeVar("S")
 
 IMAGENET_CLASSES, IMAGES_PER_CLASS, DIM, TOP = 1000, 1300, 2048, 50
-SECTIONS = ("runtimes", "fit", "npca", "grpc", "attack", "oip", "triton", "load")
+SECTIONS = ("runtimes", "fit", "npca", "grpc", "attack", "attack_readability", "oip", "triton", "load")
 ROUNDS, ROUNDS_QUICK = 3, 1  # paired rounds per throughput comparison
 BATCH = 32  # images per forward pass, on every side of every comparison
 
@@ -657,6 +660,55 @@ def bench_attack(quick: bool) -> dict[str, object]:
     return {"steps": steps, "paired": paired}
 
 
+READABILITY_MODELS = ("demo", "demo_robust")
+
+
+def bench_attack_readability(quick: bool, models: Sequence[str] = READABILITY_MODELS) -> dict[str, object]:
+    """Per demo model and attack parameterisation, the energy concentration ratio of each planted
+    feature's attack (spurguard.server.demo.planted: 1 = spread uniformly) and, for the local
+    features, its template match (0 = unrelated, 1 = the feature drawn), on the component its
+    class's ground truth labels (feature-only contrast), at the default eps."""
+    from spurguard.server.backends import load_model
+    from spurguard.server.demo import generate, load_ground_truth
+    from spurguard.server.demo.planted import (
+        concentration_ratio,
+        engine_alphas,
+        feature_crops,
+        fit_planted_classes,
+        label_planted_features,
+        template_match,
+    )
+    from spurguard.server.demo.train import NUM_COMPONENTS
+    from spurguard.server.visualize import feature_attack
+    from spurguard.vocab import ATTACK_PARAMETERIZATIONS
+
+    steps = 50 if quick else 200
+    table: dict[str, object] = {"steps": steps, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        generate(root, train_per_class=200 if quick else 800)
+        truth = load_ground_truth(root)
+        for spec in models:
+            backend = load_model(spec, device="cpu")
+            components = fit_planted_classes(backend, root, truth, NUM_COMPONENTS)
+            labels = label_planted_features(truth, engine_alphas(backend, root, components))
+            rows = {}
+            for label, feature in zip(labels, truth.features):
+                component = label.component
+                ratios = {}
+                for name in ATTACK_PARAMETERIZATIONS:
+                    *_, result = feature_attack(backend, components[label.class_index], [component], steps=steps,
+                                                frame_every=0, parameterization=name)
+                    ratios[name] = float(concentration_ratio(result.pixels, root, truth, feature)[0])
+                    ratios[name + "_alpha"] = float(result.final_alphas[0])
+                    if feature.kind != "background_pattern":  # a pattern over the whole background has no template
+                        ratios[name + "_match"] = float(
+                            template_match(result.pixels, feature_crops(root, truth, feature))[0])
+                rows[feature.name] = {"component": component, "auc": label.auc, "accepted": label.accepted, **ratios}
+            table["models"][spec] = rows
+    return table
+
+
 def _print_paired(unit: str, count: int, ours: str, paired: Paired, baselines: dict[str, tuple[str, str]]) -> None:
     """Each side's throughput (`count` over its best round) and ours' median ratio to each
     baseline, with what that ratio should be; `baselines` maps a name to (label, target)."""
@@ -727,6 +779,21 @@ def main() -> int:
               f"{attack['steps']} steps")
         _print_paired("steps/s", attack["steps"], "APGD attack", attack["paired"],
                       {"bare": ("bare autograd loop", "target >= 0.9")})
+    if "attack_readability" in sections:
+        from spurguard.vocab import ATTACK_PARAMETERIZATIONS
+
+        readable = bench_attack_readability(args.quick)
+        print(f"\n[attack readability] demo models, {readable['steps']} steps at the default eps; per planted feature's "
+              "attack on its ground-truth component: energy concentration ratio (1 = uniform, white noise ~1.1) / "
+              "template match (0 = unrelated, white noise ~0.13; local features only), final alpha in brackets "
+              "(spurguard.server.demo.planted)")
+        print(f"  {'model':12s} {'feature':10s} {'comp':>4s} {'AUC':>5s} "
+              + " ".join(f"{name:>24s}" for name in ATTACK_PARAMETERIZATIONS))
+        for spec, rows in readable["models"].items():
+            for feature, row in rows.items():
+                print(f"  {spec:12s} {feature:10s} {row['component']:4d} {row['auc']:5.2f} " + " ".join(
+                    f"{row[name]:6.2f} / {row.get(name + '_match', float('nan')):5.2f} ({row[name + '_alpha']:6.1f})"
+                    for name in ATTACK_PARAMETERIZATIONS))
     if "oip" in sections:
         oip = bench_oip(args.quick)
         print(f"\n[Open Inference Protocol] {oip['images']} JPEGs, efficientnet_lite0 on the CPU, batch {BATCH}, "

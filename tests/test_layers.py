@@ -26,7 +26,8 @@ ALLOWED = {
     "spurguard.server.datasets": {"spurguard.server.errors", "spurguard.vocab"},
     "spurguard.server.loader": {"spurguard.server.datasets", "spurguard.server.errors"},
     "spurguard.server.store": {"spurguard.server.engine", "spurguard.server.errors", "spurguard.vocab"},
-    "spurguard.server.visualize": {"spurguard.server.backends", "spurguard.server.engine", "spurguard.server.errors"},
+    "spurguard.server.visualize": {"spurguard.server.backends", "spurguard.server.engine", "spurguard.server.errors",
+                                   "spurguard.vocab"},
     "spurguard.server.serving": {
         "spurguard.server.backends", "spurguard.server.datasets", "spurguard.server.engine", "spurguard.server.errors",
         "spurguard.server.loader", "spurguard.server.store", "spurguard.server.visualize", "spurguard.vocab",

@@ -110,7 +110,7 @@ def job(job_id: str = "job-1", state: str = "running") -> t.Job:
     return t.Job(job_id, "tiny", state, request, fit_progress(job_id), summary, None, WHEN, WHEN)
 
 
-def visualize_updates(component: int = 2, eps: float = 8.6) -> list[t.VisualizeUpdate]:
+def visualize_updates(component: int = 2, eps: float = 8.6, parameterization: str = "pixel") -> list[t.VisualizeUpdate]:
     return [
         t.TopImage(component, 0, "3/a.png", "/data/train/3/a.png", 5.0, b"top0"),
         t.TopImage(component, 1, "3/b.png", "/data/train/3/b.png", 4.0, b"top1"),
@@ -118,7 +118,7 @@ def visualize_updates(component: int = 2, eps: float = 8.6) -> list[t.VisualizeU
         t.Heatmap(component, 0, "3/a.png", "/data/train/3/a.png", 5.0, "grad_cam", b"heat0"),
         t.AttackFrame(component, 0, 0.5, 0.1, b"frame0"),
         t.AttackFrame(component, 10, 6.0, 0.6, b"frame10"),
-        t.AttackResult(component, 0.5, 7.0, 0.7, 20, eps, b"attack"),
+        t.AttackResult(component, 0.5, 7.0, 0.7, 20, eps, b"attack", parameterization),
     ]
 
 

@@ -49,11 +49,13 @@ def test_visualize_writes_the_pngs_and_summarises_them(cli_run: RunCli, tmp_path
     fake = FakeClient(visualize=f.visualize_updates(component=2))
     out = tmp_path / "vis"
     outcome = cli_run(fake, "visualize", "--model", "tiny", "--class", "3", "--component", "2", "--out", str(out),
-                      "--steps", "20", "--eps", "1.5", "--heatmap", "grad_cam", "--heatmap-layer", "layer4", "--json")
+                      "--steps", "20", "--eps", "1.5", "--heatmap", "grad_cam", "--heatmap-layer", "layer4",
+                      "--parameterization", "low_frequency", "--json")
     assert outcome.code == cli.EXIT_OK
     assert fake.called("visualize") == [(("tiny", 3, [2]), {"steps": 20, "eps": 1.5, "frame_every": None,
                                                               "top_k": None, "seed": None, "heatmap": "grad_cam",
-                                                              "heatmap_layer": "layer4"})]
+                                                              "heatmap_layer": "layer4",
+                                                              "parameterization": "low_frequency"})]
     folder = out / "class_3" / "component_2"
     assert sorted(p.name for p in folder.iterdir()) == [
         "attack.png", "frame_0000.png", "frame_0010.png", "heatmap_00.png", "heatmap_01.png", "top_00.png", "top_01.png"]
@@ -65,6 +67,7 @@ def test_visualize_writes_the_pngs_and_summarises_them(cli_run: RunCli, tmp_path
     assert (component["index"], component["start_alpha"], component["final_alpha"], component["final_prob"]) == (
         2, 0.5, 7.0, 0.7)
     assert component["attack_image"] == str(folder / "attack.png")
+    assert component["parameterization"] == "pixel"  # what the (fake) server says it ran
     assert component["top_images"] == [
         {"image": "/data/train/3/a.png", "image_id": "3/a.png", "alpha": 5.0, "heatmap": str(folder / "heatmap_00.png"),
          "heatmap_method": "grad_cam", "png": str(folder / "top_00.png")},

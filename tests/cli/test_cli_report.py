@@ -225,23 +225,38 @@ def test_more_components_than_one_call_takes_are_split(cli_run: RunCli, tmp_path
     assert fake.called("get_components") == [(("tiny", 3), {"top": len(many), "fit_id": "fit-1"})]
 
 
-def _fake_report(cli_run: RunCli, out: Path, *argv: str, mean: float = 0.0, eps: float = 8.6) -> str:
+def _fake_report(
+    cli_run: RunCli, out: Path, *argv: str, mean: float = 0.0, eps: float = 8.6, parameterization: str = "pixel",
+    calls: list[FakeClient] | None = None,
+) -> str:
     """The page of class 3 from canned answers: component 0 has heatmaps and alpha mean `mean`,
-    its attack ran with `eps`."""
+    its attack ran with `eps` and `parameterization`; the fake client is appended to `calls`."""
     components = f.components(3)
     rounded = (dataclasses.replace(components.components[0], alpha_mean=mean), *components.components[1:])
-    fake = FakeClient(get_model=f.model(fitted=(3,)), list_labels=[], visualize=f.visualize_updates(0, eps),
+    fake = FakeClient(get_model=f.model(fitted=(3,)), list_labels=[],
+                      visualize=f.visualize_updates(0, eps, parameterization),
                       get_components=dataclasses.replace(components, components=rounded))
     outcome = cli_run(fake, "report", "--model", "tiny", "--out", str(out), *argv)
     assert outcome.code == 0, outcome.err
+    if calls is not None:
+        calls.append(fake)
     return (out / "class_3.html").read_text(encoding="utf-8")
 
 
 def test_header_states_the_eps_used(cli_run: RunCli, tmp_path: Path) -> None:
     """The radius the server says its attacks ran with (AttackResult.eps), default or asked for."""
-    assert "L2 radius 2.143 (the server&#x27;s default) · heatmaps" in _fake_report(
+    assert "L2 radius 2.143 (the server&#x27;s default), parameterization pixel · heatmaps" in _fake_report(
         cli_run, tmp_path / "default", eps=30 * 16 / 224)
-    assert "L2 radius 1.5 · heatmaps" in _fake_report(cli_run, tmp_path / "given", "--eps", "1.5", eps=1.5)
+    assert "L2 radius 1.5, parameterization pixel · heatmaps" in _fake_report(
+        cli_run, tmp_path / "given", "--eps", "1.5", eps=1.5)
+
+
+def test_header_states_the_parameterization_the_server_ran(cli_run: RunCli, tmp_path: Path) -> None:
+    """--parameterization goes to Visualize, and the page says what each AttackResult reports."""
+    fakes: list[FakeClient] = []
+    page = _fake_report(cli_run, tmp_path, "--parameterization", "jitter", parameterization="jitter", calls=fakes)
+    assert "parameterization jitter · heatmaps" in page
+    assert {kwargs["parameterization"] for _, kwargs in fakes[0].called("visualize")} == {"jitter"}
 
 
 def test_heatmaps_come_with_the_servers_colour_scale(cli_run: RunCli, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 from spurguard.server.backends import TorchBackend, builtin_names, load_model_dir, read_model_toml
 from spurguard.server.demo import CLASSES, DEMO_MODEL_DIR, DemoDataset, generate
 from spurguard.server.demo.model import FEATURE_DIM, DemoCNN
-from spurguard.server.demo.train import DEMO_PREPROCESS, NUM_COMPONENTS, REPORT, evaluate_demo_model
+from spurguard.server.demo.train import DEMO_PREPROCESS, NUM_COMPONENTS, REPORT, evaluate_demo_model, l2_pgd
 
 # sha256 of the shipped files and preprocessing (model_digest): fits are stored per digest, so a
 # retrained model must be a deliberate change here too.
@@ -104,3 +104,35 @@ def test_training_script_end_to_end(tmp_path: Path) -> None:
     assert len(report["epoch_losses"]) == 1 and 0 <= report["clean_accuracy"] <= 1
     assert [f["name"] for f in report["features"]] == [f.name for f in data.features]
     assert set(report["spurious_score"]) == {"baseline", "paper", "floor"}
+
+
+def test_l2_pgd_raises_the_loss_within_the_ball_and_the_box() -> None:
+    """Adversarial training's inner attack, in [0, 1] pixel units like Visualize's eps."""
+    torch.manual_seed(0)
+    model = DemoCNN(len(CLASSES)).eval()
+    std, mean = torch.tensor(DEMO_PREPROCESS.std).view(1, 3, 1, 1), torch.tensor(DEMO_PREPROCESS.mean).view(1, 3, 1, 1)
+    pixels = torch.rand(4, 3, 64, 64)
+    pixels[0] = 1.0  # a saturated image: the box binds
+    x, y = (pixels - mean) / std, torch.tensor([0, 1, 2, 3])
+    attacked = l2_pgd(model, x, y, 1.0, 3, DEMO_PREPROCESS)
+    moved = attacked * std + mean
+    assert float((moved - pixels).flatten(1).norm(dim=1).max()) <= 1.0 + 1e-5
+    assert float(moved.min()) >= -1e-6 and float(moved.max()) <= 1 + 1e-6
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert float(loss(model(attacked), y)) > float(loss(model(x), y))
+
+
+def test_adversarial_training_end_to_end(tmp_path: Path) -> None:
+    """--eps trains on L2 PGD attacks and records how (what the built-in demo_robust ships with)."""
+    data = generate(tmp_path / "data", seed=3, train_per_class=10, test_per_class=2, spurious_per_feature=2)
+    out = tmp_path / "robust"
+    command = [sys.executable, "-m", "spurguard.server.demo.train", "--data", str(data.root), "--out", str(out),
+               "--epochs", "1", "--eps", "0.5", "--attack-steps", "2", "--threads", "1", "--name", "demo_robust"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert load_model_dir(out, device="cpu").name == "demo_robust"
+    report = json.loads((out / REPORT).read_text())
+    assert (report["name"], report["eps"], report["attack_steps"], report["threads"]) == ("demo_robust", 0.5, 2, 1)
+    bad = subprocess.run([*command[:-8], "--eps", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--eps must be >= 0" in bad.stderr

@@ -157,6 +157,7 @@ def test_top_images_heatmaps_frames_and_the_attack_of_the_planted_component(
     assert np.all(_pixels(frames[0].png) == 128)  # the gray start
     assert result.steps == STEPS and result.final_alpha >= max(f.alpha for f in frames) - 1e-6
     assert result.eps == pytest.approx(default_eps(SIZE))  # the radius it ran with: the default here
+    assert result.parameterization == "pixel"  # and the parameterisation: the default here
     assert result.final_alpha - result.start_alpha > 2 * stats.alpha_max  # far beyond any fit image
     assert 0.0 < result.final_prob < 1.0 and _pixels(result.png).shape == (SIZE, SIZE, 3)
 
@@ -275,6 +276,18 @@ def test_errors_have_their_status_before_any_message(server: BackgroundServer, c
             list(pb_grpc.SpurguardStub(channel).Visualize(
                 pb.VisualizeRequest(model="planted", class_index=0, components=[0], heatmap=9), timeout=10))
     assert caught.value.code() == CODE.INVALID_ARGUMENT and "heatmap" in caught.value.details()
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(pb_grpc.SpurguardStub(channel).Visualize(
+                pb.VisualizeRequest(model="planted", class_index=0, components=[0], parameterization=9), timeout=10))
+    assert caught.value.code() == CODE.INVALID_ARGUMENT and "parameterization" in caught.value.details()
+
+
+@pytest.mark.parametrize("parameterization", ["low_frequency", "jitter"])
+def test_the_result_names_the_parameterization_asked_for(client: Client, parameterization: str) -> None:
+    *_, result = client.visualize("planted", 0, [0], steps=3, top_k=1, heatmap="none", parameterization=parameterization)
+    assert isinstance(result, AttackResult) and result.parameterization == parameterization
+    assert result.final_alpha > result.start_alpha
 
 
 def test_request_values_at_their_limits_run(client: Client) -> None:

@@ -22,7 +22,13 @@ from spurguard.server.visualize import (
     default_eps,
     feature_attack,
 )
-from spurguard.server.visualize.attack import BallBoxProjection
+from spurguard.server.visualize.attack import (
+    LOW_FREQUENCY_FACTOR,
+    START_NOISE,
+    BallBoxProjection,
+    jitter_pixels,
+)
+from spurguard.vocab import ATTACK_PARAMETERIZATIONS
 from visualize_support import (
     BLUE_COMPONENT,
     GREEN_COMPONENT,
@@ -34,6 +40,7 @@ from visualize_support import (
     STD,
     TENT_COMPONENT,
     TENT_PEAK_ALPHA,
+    make_backend,
 )
 
 ALL = [RED_COMPONENT, GREEN_COMPONENT, BLUE_COMPONENT, MIXED_COMPONENT, TENT_COMPONENT]
@@ -104,8 +111,13 @@ def test_start_alpha_is_the_float64_projection_of_gray_features(backend: TorchBa
     np.testing.assert_allclose(result.start_alphas, alphas64(backend, components, ALL, gray(len(ALL))), rtol=1e-5, atol=1e-6)
 
 
-def test_final_alpha_and_prob_belong_to_the_returned_image(backend: TorchBackend, components: ClassComponents) -> None:
-    result = run(backend, components, ALL)
+@pytest.mark.parametrize("parameterization", ATTACK_PARAMETERIZATIONS)
+def test_final_alpha_and_prob_belong_to_the_returned_image(
+    backend: TorchBackend, components: ClassComponents, parameterization: str
+) -> None:
+    """Also under jitter, whose ascent sees rolled images: what is reported is the image's own."""
+    result = run(backend, components, ALL, parameterization=parameterization)
+    assert result.parameterization == parameterization
     np.testing.assert_allclose(
         result.final_alphas, alphas64(backend, components, ALL, result.pixels), rtol=1e-5, atol=1e-6
     )
@@ -128,9 +140,12 @@ def test_attack_beats_the_first_order_gain(backend: TorchBackend, components: Cl
     assert result.final_alphas[0] - result.start_alphas[0] > 10 * abs(result.start_alphas[0])
 
 
+@pytest.mark.parametrize("parameterization", ATTACK_PARAMETERIZATIONS)
 @pytest.mark.parametrize("eps", [None, BOX_BINDING_EPS])
-def test_images_stay_in_the_ball_and_the_box(backend: TorchBackend, components: ClassComponents, eps: float | None) -> None:
-    result = run(backend, components, ALL, eps=eps)
+def test_images_stay_in_the_ball_and_the_box(
+    backend: TorchBackend, components: ClassComponents, eps: float | None, parameterization: str
+) -> None:
+    result = run(backend, components, ALL, eps=eps, parameterization=parameterization)
     radius = default_eps(SIZE) if eps is None else eps
     assert result.eps == pytest.approx(radius)
     distances = (result.pixels - 0.5).flatten(1).norm(dim=1)
@@ -138,7 +153,7 @@ def test_images_stay_in_the_ball_and_the_box(backend: TorchBackend, components: 
     assert float(result.pixels.min()) >= 0.0 and float(result.pixels.max()) <= 1.0
     expected_uint8 = (result.pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(result.images, expected_uint8)
-    if eps == BOX_BINDING_EPS:  # the budget is used up to the ball even where the box cuts
+    if eps == BOX_BINDING_EPS and parameterization == "pixel":  # the budget is used up to the ball even where the box cuts
         assert float(distances[0]) == pytest.approx(radius, rel=1e-4)
         assert float((result.pixels[0, 0] == 1.0).float().mean()) > 0.5  # red saturated
 
@@ -210,6 +225,78 @@ def test_a_component_dead_on_gray_escapes_with_a_seeded_direction(
     assert torch.equal(seed0.pixels, run(backend, components, [BLUE_COMPONENT], seed=0).pixels)
 
 
+class _ZeroAtGray(torch.nn.Module):
+    """Feature 0 = mean ReLU(R - 0.5): its pre-activation is exactly 0 on gray, so its gradient
+    there is exactly 0 (ReLU'(0) = 0), yet any red above gray raises it. The others are 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = x[:, 0] * STD[0] + MEAN[0] - 0.5  # x is normalised; MEAN[0] = 0.5 makes gray exactly 0
+        phi = torch.relu(red).mean(dim=(1, 2))
+        return torch.stack([phi, *[torch.zeros_like(phi)] * 6], dim=1)
+
+
+def test_a_component_exactly_at_zero_on_gray_climbs_its_own_gradient(components: ClassComponents) -> None:
+    """The start is gray plus seeded noise (START_NOISE), so the first step already follows the
+    component's gradient: red rises, green and blue keep only the start noise (a random first
+    direction, the fallback for components dead by a margin, would move them as much as red)."""
+    backend = make_backend(_ZeroAtGray())
+    assert float(gray_gradients(backend, components, [RED_COMPONENT]).abs().max()) == 0.0
+    result = run(backend, components, [RED_COMPONENT], steps=1)
+    moved = (result.pixels[0] - 0.5).abs()
+    assert float(moved[0].max()) > 0.05
+    assert float(moved[1:].max()) <= 6 * START_NOISE
+    assert result.final_alphas[0] > result.start_alphas[0] + 0.01
+
+
+def test_low_frequency_images_are_a_coarse_grid_upsampled(backend: TorchBackend, components: ClassComponents) -> None:
+    """x - gray lies in the span of the bilinear upsampling of a 4x coarser grid (least squares
+    residual ~0); the pixel attack's does not (its border pixels differ: residual ~0.1)."""
+    coarse = SIZE // LOW_FREQUENCY_FACTOR
+    basis = torch.eye(coarse * coarse, dtype=torch.float64).view(-1, 1, coarse, coarse)
+    upsampling = torch.nn.functional.interpolate(basis, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    upsampling = upsampling.view(coarse * coarse, SIZE * SIZE).T  # [S², s²]
+
+    def residual(result: AttackResult) -> float:
+        delta = (result.pixels.double() - 0.5).reshape(-1, SIZE * SIZE).T  # one column per image and channel
+        fit = torch.linalg.lstsq(upsampling, delta).solution
+        return float((upsampling @ fit - delta).norm() / delta.norm())
+
+    smooth = run(backend, components, CONVEX, parameterization="low_frequency")
+    assert np.all(smooth.final_alphas > smooth.start_alphas)
+    assert residual(smooth) < 1e-5
+    assert residual(run(backend, components, CONVEX)) > 0.05
+
+
+class _CornerDetector(torch.nn.Module):
+    """Feature 0 = the red of pixel (0, 0) above 0.49: one pixel decides it, so an attack that
+    sees the image unrolled changes only that pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = x[:, 0, 0, 0] * STD[0] + MEAN[0]
+        phi = torch.relu(red - 0.49)
+        return torch.stack([phi, *[torch.zeros_like(phi)] * 6], dim=1)
+
+
+def test_jitter_takes_each_gradient_on_a_seeded_roll_of_the_image(components: ClassComponents) -> None:
+    """Under jitter pixel (0, 0) of what the model sees is a different image pixel each step,
+    all within jitter_pixels(side) of the corner (wrapping around the edges); the same seed
+    gives the same rolls."""
+    backend = make_backend(_CornerDetector())
+    reach = jitter_pixels(SIZE)
+
+    def changed(result: AttackResult) -> set[tuple[int, int]]:
+        rows, cols = np.nonzero((result.pixels[0, 0] - 0.5).abs().numpy() > 0.01)
+        return set(zip(rows.tolist(), cols.tolist()))
+
+    assert changed(run(backend, components, [RED_COMPONENT], steps=20)) == {(0, 0)}
+    jittered = run(backend, components, [RED_COMPONENT], steps=20, parameterization="jitter", seed=3)
+    spots = changed(jittered)
+    assert len(spots) >= 3
+    assert all(min(r, SIZE - r) <= reach and min(c, SIZE - c) <= reach for r, c in spots)
+    again = run(backend, components, [RED_COMPONENT], steps=20, parameterization="jitter", seed=3)
+    assert torch.equal(jittered.pixels, again.pixels)
+
+
 def test_a_batch_equals_separate_runs(backend: TorchBackend, components: ClassComponents) -> None:
     """Rows never interact; batched kernels may round differently, hence the tolerance."""
     batch = run(backend, components, ALL)
@@ -265,6 +352,8 @@ def test_running_out_of_device_memory_is_resource_exhausted(
 
 
 def test_bad_arguments_are_rejected_at_the_call(backend: TorchBackend, components: ClassComponents) -> None:
+    with pytest.raises(InvalidInput, match="unknown attack parameterization 'fourier'; use one of pixel"):
+        feature_attack(backend, components, [0], parameterization="fourier")
     with pytest.raises(NotFound, match="no component 5"):
         feature_attack(backend, components, [0, 5])
     with pytest.raises(InvalidInput, match="no components"):

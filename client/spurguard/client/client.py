@@ -309,15 +309,19 @@ class Client:
         heatmap: t.HeatmapMethodName | None = None,
         heatmap_layer: str | None = None,
         fit_id: str | None = None,
+        parameterization: t.AttackParameterizationName | None = None,
     ) -> Iterator[t.VisualizeUpdate]:
         """Top images, heatmaps, attack frames and the final attack image, as they are made.
 
         `heatmap`: "grad_cam" (integrated gradients where the model's layers cannot be hooked),
         "integrated_gradients", "input_gradient", "none", or None for the server default.
         `heatmap_layer`: the feature map Grad-CAM uses (a submodule name); None: the last spatial one.
+        `parameterization`: how the attack moves the image, "pixel", "low_frequency" or "jitter"
+        (None: the server's default, pixel); each AttackResult says which one ran.
         """
         request = to_message(t.VisualizeRequest(
-            model, class_index, tuple(components), steps, eps, frame_every, top_k, seed, heatmap, fit_id, heatmap_layer
+            model, class_index, tuple(components), steps, eps, frame_every, top_k, seed, heatmap, fit_id, heatmap_layer,
+            parameterization,
         ))
         call = self._stub.Visualize(request, timeout=self.stream_timeout)
         return self._stream(call, lambda update: from_update(update, t.VisualizeUpdate))

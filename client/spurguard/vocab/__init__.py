@@ -6,6 +6,8 @@ client and the CLI can all use it; spurguard.wire maps it to and from the proto 
 from spurguard.vocab.formats import IMAGE_FORMATS, IMAGE_SUFFIXES
 from spurguard.vocab.jsonshape import to_json
 from spurguard.vocab.names import (
+    ATTACK_PARAMETERIZATIONS,
+    DEFAULT_ATTACK_PARAMETERIZATION,
     DEFAULT_HEATMAP_METHOD,
     FINISHED_JOB_STATES,
     HEATMAP_METHODS,
@@ -14,6 +16,7 @@ from spurguard.vocab.names import (
     SPURIOUS,
     STATUS_CODES,
     UNLABELED,
+    AttackParameterizationName,
     HeatmapMethodName,
     JobStateName,
     LabelName,
@@ -84,6 +87,9 @@ __all__ = [
     "FitUpdate",
     "GetComponentsRequest",
     "HEATMAP_METHODS",
+    "ATTACK_PARAMETERIZATIONS",
+    "AttackParameterizationName",
+    "DEFAULT_ATTACK_PARAMETERIZATION",
     "Heatmap",
     "HeatmapMethodName",
     "Job",

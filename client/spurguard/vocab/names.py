@@ -9,6 +9,7 @@ from typing import Literal
 LabelName = Literal["unlabeled", "spurious", "not_spurious", "inconsistent"]
 SpufixModeName = Literal["paper", "floor"]
 HeatmapMethodName = Literal["grad_cam", "integrated_gradients", "input_gradient", "none"]
+AttackParameterizationName = Literal["pixel", "low_frequency", "jitter"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 UNLABELED: LabelName = "unlabeled"
@@ -18,6 +19,11 @@ SPUFIX_MODES: tuple[SpufixModeName, ...] = ("paper", "floor")
 # "none": no heatmaps. grad_cam falls back to integrated_gradients where layers cannot be hooked.
 HEATMAP_METHODS: tuple[HeatmapMethodName, ...] = ("grad_cam", "integrated_gradients", "input_gradient", "none")
 DEFAULT_HEATMAP_METHOD: HeatmapMethodName = "grad_cam"
+# How a feature attack moves the image: every pixel freely; through a coarse grid upsampled
+# (smooth images); every pixel, with the image shifted at random at each step (no single-pixel
+# tricks). Which one shows a feature best on which model: bench/run.py attack_readability.
+ATTACK_PARAMETERIZATIONS: tuple[AttackParameterizationName, ...] = ("pixel", "low_frequency", "jitter")
+DEFAULT_ATTACK_PARAMETERIZATION: AttackParameterizationName = "pixel"
 FINISHED_JOB_STATES: frozenset[JobStateName] = frozenset({"succeeded", "failed", "cancelled"})
 
 # google.rpc.Code by number: a status travels as a number inside messages (ErrorStatus.code)

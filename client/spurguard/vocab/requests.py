@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spurguard.vocab.names import HeatmapMethodName, LabelName, SpufixModeName
+from spurguard.vocab.names import AttackParameterizationName, HeatmapMethodName, LabelName, SpufixModeName
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class VisualizeRequest:
     heatmap: HeatmapMethodName | None = None
     fit_id: str | None = None
     heatmap_layer: str | None = None
+    parameterization: AttackParameterizationName | None = None
 
 
 @dataclass(frozen=True)

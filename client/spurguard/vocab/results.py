@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from spurguard.vocab.names import HeatmapMethodName, JobStateName, LabelName, SpufixModeName
+from spurguard.vocab.names import AttackParameterizationName, HeatmapMethodName, JobStateName, LabelName, SpufixModeName
 from spurguard.vocab.requests import FitRequest
 
 
@@ -238,6 +238,7 @@ class AttackResult(Result):
     steps: int
     eps: float  # the L2 radius the attack ran with (the server's default where none was asked)
     png: bytes
+    parameterization: AttackParameterizationName | None = None  # what it ran with; None: a server that does not say
 
 
 VisualizeUpdate = Union[TopImage, Heatmap, AttackFrame, AttackResult]

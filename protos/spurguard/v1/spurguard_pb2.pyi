@@ -39,6 +39,13 @@ class HeatmapMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INPUT_GRADIENT: _ClassVar[HeatmapMethod]
     HEATMAP_NONE: _ClassVar[HeatmapMethod]
     INTEGRATED_GRADIENTS: _ClassVar[HeatmapMethod]
+
+class AttackParameterization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTACK_PARAMETERIZATION_DEFAULT: _ClassVar[AttackParameterization]
+    PIXEL: _ClassVar[AttackParameterization]
+    LOW_FREQUENCY: _ClassVar[AttackParameterization]
+    JITTER: _ClassVar[AttackParameterization]
 UNLABELED: ComponentLabel
 SPURIOUS: ComponentLabel
 NOT_SPURIOUS: ComponentLabel
@@ -57,6 +64,10 @@ GRAD_CAM: HeatmapMethod
 INPUT_GRADIENT: HeatmapMethod
 HEATMAP_NONE: HeatmapMethod
 INTEGRATED_GRADIENTS: HeatmapMethod
+ATTACK_PARAMETERIZATION_DEFAULT: AttackParameterization
+PIXEL: AttackParameterization
+LOW_FREQUENCY: AttackParameterization
+JITTER: AttackParameterization
 
 class ErrorStatus(_message.Message):
     __slots__ = ("code", "message")
@@ -435,7 +446,7 @@ class ListLabelsResponse(_message.Message):
     def __init__(self, fit_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelRecord, _Mapping]]] = ...) -> None: ...
 
 class VisualizeRequest(_message.Message):
-    __slots__ = ("model", "class_index", "components", "steps", "eps", "frame_every", "top_k", "seed", "heatmap", "fit_id", "heatmap_layer")
+    __slots__ = ("model", "class_index", "components", "steps", "eps", "frame_every", "top_k", "seed", "heatmap", "fit_id", "heatmap_layer", "parameterization")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
@@ -447,6 +458,7 @@ class VisualizeRequest(_message.Message):
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_LAYER_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERIZATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     class_index: int
     components: _containers.RepeatedScalarFieldContainer[int]
@@ -458,7 +470,8 @@ class VisualizeRequest(_message.Message):
     heatmap: HeatmapMethod
     fit_id: str
     heatmap_layer: str
-    def __init__(self, model: _Optional[str] = ..., class_index: _Optional[int] = ..., components: _Optional[_Iterable[int]] = ..., steps: _Optional[int] = ..., eps: _Optional[float] = ..., frame_every: _Optional[int] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., heatmap: _Optional[_Union[HeatmapMethod, str]] = ..., fit_id: _Optional[str] = ..., heatmap_layer: _Optional[str] = ...) -> None: ...
+    parameterization: AttackParameterization
+    def __init__(self, model: _Optional[str] = ..., class_index: _Optional[int] = ..., components: _Optional[_Iterable[int]] = ..., steps: _Optional[int] = ..., eps: _Optional[float] = ..., frame_every: _Optional[int] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., heatmap: _Optional[_Union[HeatmapMethod, str]] = ..., fit_id: _Optional[str] = ..., heatmap_layer: _Optional[str] = ..., parameterization: _Optional[_Union[AttackParameterization, str]] = ...) -> None: ...
 
 class VisualizeUpdate(_message.Message):
     __slots__ = ("component", "top_image", "heatmap", "frame", "result")
@@ -517,20 +530,22 @@ class AttackFrame(_message.Message):
     def __init__(self, step: _Optional[int] = ..., alpha: _Optional[float] = ..., prob: _Optional[float] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ...) -> None: ...
 
 class AttackResult(_message.Message):
-    __slots__ = ("start_alpha", "final_alpha", "final_prob", "steps", "png", "eps")
+    __slots__ = ("start_alpha", "final_alpha", "final_prob", "steps", "png", "eps", "parameterization")
     START_ALPHA_FIELD_NUMBER: _ClassVar[int]
     FINAL_ALPHA_FIELD_NUMBER: _ClassVar[int]
     FINAL_PROB_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERIZATION_FIELD_NUMBER: _ClassVar[int]
     start_alpha: float
     final_alpha: float
     final_prob: float
     steps: int
     png: PngImage
     eps: float
-    def __init__(self, start_alpha: _Optional[float] = ..., final_alpha: _Optional[float] = ..., final_prob: _Optional[float] = ..., steps: _Optional[int] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ..., eps: _Optional[float] = ...) -> None: ...
+    parameterization: AttackParameterization
+    def __init__(self, start_alpha: _Optional[float] = ..., final_alpha: _Optional[float] = ..., final_prob: _Optional[float] = ..., steps: _Optional[int] = ..., png: _Optional[_Union[PngImage, _Mapping]] = ..., eps: _Optional[float] = ..., parameterization: _Optional[_Union[AttackParameterization, str]] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
     __slots__ = ("class_index", "top", "spufix")

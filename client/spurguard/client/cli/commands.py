@@ -204,6 +204,7 @@ def cmd_visualize(args: argparse.Namespace, client: Client) -> int:
         seed=args.seed,
         heatmap=args.heatmap,
         heatmap_layer=args.heatmap_layer,
+        parameterization=args.parameterization,
     )
     try:
         for update in updates:
@@ -234,6 +235,7 @@ def cmd_report(args: argparse.Namespace, client: Client) -> int:
             top_k=args.top_k,
             heatmap=args.heatmap,
             heatmap_layer=args.heatmap_layer,
+            parameterization=args.parameterization,
             server_option=_server_option(args),
             progress=progress.update,
         )

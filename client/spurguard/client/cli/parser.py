@@ -16,7 +16,7 @@ from typing import TypeVar
 from spurguard.client.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from spurguard.client.cli.report import DEFAULT_TOP
 from spurguard.client.client import DEFAULT_SCORE_BATCH, DEFAULT_TIMEOUT_S
-from spurguard.vocab import HEATMAP_METHODS, IMAGE_SUFFIXES, LABELS, SPUFIX_MODES
+from spurguard.vocab import ATTACK_PARAMETERIZATIONS, HEATMAP_METHODS, IMAGE_SUFFIXES, LABELS, SPUFIX_MODES
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "SPURGUARD_SERVER"
@@ -213,6 +213,9 @@ def _add_view_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heatmap-layer", metavar="NAME",
                         help="the feature map Grad-CAM uses, a submodule name such as layer4 (default: the "
                              "backbone's last spatial one)")
+    parser.add_argument("--parameterization", choices=ATTACK_PARAMETERIZATIONS,
+                        help="how the attack moves the image: every pixel (server default: pixel), a 4x coarser "
+                             "grid upsampled (low_frequency), or every pixel under random shifts (jitter)")
 
 
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:

@@ -161,6 +161,7 @@ class ReportWriter:
         top_k: int | None = None,
         heatmap: str | None = None,
         heatmap_layer: str | None = None,
+        parameterization: str | None = None,
         progress: ReportProgress | None = None,
     ) -> Path:
         """GetComponents and Visualize for the class's first `top` components; writes its page."""
@@ -172,7 +173,7 @@ class ReportWriter:
             updates = self.client.visualize(
                 model, class_index, indices[start : start + COMPONENTS_PER_CALL],
                 steps=steps, eps=eps, top_k=top_k, frame_every=0, fit_id=fit_id,
-                heatmap=heatmap, heatmap_layer=heatmap_layer,
+                heatmap=heatmap, heatmap_layer=heatmap_layer, parameterization=parameterization,
             )
             for update in updates:
                 writer.add(update)
@@ -207,10 +208,12 @@ class ReportWriter:
         steps = next((entry["steps"] for entry in shown.values() if entry.get("steps") is not None), None)
         used = next((entry["eps"] for entry in shown.values() if entry.get("eps") is not None), None)
         radius = MISSING if used is None else number(used) + ("" if eps is not None else " (the server's default)")
+        moved = next((e["parameterization"] for e in shown.values() if e.get("parameterization") is not None), MISSING)
         meta = (
             f"fit {components.fit_id} · {components.images} fit images · components 0–{len(components.components) - 1} "
             f"shown of {components.num_components} · floor = {number(components.floor_percentile)}th percentile of "
-            f"alpha · feature attack from gray: {steps if steps is not None else '-'} steps, L2 radius {radius}"
+            f"alpha · feature attack from gray: {steps if steps is not None else '-'} steps, L2 radius {radius}, "
+            f"parameterization {moved}"
             f" · heatmaps: {_heatmap_methods(shown, layer)}"
         )
         rows = "".join(self._component_row(k, c, shown.get(c.index, {})) for c in components.components)
@@ -306,6 +309,7 @@ def write_report(
     top_k: int | None = None,
     heatmap: str | None = None,
     heatmap_layer: str | None = None,
+    parameterization: str | None = None,
     server_option: str = "",
     progress: ReportProgress | None = None,
 ) -> dict[str, Any]:
@@ -315,6 +319,6 @@ def write_report(
     for class_index in classes:
         report.add_class(
             class_index, top=top, steps=steps, eps=eps, top_k=top_k, heatmap=heatmap, heatmap_layer=heatmap_layer,
-            progress=progress,
+            parameterization=parameterization, progress=progress,
         )
     return report.finish()

@@ -51,6 +51,7 @@ class VisualizeWriter:
                 "final_prob": None,
                 "steps": None,
                 "eps": None,
+                "parameterization": None,
                 "attack_image": None,
                 "frames": [],
             },
@@ -74,6 +75,7 @@ class VisualizeWriter:
                 final_prob=update.final_prob,
                 steps=update.steps,
                 eps=update.eps,
+                parameterization=update.parameterization,
                 attack_image=str(path),
             )
         return path
@@ -82,7 +84,7 @@ class VisualizeWriter:
         """`visualize --json`: {model, class, components: [{index, start_alpha, final_alpha,
         final_prob, attack_image, top_images: [{image, alpha, heatmap}]}]}, `image` the fit image's
         path as the server read it; `image_id` (relative to the fit's dataset), `png` (the top
-        image's copy), `heatmap_method`, `steps`, `eps` and `frames` are extra keys."""
+        image's copy), `heatmap_method`, `steps`, `eps`, `parameterization` and `frames` are extra keys."""
         components = []
         for index, entry in self._components.items():
             ranks = self._top_images.get(index, {})

@@ -136,16 +136,23 @@ def load_efficientnet_lite0(device: str = "auto") -> TorchBackend:
 register_builtin("efficientnet_lite0", load_efficientnet_lite0)
 
 
-def demo_directory() -> Path:
-    """spurguard/server/demo/model/: the demo CNN of SPEC §4, shipped with the script that trained it."""
-    from spurguard.server.demo import DEMO_MODEL_DIR  # imported here: the demo package is not needed to load others
+def _register_demo(name: str, attribute: str, what: str) -> None:
+    """A built-in that is a model directory shipped in the demo package (its `attribute`)."""
 
-    return DEMO_MODEL_DIR
+    def directory() -> Path:
+        import spurguard.server.demo as demo  # imported here: the demo package is not needed to load others
+
+        return getattr(demo, attribute)
+
+    def load(device: str = "auto") -> TorchBackend:
+        return load_model_dir(directory(), device=device)
+
+    load.__doc__ = f"The {what}, loaded from its model directory."
+    register_builtin(name, load, directory=directory)
 
 
-def load_demo(device: str = "auto") -> TorchBackend:
-    """The demo CNN, loaded from its model directory."""
-    return load_model_dir(demo_directory(), device=device)
-
-
-register_builtin("demo", load_demo, directory=demo_directory)
+# spurguard/server/demo/model/: the demo CNN of SPEC §4, shipped with the script that trained it.
+_register_demo("demo", "DEMO_MODEL_DIR", "demo CNN")
+# spurguard/server/demo/model_robust/: the same CNN adversarially trained (L2 PGD) on the same
+# data by the same script: the discovery model whose feature attacks show the features (issue 13).
+_register_demo("demo_robust", "DEMO_ROBUST_MODEL_DIR", "adversarially robust demo CNN")

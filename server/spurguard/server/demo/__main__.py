@@ -32,14 +32,13 @@ from spurguard.server.demo.generator import (
     load_ground_truth,
     without_feature,
 )
-from spurguard.server.engine import roc_auc
+from spurguard.server.demo.planted import LABEL_SEARCH, MIN_AUC, label_planted_features
 from spurguard.server.rpc.process import ServerProcess
 from spurguard.vocab import EvaluateResult, FitSummary
 
 MODEL = "demo"
 REPORT_COMPONENTS = 5  # per planted class, in the HTML report
 REPORT_STEPS = 50  # attack steps per component: enough at 64x64 to show the feature
-LABEL_SEARCH = 10  # the labeller looks at the top 10 components of a class, as the paper's did
 
 
 def _progress() -> Progress:
@@ -79,18 +78,23 @@ def fit_all(client: Client, train: Path) -> FitSummary:
 
 def label_from_ground_truth(client: Client, data: Path, truth: GroundTruth) -> list[tuple[str, int, int, float]]:
     """For each planted feature, the component of its class whose alphas best separate the
-    class's training images with the feature from those without it: labelled spurious."""
-    chosen = []
-    for feature in truth.features:
-        k = feature.class_index
-        ids = sorted(i for i, t in truth.images.items() if t.split == "train" and t.class_index == k)
+    class's training images with the feature from those without it (`label_planted_features`,
+    in-class contrast, alphas over gRPC): labelled spurious when its AUC reaches MIN_AUC."""
+
+    def alphas_of(k: int, ids: Sequence[str]) -> np.ndarray:
         results = client.score(MODEL, [str(data / i) for i in ids], class_index=k, top=0)
-        alphas = np.array([[c.alpha for c in sorted(r.components, key=lambda c: c.index)] for r in results])
-        has = np.array([truth.images[i].has(feature.name) for i in ids])
-        aucs = [roc_auc(has, alphas[:, l]) for l in range(min(LABEL_SEARCH, alphas.shape[1]))]
-        best = int(np.argmax(aucs))
-        client.label(MODEL, k, best, "spurious", note=f"planted {feature.name} ({feature.kind}); AUC {aucs[best]:.3f}")
-        chosen.append((feature.name, k, best, aucs[best]))
+        return np.array([[c.alpha for c in sorted(r.components, key=lambda c: c.index)] for r in results])
+
+    chosen = []
+    for found in label_planted_features(truth, alphas_of, contrast="in_class", search=LABEL_SEARCH):
+        if not found.accepted:
+            print(f"{found.feature}: no component of class {truth.classes[found.class_index]} reaches AUC {MIN_AUC} "
+                  f"(best {found.component}: {found.auc:.3f}); not labelled")
+            continue
+        feature = next(f for f in truth.features if f.name == found.feature)
+        client.label(MODEL, found.class_index, found.component, "spurious",
+                     note=f"planted {feature.name} ({feature.kind}); AUC {found.auc:.3f}")
+        chosen.append((found.feature, found.class_index, found.component, found.auc))
     print("\nlabelled from ground truth (the labeller's choice among the top 10 components):")
     print(render_table(
         ["feature", "class", "component", "AUC feature vs not"],

@@ -248,11 +248,16 @@ def _paint(image: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
     image += alpha[..., None] * colour
 
 
+STRIPE_PERIODS = (0.1, 0.16)  # the stripes' period, as a share of the side
+STRIPE_ANGLES = (math.pi / 4, 3 * math.pi / 4)  # their wave vector's direction, each ± STRIPE_ANGLE_SPREAD
+STRIPE_ANGLE_SPREAD = 0.2
+
+
 def _stripes(rng: np.random.Generator, image: np.ndarray, dark: bool) -> None:
     """Diagonal stripes over the background, pushed away from mid brightness (objects keep contrast)."""
     size = image.shape[0]
-    period = rng.uniform(0.1, 0.16) * size
-    angle = rng.choice([math.pi / 4, 3 * math.pi / 4]) + rng.uniform(-0.2, 0.2)
+    period = rng.uniform(*STRIPE_PERIODS) * size
+    angle = rng.choice(STRIPE_ANGLES) + rng.uniform(-STRIPE_ANGLE_SPREAD, STRIPE_ANGLE_SPREAD)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     phase = (xx * math.cos(angle) + yy * math.sin(angle)) / period + rng.uniform()
     on = ((phase % 1.0) < 0.5).astype(np.float32)[..., None]

@@ -1,6 +1,7 @@
 """Train the demo CNN on a generated demo dataset and export it as a model directory.
 
     python -m spurguard.server.demo.train --data DATA --out DIR [--seed S] [--epochs E] [--data-seed S]
+                                          [--eps EPS --attack-steps N --name NAME]
 
 The export is a SPEC §2 model directory (model.toml, a torch.export backbone, a safetensors
 head, classes.txt) plus train_report.json, whose numbers come from the exported files through
@@ -10,6 +11,13 @@ DATA is a dataset written by `generate`; when it does not exist yet, the default
 is generated there first (from --data-seed). The shipped model in spurguard/server/demo/model/
 was made by this command with the defaults (seeds and settings in its report); its backbone was
 exported with TorchScript then and re-exported with torch.export from the same weights since.
+
+`--eps EPS` trains adversarially (Madry et al. 2018, with an L2 threat model): each batch is
+replaced by its L2 PGD attack of radius EPS in [0, 1] pixel units (`--attack-steps` steps) before
+the update. The built-in `demo_robust` in spurguard/server/demo/model_robust/ was made this way
+(`make demo-robust-model`; its settings and the accuracy trade-off in its train_report.json): on
+such a model a feature attack from gray draws the feature, which on the standard model it does
+not (issue 13).
 """
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ LEARNING_RATE = 3e-3
 # L1 weight on the mean feature: sparser, more selective units. Without it, in some runs a
 # planted feature and its class's shape share units, and no component is the feature alone.
 SPARSITY = 0.3
+ATTACK_STEPS = 3  # PGD steps per batch in adversarial training: each costs one more forward and backward
 _CHUNK = 256  # images decoded and preprocessed at a time
 _THREADS = 2
 
@@ -80,11 +89,42 @@ def _dihedral(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor
     return torch.cat([x[rows].rot90(k, (2, 3)) for k, rows in enumerate(groups)]), torch.cat(groups)
 
 
+def l2_pgd(
+    model: DemoCNN, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, config: PreprocessConfig
+) -> torch.Tensor:
+    """Inputs x (normalised) moved to raise the cross-entropy, by at most eps in L2 in [0, 1]
+    pixel units and staying in the [0, 1] box: `steps` normalised-gradient steps of 2.5 eps /
+    steps from x itself (Madry et al.'s step rule), each followed by the ball's and the box's
+    projections. Pixel units, so that eps means what Visualize's eps means."""
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    pixels = x * std + torch.tensor(config.mean).view(1, 3, 1, 1)
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta / std), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(grad, dim=(1, 2, 3), keepdim=True).clamp_(min=1e-12)
+            delta = delta + (2.5 * eps / steps) * grad / norm
+            delta = delta * (eps / torch.linalg.vector_norm(delta, dim=(1, 2, 3), keepdim=True).clamp_(min=eps))
+            delta = (pixels + delta).clamp_(0.0, 1.0) - pixels
+    return x + delta.detach() / std
+
+
 def train_model(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, *, seed: int, epochs: int = EPOCHS
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    seed: int,
+    epochs: int = EPOCHS,
+    eps: float = 0.0,
+    attack_steps: int = ATTACK_STEPS,
+    config: PreprocessConfig = DEMO_PREPROCESS,
 ) -> tuple[DemoCNN, list[float]]:
     """AdamW with a one-cycle schedule on inputs x [N,3,H,W] and labels y [N]; deterministic for a
-    seed on one machine. Returns the model in eval mode and each epoch's mean cross-entropy."""
+    seed on one machine. eps > 0: on each batch's L2 PGD attack (`l2_pgd`) instead. Returns the
+    model in eval mode and each epoch's mean cross-entropy (on the attacked batches)."""
     torch.manual_seed(seed)
     model = DemoCNN(num_classes)
     optimiser = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
@@ -97,8 +137,11 @@ def train_model(
         total = 0.0
         for batch in torch.randperm(len(x), generator=generator).split(BATCH_SIZE):
             inputs, rows = _dihedral(x[batch], generator)
+            labels = y[batch][rows]
+            if eps > 0:
+                inputs = l2_pgd(model, inputs, labels, eps, attack_steps, config)
             phi = model.backbone(inputs)
-            cross_entropy = F.cross_entropy(model.head(phi), y[batch][rows])
+            cross_entropy = F.cross_entropy(model.head(phi), labels)
             optimiser.zero_grad()
             (cross_entropy + SPARSITY * phi.mean()).backward()
             optimiser.step()
@@ -108,7 +151,9 @@ def train_model(
     return model.eval(), losses
 
 
-def export_model_dir(model: DemoCNN, out: Path, class_names: Sequence[str], config: PreprocessConfig) -> None:
+def export_model_dir(
+    model: DemoCNN, out: Path, class_names: Sequence[str], config: PreprocessConfig, name: str = MODEL_NAME
+) -> None:
     """Write a SPEC §2 model directory: torch.export backbone (any batch size), safetensors head,
     classes, model.toml. torch.export rather than TorchScript: torch has deprecated the latter."""
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +165,7 @@ def export_model_dir(model: DemoCNN, out: Path, class_names: Sequence[str], conf
     (out / "classes.txt").write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
     mean, std = (", ".join(repr(v) for v in values) for values in (config.mean, config.std))
     (out / "model.toml").write_text(
-        f'name = "{MODEL_NAME}"\nbackbone = "{BACKBONE}"\nhead = "head.safetensors"\nclasses = "classes.txt"\n\n'
+        f'name = "{name}"\nbackbone = "{BACKBONE}"\nhead = "head.safetensors"\nclasses = "classes.txt"\n\n'
         f'[preprocess]\nsize = {config.size}\nresize = {config.resize}\ninterpolation = "{config.interpolation}"\n'
         f"mean = [{mean}]\nstd = [{std}]\n",
         encoding="utf-8",
@@ -215,28 +260,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--data-seed", type=int, default=0, help="generator seed when DATA is generated")
+    parser.add_argument("--eps", type=float, default=0.0,
+                        help="L2 radius of adversarial training, [0, 1] pixel units (default 0: standard training)")
+    parser.add_argument("--attack-steps", type=int, default=ATTACK_STEPS,
+                        help=f"PGD steps per batch when --eps > 0 (default {ATTACK_STEPS})")
+    parser.add_argument("--threads", type=int, default=_THREADS,
+                        help=f"torch threads (default {_THREADS}; 1 runs faster on a machine shared with other work)")
+    parser.add_argument("--name", default=MODEL_NAME, help=f"the model's name in model.toml (default {MODEL_NAME})")
     args = parser.parse_args(argv)
+    if args.eps < 0 or args.attack_steps < 1 or args.threads < 1:
+        parser.error("--eps must be >= 0, --attack-steps and --threads >= 1")
     if not (args.data / GROUND_TRUTH).is_file():
         print(f"generating the demo dataset in {args.data}", file=sys.stderr)
         generate(args.data, args.data_seed)
 
-    torch.set_num_threads(_THREADS)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     truth = load_ground_truth(args.data)
     entries = list_image_folder(args.data / "train", ClassResolver(truth.classes))
     start = time.perf_counter()
     model, losses = train_model(
-        _images(entries, DEMO_PREPROCESS), _labels(entries), len(truth.classes), seed=args.seed, epochs=args.epochs
+        _images(entries, DEMO_PREPROCESS), _labels(entries), len(truth.classes), seed=args.seed, epochs=args.epochs,
+        eps=args.eps, attack_steps=args.attack_steps,
     )
     seconds = time.perf_counter() - start
-    export_model_dir(model, args.out, truth.classes, DEMO_PREPROCESS)
+    export_model_dir(model, args.out, truth.classes, DEMO_PREPROCESS, args.name)
     report = {
+        "name": args.name,
         "seed": args.seed,
         "epochs": args.epochs,
+        "eps": args.eps,
+        "attack_steps": args.attack_steps if args.eps > 0 else 0,
         "batch_size": BATCH_SIZE,
         "learning_rate": LEARNING_RATE,
         "sparsity": SPARSITY,
-        "threads": _THREADS,
+        "threads": args.threads,
         "torch": torch.__version__,
         "generator": asdict(truth.config),
         "train_seconds": round(seconds, 1),

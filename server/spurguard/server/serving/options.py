@@ -16,7 +16,9 @@ from spurguard.server.errors import InvalidInput, NotFound, ResourceExhausted
 from spurguard.server.store.store import new_id
 from spurguard.server.visualize import DEFAULT_STEPS
 from spurguard.vocab import (
+    DEFAULT_ATTACK_PARAMETERIZATION,
     DEFAULT_HEATMAP_METHOD,
+    AttackParameterizationName,
     EvaluateRequest,
     FitRequest,
     HeatmapMethodName,
@@ -118,6 +120,7 @@ class VisualizeSettings:
     seed: int
     heatmap: HeatmapMethodName
     heatmap_layer: str | None = None  # Grad-CAM's feature map; None: the model's default
+    parameterization: AttackParameterizationName = DEFAULT_ATTACK_PARAMETERIZATION
 
 
 def visualize_settings(request: VisualizeRequest) -> VisualizeSettings:
@@ -147,4 +150,4 @@ def visualize_settings(request: VisualizeRequest) -> VisualizeSettings:
     if request.heatmap_layer is not None and heatmap != "grad_cam":
         raise InvalidInput(f"heatmap_layer is for grad_cam heatmaps, not {heatmap}")
     return VisualizeSettings(tuple(components), steps, request.eps, frame_every, top_k, request.seed or 0, heatmap,
-                             request.heatmap_layer)
+                             request.heatmap_layer, request.parameterization or DEFAULT_ATTACK_PARAMETERIZATION)

@@ -79,6 +79,7 @@ def visualize(
         frame_every=options.frame_every,
         seed=options.seed,
         cancel=cancel,
+        parameterization=options.parameterization,
     )
     return _updates(backend, components, dataset_root, roots, options, gradcam_layer, attack, on_attack)
 
@@ -121,7 +122,8 @@ def _updates(
                 item.components, item.start_alphas, item.final_alphas, item.final_probs, item.images
             ):
                 yield vocab.AttackResult(
-                    index, float(start), float(final), float(prob), item.steps, item.eps, encode_png(image)
+                    index, float(start), float(final), float(prob), item.steps, item.eps, encode_png(image),
+                    item.parameterization,
                 )
         else:  # an AttackFrame: one image per component, in request order
             for index, alpha, prob, image in zip(options.components, item.alphas, item.probs, item.images):

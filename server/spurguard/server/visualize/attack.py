@@ -10,6 +10,21 @@ across models and input sizes and reaches higher alphas in the same number of st
 Projections onto the ball ∩ box are Euclidean (see BallBoxProjection), not the common
 "scale into the ball, then clip" shortcut, which wastes budget wherever pixels saturate.
 
+The ascent starts from gray plus seeded noise of START_NOISE per pixel (below one grey level, so
+the start still shows as gray): on a model whose ReLUs are all dead or exactly at zero on a
+uniform image (an adversarially trained one, issue 13), the gradient at exact gray is zero.
+
+Three parameterisations (`parameterization`), measured in bench/run.py attack_readability:
+- ``pixel``: every pixel of x - gray is a variable (the paper's attack);
+- ``low_frequency``: x - gray is a grid LOW_FREQUENCY_FACTOR times coarser, upsampled
+  bilinearly, so the attack can only draw smooth structure (no pixel-level noise). The box holds
+  on the grid (bilinear weights are convex) and the ball on the upsampled image;
+- ``jitter``: pixels as in ``pixel``, but each step's gradient is taken on the image rolled by
+  a seeded random shift of up to jitter_pixels(side) in each direction (transformation
+  robustness, Olah et al. 2017, "Feature Visualization"): what survives is evidence the model
+  sees wherever it sits, not noise tuned to one pixel grid. The best image is chosen by the
+  jittered alpha, and its reported alpha and p(k|x) are those of the image itself.
+
 Every image of the batch follows its own trajectory (own step size, own checkpoint decisions),
 so attacking several components together gives the images of attacking them one by one (up
 to the rounding of batched kernels, which on a non-convex alpha can tip a trajectory into
@@ -25,11 +40,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from spurguard.server.backends.base import Backend
 from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import Cancelled, InvalidInput
 from spurguard.server.visualize._objective import GRAY, ComponentObjective
+from spurguard.vocab import ATTACK_PARAMETERIZATIONS, DEFAULT_ATTACK_PARAMETERIZATION, AttackParameterizationName
 
 PAPER_EPS = 30.0  # L2 radius in [0, 1] pixel units at PAPER_SIZE² (Neuhaus et al. 2023)
 PAPER_SIZE = 224
@@ -39,6 +56,13 @@ BOX_HALF_WIDTH = min(GRAY, 1.0 - GRAY)  # [0, 1] around the gray start: |x - gra
 MOMENTUM = 0.75  # APGD's alpha
 RHO = 0.75  # APGD: halve the step when fewer than this share of steps since the last checkpoint improved
 MIN_EPS = 1.0 / 255.0  # below one 8-bit grey level no pixel of the attack image can differ from gray
+START_NOISE = 0.25 / 255.0  # std of the seeded start noise per pixel: a quarter of a grey level
+LOW_FREQUENCY_FACTOR = 4  # low_frequency: one variable per 4 x 4 pixels
+
+
+def jitter_pixels(size: int) -> int:
+    """jitter's largest shift per direction: 1/16 of the side (4 pixels at 64², 14 at 224²)."""
+    return max(1, size // 16)
 
 
 def default_eps(size: int) -> float:
@@ -80,7 +104,8 @@ class AttackResult:
     components: tuple[int, ...]
     eps: float
     steps: int
-    start_alphas: np.ndarray  # [B] float32, at the gray image
+    parameterization: AttackParameterizationName
+    start_alphas: np.ndarray  # [B] float32, at the gray image (exactly gray: without the start noise)
     final_alphas: np.ndarray  # [B] float32, at `pixels`
     final_probs: np.ndarray  # [B] float32, p(k|x) at `pixels`
     images: np.ndarray  # [B, S, S, 3] uint8, `pixels` rounded for display
@@ -97,15 +122,17 @@ def feature_attack(
     frame_every: int = DEFAULT_FRAME_EVERY,
     seed: int = 0,
     cancel: threading.Event | None = None,
+    parameterization: AttackParameterizationName | None = None,
 ) -> Iterator[AttackFrame | AttackResult]:
     """Attack components `indices` of a class as one batch; yields frames, then one AttackResult.
 
     eps defaults to the paper's 30 at 224² scaled to the model's input side, steps to 200; it
     must lie in [MIN_EPS, max_eps(side)], beyond which it bounds nothing (and overflows).
-    Frames come every `frame_every` steps (0: none). `seed` drives the only randomness: the
-    first step of a component whose gradient vanishes at gray goes in a seeded random direction.
-    Setting `cancel` stops the attack at the next step with Cancelled. Arguments are checked
-    here, before the first frame is asked for.
+    Frames come every `frame_every` steps (0: none). `seed` drives all randomness: the start
+    noise, jitter's shifts, and the first step of a component whose gradient still vanishes
+    there (a seeded random direction). `parameterization` (None: pixel) is one of
+    ATTACK_PARAMETERIZATIONS. Setting `cancel` stops the attack at the next step with
+    Cancelled. Arguments are checked here, before the first frame is asked for.
     """
     objective = ComponentObjective(backend, components, indices, "feature attacks")
     eps = default_eps(backend.input_size) if eps is None else float(eps)
@@ -124,7 +151,13 @@ def feature_attack(
         raise InvalidInput(f"steps must be at least 1, got {steps}")
     if frame_every < 0:
         raise InvalidInput(f"frame_every must be >= 0, got {frame_every}")
-    return _apgd(objective, backend.input_size, eps, steps, frame_every, seed, cancel)
+    parameterization = parameterization or DEFAULT_ATTACK_PARAMETERIZATION
+    if parameterization not in ATTACK_PARAMETERIZATIONS:
+        raise InvalidInput(
+            f"unknown attack parameterization {parameterization!r}; use one of {', '.join(ATTACK_PARAMETERIZATIONS)}"
+        )
+    space = _Space(parameterization, objective.device, len(objective), backend.input_size, eps)
+    return _apgd(objective, space, eps, steps, frame_every, seed, cancel)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -168,6 +201,51 @@ class BallBoxProjection:
         return delta.mul_(scale).clamp_(-BOX_HALF_WIDTH, BOX_HALF_WIDTH)
 
 
+class _Space:
+    """Where APGD moves for a parameterisation: the variable v, the image change delta(v) it
+    stands for, the chain rule back to v, and the projection of v onto the feasible set."""
+
+    def __init__(self, name: AttackParameterizationName, device: torch.device, batch: int, size: int, eps: float) -> None:
+        self.name, self.size = name, size
+        side = -(-size // LOW_FREQUENCY_FACTOR) if name == "low_frequency" else size
+        self.shape = (batch, 3, side, side)
+        self.jitter = jitter_pixels(size) if name == "jitter" else 0
+        # A step of 2 eps in delta is ~2 eps / factor on the coarse grid (each variable spreads over factor² pixels).
+        self.first_step = 2.0 * eps / (LOW_FREQUENCY_FACTOR if name == "low_frequency" else 1)
+        self.eps = eps
+        self._ball_box = None if name == "low_frequency" else BallBoxProjection(torch.empty(self.shape, device=device), eps)
+
+    def delta(self, v: torch.Tensor) -> torch.Tensor:
+        """x - gray [B,3,S,S] for the variable v (v itself, except on the coarse grid)."""
+        if self.name != "low_frequency":
+            return v
+        return F.interpolate(v, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    def grad(self, v: torch.Tensor, grad_delta: torch.Tensor) -> torch.Tensor:
+        """d alpha / d v from d alpha / d delta: the upsampling's adjoint on the coarse grid."""
+        if self.name != "low_frequency":
+            return grad_delta
+        with torch.enable_grad():
+            leaf = v.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.delta(leaf), leaf, grad_delta)
+        return grad
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """v onto the feasible set, in place: Euclidean onto ball ∩ box for pixels; on the grid,
+        the box (which bilinear weights keep), then the ball of the upsampled image by scaling."""
+        if self._ball_box is not None:
+            return self._ball_box(v)
+        v.clamp_(-BOX_HALF_WIDTH, BOX_HALF_WIDTH)
+        return v.mul_((self.eps / _norm(self.delta(v)).clamp_(min=1e-30)).clamp_(max=1.0))
+
+    def shift(self, generator: torch.Generator) -> tuple[int, int]:
+        """This step's roll (dy, dx): seeded, within ±jitter; (0, 0) without jitter."""
+        if not self.jitter:
+            return 0, 0
+        dy, dx = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=generator).tolist()
+        return dy, dx
+
+
 def _to_uint8(delta: torch.Tensor) -> np.ndarray:
     return (delta + GRAY).mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -182,45 +260,52 @@ def _column(values: torch.Tensor) -> torch.Tensor:
 
 def _apgd(
     objective: ComponentObjective,
-    size: int,
+    space: _Space,
     eps: float,
     steps: int,
     frame_every: int,
     seed: int,
     cancel: threading.Event | None,
 ) -> Iterator[AttackFrame | AttackResult]:
-    """APGD on delta = x - gray, so the box is |delta| <= BOX_HALF_WIDTH and the ball ||delta|| <= eps.
+    """APGD on the variable v of `space` (for pixels, v = delta = x - gray, so the box is
+    |delta| <= BOX_HALF_WIDTH and the ball ||delta|| <= eps).
 
     Per step: one forward and backward and about twenty element-wise passes over the batch,
     into tensors allocated once; all on the device, the host reads results at frame steps only.
     """
-    device, batch = objective.device, len(objective)
+    device, batch, size = objective.device, len(objective), space.size
     inv_std = objective.std.reciprocal()
     gray_input = objective.gray_input
     model_input = torch.empty(batch, 3, size, size, device=device, requires_grad=True)
+    generator = torch.Generator().manual_seed(seed)
 
-    def evaluate(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """alpha [B], d alpha / d delta and features [B,d] at gray + delta."""
+    def evaluate(v: torch.Tensor, shift: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """alpha [B], d alpha / d v and features [B,d] at gray + delta(v), rolled by `shift`."""
         with torch.no_grad():  # a leaf reused across steps: the last step's graph is gone
-            torch.addcmul(gray_input, delta, inv_std, out=model_input)
+            torch.addcmul(gray_input, space.delta(v), inv_std, out=model_input)
         with objective.gradient_memory(batch), torch.enable_grad():
-            features = objective.backend.features_with_grad(model_input)
+            seen = model_input.roll(shift, dims=(2, 3)) if any(shift) else model_input
+            features = objective.backend.features_with_grad(seen)
             alpha = objective.alphas(features)
             (grad,) = torch.autograd.grad(alpha.sum(), model_input)  # rows are independent
-        return alpha.detach(), grad.mul_(inv_std), features.detach()
+        return alpha.detach(), space.grad(v, grad.mul_(inv_std)), features.detach()
 
-    # delta, prev_delta and z rotate through three buffers; best_* are updated in place.
-    delta = torch.zeros(batch, 3, size, size, device=device)
-    prev_delta, z = torch.zeros_like(delta), torch.empty_like(delta)
-    project = BallBoxProjection(delta, eps)
-    alpha, grad, features = evaluate(delta)
-    start_alpha = alpha
-    noise = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
-    grad = torch.where(_norm(grad) > 0, grad, noise)  # a component dead on gray still moves
-    if frame_every:
-        yield AttackFrame(0, _numpy(alpha), _numpy(objective.probs(features)), _to_uint8(delta))
+    def noise() -> torch.Tensor:
+        return torch.randn(space.shape[1:], generator=generator).to(device)
 
-    eta = torch.full((batch,), 2.0 * eps, device=device)  # APGD's initial step size
+    with objective.gradient_memory(batch), torch.no_grad():
+        gray_features = objective.backend.features_with_grad(gray_input.expand(batch, 3, size, size))
+    start_alpha = objective.alphas(gray_features)
+    # delta, prev_delta and z (variables, despite the names) rotate through three buffers; best_* are updated in place.
+    delta = space.project(noise().mul_(START_NOISE).expand(space.shape).clone())
+    prev_delta, z = delta.clone(), torch.empty_like(delta)
+    alpha, grad, features = evaluate(delta, space.shift(generator))
+    grad = torch.where(_norm(grad) > 0, grad, noise())  # a component dead on gray still moves
+    if frame_every:  # the gray start itself; the noise is below what a PNG shows
+        gray = torch.zeros(batch, 3, size, size, device=device)
+        yield AttackFrame(0, _numpy(start_alpha), _numpy(objective.probs(gray_features)), _to_uint8(gray))
+
+    eta = torch.full((batch,), space.first_step, device=device)  # APGD's initial step size
     best_alpha = alpha
     best_delta, best_grad, best_features = delta.clone(), grad.clone(), features.clone()
     prev_alpha = alpha
@@ -232,13 +317,13 @@ def _apgd(
     for step in range(1, steps + 1):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"feature attack cancelled after {step - 1} of {steps} steps")
-        project(torch.addcmul(delta, grad, _column(eta) / _norm(grad).clamp_(min=1e-12), out=z))
+        space.project(torch.addcmul(delta, grad, _column(eta) / _norm(grad).clamp_(min=1e-12), out=z))
         if step == 1:
             prev_delta, delta, z = delta, z, prev_delta
         else:  # delta + m (z - delta) + (1 - m)(delta - prev_delta) = lerp(2 delta - prev_delta, z, m)
-            project(prev_delta.lerp_(delta, 2.0).lerp_(z, MOMENTUM))
+            space.project(prev_delta.lerp_(delta, 2.0).lerp_(z, MOMENTUM))
             prev_delta, delta = delta, prev_delta
-        alpha, grad, features = evaluate(delta)
+        alpha, grad, features = evaluate(delta, space.shift(generator))
         increases += alpha > prev_alpha
         prev_alpha = alpha
         improved = alpha > best_alpha
@@ -250,7 +335,7 @@ def _apgd(
         best_grad.lerp_(grad, _column(take))
         best_features.lerp_(features, take[:, None])
         if frame_every and step % frame_every == 0:
-            yield AttackFrame(step, _numpy(alpha), _numpy(objective.probs(features)), _to_uint8(delta))
+            yield AttackFrame(step, _numpy(alpha), _numpy(objective.probs(features)), _to_uint8(space.delta(delta)))
         if checkpoints and step == checkpoints[0]:
             checkpoints.pop(0)
             # Halve where too few steps improved, or where neither the step size nor the best
@@ -268,14 +353,18 @@ def _apgd(
             increases.zero_()
             last_checkpoint = step
 
+    best = space.delta(best_delta)
+    if space.jitter:  # best_* were seen rolled: report the image as it is
+        best_alpha, _, best_features = evaluate(best_delta)
     yield AttackResult(
         class_index=objective.class_index,
         components=tuple(objective.rows),
         eps=eps,
         steps=steps,
+        parameterization=space.name,
         start_alphas=_numpy(start_alpha),
         final_alphas=_numpy(best_alpha),
         final_probs=_numpy(objective.probs(best_features)),
-        images=_to_uint8(best_delta),
-        pixels=(best_delta + GRAY).cpu(),
+        images=_to_uint8(best),
+        pixels=(best + GRAY).cpu(),
     )
