@@ -778,7 +778,7 @@ def test_fits_beyond_the_queue_limit_are_refused(data: Path, tmp_path: Path) -> 
                 next(stream)  # submitted: one running, two queued
             code, message = _code(lambda: next(c.fit("gated", train, job_id="q3", **args)))
             assert code == CODE.RESOURCE_EXHAUSTED
-            assert "2 fit jobs already wait" in message and "--max-queued-jobs" in message
+            assert "2 jobs already wait" in message and "--max-queued-jobs" in message
             # the three calls raced to the registry: which one runs is not their order
             queued = [j.job_id for j in c.list_jobs() if j.state == "queued"]
             assert len(queued) == 2

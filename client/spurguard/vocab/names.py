@@ -10,6 +10,10 @@ LabelName = Literal["unlabeled", "spurious", "not_spurious", "inconsistent"]
 SpufixModeName = Literal["paper", "floor"]
 HeatmapMethodName = Literal["grad_cam", "integrated_gradients", "input_gradient", "none"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKindName = Literal["fit", "transfer"]
+# Which spurious directions an Evaluate's SpuFix removes: the model's own labels, the transfer
+# in use, or both (what Score applies, and the default).
+SpuriousDirectionsName = Literal["own", "transferred", "both"]
 
 UNLABELED: LabelName = "unlabeled"
 SPURIOUS: LabelName = "spurious"
@@ -18,6 +22,7 @@ SPUFIX_MODES: tuple[SpufixModeName, ...] = ("paper", "floor")
 # "none": no heatmaps. grad_cam falls back to integrated_gradients where layers cannot be hooked.
 HEATMAP_METHODS: tuple[HeatmapMethodName, ...] = ("grad_cam", "integrated_gradients", "input_gradient", "none")
 DEFAULT_HEATMAP_METHOD: HeatmapMethodName = "grad_cam"
+SPURIOUS_DIRECTIONS: tuple[SpuriousDirectionsName, ...] = ("own", "transferred", "both")
 FINISHED_JOB_STATES: frozenset[JobStateName] = frozenset({"succeeded", "failed", "cancelled"})
 
 # google.rpc.Code by number: a status travels as a number inside messages (ErrorStatus.code)

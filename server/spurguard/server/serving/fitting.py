@@ -24,7 +24,7 @@ import torch
 
 from spurguard.server.backends.base import Backend
 from spurguard.server.datasets import ClassResolver, list_image_folder
-from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, ClassComponents, NeuralPCAFit, fit_alphas
+from spurguard.server.engine import DEFAULT_NUM_COMPONENTS, NeuralPCAFit, fit_alphas
 from spurguard.server.errors import Cancelled, FailedPrecondition, InvalidInput, NotFound
 from spurguard.server.loader import iter_features
 from spurguard.server.serving.paths import DataRoots
@@ -52,8 +52,9 @@ class FitOutcome:
                           *(() if carry is None else (carry.from_fit, carry.carried, carry.not_carried)))
 
 
-class _FeatureSpill:
-    """A class's float32 feature rows in a temporary file, appended batch by batch."""
+class FeatureSpill:
+    """A class's float32 feature rows in a temporary file, appended batch by batch (a fit's and a
+    transfer's: both need a class's features once more after its whole pass, and not in memory)."""
 
     def __init__(self, directory: Path, class_index: int, dim: int) -> None:
         self.path = directory / f"class-{class_index}.f32"
@@ -75,12 +76,10 @@ class _FeatureSpill:
         return np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
 
 
-def _alphas_chunked(components: ClassComponents, weight_row: torch.Tensor, features: np.ndarray) -> np.ndarray:
-    parts = [
-        fit_alphas(components, weight_row, np.array(features[i : i + ALPHA_CHUNK_ROWS]))
-        for i in range(0, features.shape[0], ALPHA_CHUNK_ROWS)
-    ]
-    return np.concatenate(parts) if parts else np.zeros((0, components.num_components), np.float32)
+def alphas_chunked(alphas: Callable[[np.ndarray], np.ndarray], features: np.ndarray, columns: int) -> np.ndarray:
+    """`alphas` of spilled feature rows, read back ALPHA_CHUNK_ROWS at a time: [n, columns] float32."""
+    parts = [alphas(np.array(features[i : i + ALPHA_CHUNK_ROWS])) for i in range(0, features.shape[0], ALPHA_CHUNK_ROWS)]
+    return np.concatenate(parts) if parts else np.zeros((0, columns), np.float32)
 
 
 def _open_writer(
@@ -192,7 +191,7 @@ def run_fit(
         skipped_classes: list[tuple[int, str]] = []
         already_done = len(skip & set(selected))
 
-        def finalize(k: int, spill: _FeatureSpill) -> None:
+        def finalize(k: int, spill: FeatureSpill) -> None:
             features = spill.close()
             if spill.rows < 2:
                 skipped_classes.append((k, f"{spill.rows} readable image(s); a fit needs at least 2"))
@@ -201,7 +200,8 @@ def run_fit(
             else:
                 components = fit.finalize_class(k, num_components)
                 components.image_ids = spill.image_ids
-                components.alphas = _alphas_chunked(components, weight[k], features)
+                components.alphas = alphas_chunked(lambda rows: fit_alphas(components, weight[k], rows), features,
+                                                   components.num_components)
                 writer.add_class(components)
             del features
             spill.path.unlink()
@@ -209,7 +209,7 @@ def run_fit(
         with writer.scratch() as spill_dir, ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="spurguard-finalize"
         ) as finalizer:
-            spills: dict[int, _FeatureSpill] = {}
+            spills: dict[int, FeatureSpill] = {}
             pending: list[Future[None]] = []
             for batches, (batch, features) in enumerate(iter_features(todo, backend, batch_size, cancel, read=roots.read), 1):
                 skipped.extend((entry.image_id, why) for entry, why in batch.skipped)
@@ -222,7 +222,7 @@ def run_fit(
                 for k in sorted({entry.class_index for entry in seen}):
                     rows = (labels == k).nonzero().squeeze(1)
                     if k not in spills:
-                        spills[k] = _FeatureSpill(spill_dir, k, backend.feature_dim)
+                        spills[k] = FeatureSpill(spill_dir, k, backend.feature_dim)
                     spill = spills[k]
                     spill.append(features[rows], [batch.entries[i].image_id for i in rows.tolist()])
                     if remaining[k] == 0:
