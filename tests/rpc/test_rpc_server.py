@@ -17,7 +17,6 @@ import struct
 import sys
 import threading
 import time
-import warnings
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -60,7 +58,13 @@ from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 from rpc_support import Gated, png, random_png, scrape_metrics, write_data_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
-from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
+from backends_support import (  # noqa: E402
+    CLASSES,
+    FEATURES,
+    SIZE,
+    TinyCNN,
+    write_tiny_model_dir,
+)
 
 PER_CLASS = 10
 COMPONENTS = 4
@@ -102,17 +106,7 @@ def _gated_backend() -> tuple[TorchBackend, GatedCNN]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: deprecated, supported
-        torch.jit.trace(TinyCNN().eval(), torch.randn(2, 3, SIZE, SIZE)).save(str(root / "backbone.pt"))
-    generator = torch.Generator().manual_seed(1)
-    head = {"weight": torch.randn(CLASSES, FEATURES, generator=generator), "bias": torch.randn(CLASSES, generator=generator)}
-    safetensors.torch.save_file(head, str(root / "head.safetensors"))
-    (root / "classes.txt").write_text("n01440764 tench\nplain name\nn01443537 goldfish\n")
-    (root / "model.toml").write_text(render_toml(default_toml()))
-    return root
+    return write_tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -434,7 +428,7 @@ def test_evaluate_streams_progress_then_the_in_process_table(client: Client, fit
     record = kept[result.evaluation_id]
     assert {k: record[k] for k in got} == got
     assert record["request"] == {"clean": str(data / "train"), "spurious": str(data / "spurious"), "spufix": "floor",
-                                 "classes": [], "batch_size": None}
+                                 "classes": [], "batch_size": None, "directions": "both"}
 
 
 def test_evaluate_stops_when_its_client_goes_away(client: Client, gated, data: Path, store_dir: Path) -> None:  # noqa: ANN001
