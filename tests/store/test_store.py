@@ -548,3 +548,21 @@ def test_start_up_removes_crash_leftovers_and_old_unfinished_fits(store: Store) 
     assert_same(store.load_fit(MODEL, DIGEST).components(0), components(0))
     assert not stale.exists() and fresh.exists()
     assert store.remove_leftovers(keep_unfinished_days=7) == [f"{MODEL}/busy"]  # free now, and old
+
+
+def test_a_transfer_job_record_round_trips_and_an_interrupted_one_says_transfer(store: Store) -> None:
+    jobs = store.jobs
+    jobs.claim_owner()
+    moment = datetime(2024, 1, 2, tzinfo=timezone.utc)
+    request = vocab.TransferRequest("robust", MODEL, (0, 3), 8, "move")
+    summary = vocab.TransferSummary("move", "transfer-1", "robust", "fit-r", MODEL, DIGEST, "snap", (
+        vocab.TransferClass(3, 12, (vocab.TransferDirection(1, 0.5, -0.25),)),), 12, 1, 2.0)
+    done = vocab.Job("move", MODEL, "succeeded", None, vocab.FitProgress("move", "committing", 12, 12, 2, 2, 1.0), None,
+                     None, moment, moment, "transfer", request, summary)
+    jobs.save(done)
+    assert jobs.get("move").job == done
+    running = dataclasses.replace(done, job_id="moving", state="running", transfer_summary=None)
+    jobs.save(running)
+    jobs.release_owner()  # its server went away
+    interrupted = Store(store.root).jobs.get("moving").job
+    assert interrupted.error.code == "ABORTED" and "transfer again with job id moving" in interrupted.error.message
