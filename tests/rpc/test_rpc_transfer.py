@@ -7,6 +7,7 @@ from the source fit's stored alphas and the target's own features of the same fi
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
 
 from spurguard.client import Client, FitProgress, SpurguardClientError
 from spurguard.server.backends import load_model
@@ -137,6 +139,12 @@ def test_score_of_the_target_applies_and_names_the_transferred_directions(client
         assert result.spurious_alpha == pytest.approx(evidence, rel=1e-4, abs=1e-5)
         assert result.spufix.logit == pytest.approx(result.logit - evidence, rel=1e-4, abs=1e-5)  # SpuFix uses them
         assert result.to_dict()["components"][0]["source"].startswith("tiny/")
+    with contextlib.closing(triton.InferenceServerClient(client.target)) as oip:  # the OIP outputs apply them too
+        tensor = triton.InferInput("IMAGE", [len(images)], "BYTES")
+        tensor.set_data_from_numpy(np.array([data for _, data in images], dtype=np.object_))
+        arrays = oip.infer("tiny2", [tensor], parameters={"class_index": 0})
+    np.testing.assert_allclose(arrays.as_numpy("SPURIOUS_ALPHA"), [r.spurious_alpha for r in results], rtol=1e-5)
+    np.testing.assert_allclose(arrays.as_numpy("SPUFIX_LOGITS")[:, 0], [r.spufix.logit for r in results], rtol=1e-5)
 
 
 def test_get_model_says_which_transfer_and_relabelling_the_source_waits_for_the_next(client: Client, transferred, dirs) -> None:  # noqa: ANN001
