@@ -38,6 +38,9 @@ that decodes ahead of the forward, batch 32, on the same cores.
    a 17th client streams bomb-like images (forged 6300x6300 PNG headers, flat 6300x6300 lossless
    WebPs: both rejected from their headers; legal flat 6300x6300 PNGs, 0.25 s of decoding each):
    target, the others' p99 within 2x of the run without it.
+8. Transfer (max_cov) into efficientnet_lite0 from a second, fitted and labelled copy of it, over
+   the source fit's JPEGs (the same shape as 1) vs the bare decode + forward loop over the same
+   files: target >= 0.9x; also vs the pre-decoded forward (~0.85x at most).
 
 Throughput comparisons run in paired rounds (the two sides back to back) and report the median
 of the per-round ratios, which a noisy neighbour on a shared machine barely moves.
@@ -77,7 +80,7 @@ if TYPE_CHECKING:  # the server's modules load torch: imported where a section n
 S = TypeVar("S")
 
 IMAGENET_CLASSES, IMAGES_PER_CLASS, DIM, TOP = 1000, 1300, 2048, 50
-SECTIONS = ("runtimes", "fit", "npca", "grpc", "attack", "attack_readability", "oip", "triton", "load")
+SECTIONS = ("runtimes", "fit", "npca", "grpc", "attack", "attack_readability", "oip", "triton", "load", "transfer")
 ROUNDS, ROUNDS_QUICK = 3, 1  # paired rounds per throughput comparison
 BATCH = 32  # images per forward pass, on every side of every comparison
 
@@ -230,6 +233,43 @@ def bench_fit_vs_forward(quick: bool) -> dict[str, object]:
             "torch": _decode_forward_loop(backend, _eager_torch(backend), paths, Path.read_bytes, BATCH),
         })
     return {"images": len(entries), "runtime": choice.forward.runtime, "paired": paired}
+
+
+def bench_transfer(quick: bool) -> dict[str, object]:
+    """run_transfer over a fitted source's images into the fast backend, vs the bare loops; each
+    round starts from a target without the transfer (else it is found stored and not computed)."""
+    import shutil
+
+    from spurguard.server.backends import load_model
+    from spurguard.server.serving.fitting import run_fit
+    from spurguard.server.serving.transferring import plan_transfer, run_transfer
+    from spurguard.server.store import Store
+
+    classes, per_class = (1, 64) if quick else (2, 384)  # as the fit section, for the same reasons
+    with tempfile.TemporaryDirectory() as tmp:
+        target, choice = _fast_backend(Path(tmp) / "graphs")
+        source = load_model("efficientnet_lite0", device="cpu")
+        source.name = "lite0-source"  # another model to the store (its weights are the same; the math does not care)
+        root = Path(tmp) / "photos"
+        _photo_dataset(root, classes, per_class)
+        store = Store(Path(tmp) / "store")
+        fit = run_fit(source, store, root, num_components=8, batch_size=BATCH).meta
+        for k in fit.classes:
+            for component in (0, 1):
+                store.set_label(source.name, source.digest, k, component, "spurious")
+        plan = plan_transfer(source, target, store, [])
+        paths = sorted(root.rglob("*.jpg"))
+        pixels = target.preprocess([path.read_bytes() for path in paths]).numpy()
+
+        def transfer() -> None:
+            shutil.rmtree(store.root / "models" / target.name, ignore_errors=True)
+            run_transfer(target, store, plan, batch_size=BATCH)
+
+        paired = _paired_rounds(ROUNDS_QUICK if quick else ROUNDS, transfer, {
+            "decode": _decode_forward_loop(target, choice.forward, paths, Path.read_bytes, BATCH),
+            "forward": _forward_loop(choice.forward, pixels, BATCH),
+        })
+    return {"images": len(paths), "runtime": choice.forward.runtime, "paired": paired}
 
 
 def _class_features(seed: int, n: int) -> np.ndarray:
@@ -822,6 +862,13 @@ def main() -> int:
         print(f"  every result matched to its request; {len(errors)} errors" + (f" (first: {errors[0]})" if errors else ""))
         answered = ", ".join(f"{what} {count}" for what, count in sorted(load["bombed"].bomb_codes.items()))
         print(f"  the bomb-like client's images (last round): {answered}")
+    if "transfer" in sections:
+        moved = bench_transfer(args.quick)
+        print(f"\n[transfer] {moved['images']} JPEGs of a source fit, 2 spurious components a class, into "
+              f"efficientnet_lite0 on the CPU ({moved['runtime']}, as auto picks), batch {BATCH}")
+        sides = _bare_sides(moved["runtime"], "files")
+        _print_paired("images/s", moved["images"], "transfer", moved["paired"],
+                      {name: sides[name] for name in ("decode", "forward")})
     return 0
 
 

@@ -70,3 +70,23 @@ def png_with_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_tiny_model_dir(root: Path, *, seed: int = 0, **toml: Any) -> Path:
+    """A TorchScript TinyCNN model directory: backbone weights from `seed`, head from `seed + 1`;
+    `toml` replaces keys of default_toml (a second model: another name, other preprocessing)."""
+    import warnings
+
+    import safetensors.torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: deprecated, supported
+        torch.jit.trace(TinyCNN().eval(), torch.randn(2, 3, SIZE, SIZE)).save(str(root / "backbone.pt"))
+    generator = torch.Generator().manual_seed(seed + 1)
+    head = {"weight": torch.randn(CLASSES, FEATURES, generator=generator), "bias": torch.randn(CLASSES, generator=generator)}
+    safetensors.torch.save_file(head, str(root / "head.safetensors"))
+    (root / "classes.txt").write_text("n01440764 tench\nplain name\nn01443537 goldfish\n")
+    (root / "model.toml").write_text(render_toml({**default_toml(), **toml}))
+    return root

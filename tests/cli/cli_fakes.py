@@ -110,6 +110,18 @@ def job(job_id: str = "job-1", state: str = "running") -> t.Job:
     return t.Job(job_id, "tiny", state, request, fit_progress(job_id), summary, None, WHEN, WHEN)
 
 
+def transfer_summary(job_id: str = "job-2") -> t.TransferSummary:
+    directions = (t.TransferDirection(0, 0.5, -0.25), t.TransferDirection(2, 0.125, 0.0))
+    return t.TransferSummary(job_id, "transfer-abc", "robust", "fit-r", "tiny", "d" * 64, "snap-1",
+                             (t.TransferClass(3, 40, directions),), 40, 0, 3.0)
+
+
+def transfer_info() -> t.TransferInfo:
+    labels = (t.LabelRecord("robust", "fit-r", 3, 0, "spurious", "frame", WHEN),
+              t.LabelRecord("robust", "fit-r", 3, 2, "spurious", "", WHEN))
+    return t.TransferInfo("transfer-abc", "robust", "e" * 64, "fit-r", "snap-1", labels, (3,), WHEN)
+
+
 def visualize_updates(component: int = 2, eps: float = 8.6, parameterization: str = "pixel") -> list[t.VisualizeUpdate]:
     return [
         t.TopImage(component, 0, "3/a.png", "/data/train/3/a.png", 5.0, b"top0"),
@@ -189,6 +201,9 @@ class FakeClient:
 
     def watch_job(self, job_id: str) -> Iterator[t.FitUpdate]:
         return self._stream("watch_job", job_id)
+
+    def transfer(self, source_model: str, target_model: str, **kwargs: Any) -> Iterator[t.TransferUpdate]:
+        return self._stream("transfer", source_model, target_model, **kwargs)
 
     def visualize(self, model: str, class_index: int, components: Iterable[int], **kwargs: Any) -> Iterator[Any]:
         return self._stream("visualize", model, class_index, list(components), **kwargs)

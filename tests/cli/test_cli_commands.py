@@ -98,7 +98,8 @@ def test_evaluate_passes_options_and_prints_both_tables(cli_run: RunCli) -> None
     fake = FakeClient(evaluate=updates)
     outcome = cli_run(fake, "evaluate", "--model", "tiny", "--clean", "/c", "--spurious", "/s", "--spufix", "floor",
                       "--classes", "3,7", "--json")
-    assert fake.called("evaluate") == [(("tiny", "/c", "/s"), {"spufix": "floor", "classes": [3, 7], "batch_size": None})]
+    assert fake.called("evaluate") == [(("tiny", "/c", "/s"),
+                                        {"spufix": "floor", "classes": [3, 7], "batch_size": None, "directions": None})]
     doc = json.loads(outcome.out)
     assert doc["mean_auc"] == 0.625 and doc["spufix"]["mean_auc"] == 0.875
     assert (doc["clean_images"], doc["spurious_images"], doc["skipped_images"]) == (20, 12, 1)

@@ -441,7 +441,7 @@ def test_score_results_and_options(client: Client, fake: FakeSpurguard) -> None:
     assert bad.to_dict() == {"image": "1", "error": {"code": "INVALID_ARGUMENT", "message": "bad image"}}
     assert ok.error is None and ok.fit_id == "fit1" and ok.trigger
     line = ok.to_dict()
-    assert set(line) == SPEC_SCORE_KEYS | {"fit_id"}  # and the fit that scored it
+    assert set(line) == SPEC_SCORE_KEYS | {"fit_id", "transfer_id"}  # and the fit (and transfer) that scored it
     assert line["predictions"][0] == {"class": 0, "name": "class0", "prob": 0.5, "logit": 3.0}
     assert line["components"] == [{"index": 2, "alpha": 1.5, "label": "spurious"},
                                   {"index": 0, "alpha": 0.25, "label": "unlabeled"}]

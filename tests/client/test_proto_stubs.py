@@ -36,6 +36,7 @@ RPCS = {
     "Score": (False, False),
     "ScoreStream": (True, True),
     "Evaluate": (False, True),
+    "Transfer": (False, True),
 }
 
 

@@ -60,7 +60,8 @@ def _instance(cls: type, rng: random.Random) -> Any:
     if cls is vocab.Job:  # a job's progress and summary carry the job's own id (the message has it once)
         same = {"job_id": value.job_id}
         value = dataclasses.replace(value, progress=dataclasses.replace(value.progress, **same),
-                                    summary=dataclasses.replace(value.summary, **same))
+                                    summary=dataclasses.replace(value.summary, **same),
+                                    transfer_summary=dataclasses.replace(value.transfer_summary, **same))
     return value
 
 
@@ -79,7 +80,8 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-ENVELOPES = {vocab.FitUpdate: pb.FitUpdate, vocab.VisualizeUpdate: pb.VisualizeUpdate, vocab.EvaluateUpdate: pb.EvaluateUpdate}
+ENVELOPES = {vocab.FitUpdate: pb.FitUpdate, vocab.TransferUpdate: pb.TransferUpdate,
+             vocab.VisualizeUpdate: pb.VisualizeUpdate, vocab.EvaluateUpdate: pb.EvaluateUpdate}
 INSIDE_ENVELOPES = {cls for union in ENVELOPES for cls in get_args(union)}
 
 

@@ -8,12 +8,10 @@ import io
 import sys
 import threading
 import urllib.request
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 from PIL import Image
 from torch import nn
@@ -22,7 +20,6 @@ from spurguard.server.backends import Backend
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
-from backends_support import CLASSES, FEATURES, SIZE, TinyCNN, default_toml, render_toml  # noqa: E402
 
 
 class Gated(nn.Module):
@@ -79,20 +76,6 @@ def write_data_root(root: Path, classes: int, per_class: int, spurious: int, see
     folder.mkdir(parents=True)
     for i in range(spurious):
         (folder / f"s{i}.png").write_bytes(random_png(rng))
-    return root
-
-
-def write_tiny_model(root: Path) -> Path:
-    """The model directory `tiny`: TinyCNN as TorchScript, a seeded head, three classes."""
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: deprecated, supported
-        torch.jit.trace(TinyCNN().eval(), torch.randn(2, 3, SIZE, SIZE)).save(str(root / "backbone.pt"))
-    generator = torch.Generator().manual_seed(1)
-    head = {"weight": torch.randn(CLASSES, FEATURES, generator=generator), "bias": torch.randn(CLASSES, generator=generator)}
-    safetensors.torch.save_file(head, str(root / "head.safetensors"))
-    (root / "classes.txt").write_text("n01440764 tench\nplain name\nn01443537 goldfish\n")
-    (root / "model.toml").write_text(render_toml(default_toml()))
     return root
 
 

@@ -40,7 +40,7 @@ SPEC_ROLES: dict[str, auth.RoleName | None] = {
        for m in ("ListModels", "GetModel", "GetComponents", "ListLabels", "Score", "ScoreStream")},
     **{f"/spurguard.v1.Spurguard/{m}": "label" for m in ("Label", "Visualize")},
     **{f"/spurguard.v1.Spurguard/{m}": "admin"
-       for m in ("Fit", "WatchJob", "GetJob", "ListJobs", "CancelJob", "Evaluate")},
+       for m in ("Fit", "WatchJob", "GetJob", "ListJobs", "CancelJob", "Evaluate", "Transfer")},
     **{f"/inference.GRPCInferenceService/{m}": None for m in ("ServerLive", "ServerReady", "ModelReady")},
     **{f"/inference.GRPCInferenceService/{m}": "score" for m in ("ModelMetadata", "ModelConfig", "ModelInfer")},
     "/grpc.health.v1.Health/Check": None,

@@ -21,7 +21,8 @@ from spurguard.server.errors import Unavailable
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 from spurguard.server.rpc.process import ServerProcess
 
-from rpc_support import random_png, write_data_root, write_tiny_model
+from rpc_support import random_png, write_data_root
+from backends_support import write_tiny_model_dir  # rpc_support put it on the path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
 from postgres_support import PostgresServer, postgres_server  # noqa: E402
@@ -41,7 +42,7 @@ def postgres() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("model"))
+    return write_tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -55,10 +55,16 @@ from spurguard.server.store.faults import CRASH_ENV
 from spurguard.v1 import spurguard_pb2 as pb
 from spurguard.v1 import spurguard_pb2_grpc as pb_grpc
 
-from rpc_support import Gated, png, random_png, scrape_metrics, write_data_root, write_tiny_model
+from rpc_support import Gated, png, random_png, scrape_metrics, write_data_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
-from backends_support import CLASSES, FEATURES, SIZE, TinyCNN  # noqa: E402
+from backends_support import (  # noqa: E402
+    CLASSES,
+    FEATURES,
+    SIZE,
+    TinyCNN,
+    write_tiny_model_dir,
+)
 
 PER_CLASS = 10
 COMPONENTS = 4
@@ -100,7 +106,7 @@ def _gated_backend() -> tuple[TorchBackend, GatedCNN]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("model"))
+    return write_tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +428,7 @@ def test_evaluate_streams_progress_then_the_in_process_table(client: Client, fit
     record = kept[result.evaluation_id]
     assert {k: record[k] for k in got} == got
     assert record["request"] == {"clean": str(data / "train"), "spurious": str(data / "spurious"), "spufix": "floor",
-                                 "classes": [], "batch_size": None}
+                                 "classes": [], "batch_size": None, "directions": "both"}
 
 
 def test_evaluate_stops_when_its_client_goes_away(client: Client, gated, data: Path, store_dir: Path) -> None:  # noqa: ANN001
@@ -766,7 +772,7 @@ def test_fits_beyond_the_queue_limit_are_refused(data: Path, tmp_path: Path) -> 
                 next(stream)  # submitted: one running, two queued
             code, message = _code(lambda: next(c.fit("gated", train, job_id="q3", **args)))
             assert code == CODE.RESOURCE_EXHAUSTED
-            assert "2 fit jobs already wait" in message and "--max-queued-jobs" in message
+            assert "2 jobs already wait" in message and "--max-queued-jobs" in message
             # the three calls raced to the registry: which one runs is not their order
             queued = [j.job_id for j in c.list_jobs() if j.state == "queued"]
             assert len(queued) == 2

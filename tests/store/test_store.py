@@ -705,3 +705,21 @@ def test_a_labels_url_other_than_sqlite_or_postgresql_is_refused(tmp_path: Path)
     with pytest.raises(InvalidInput, match="cannot parse") as refused:
         Store(tmp_path / "store", "postgresql://spurguard:s3cret@[db/labels")
     assert "s3cret" not in str(refused.value)
+
+
+def test_a_transfer_job_record_round_trips_and_an_interrupted_one_says_transfer(store: Store) -> None:
+    jobs = store.jobs
+    jobs.claim_owner()
+    moment = datetime(2024, 1, 2, tzinfo=timezone.utc)
+    request = vocab.TransferRequest("robust", MODEL, (0, 3), 8, "move")
+    summary = vocab.TransferSummary("move", "transfer-1", "robust", "fit-r", MODEL, DIGEST, "snap", (
+        vocab.TransferClass(3, 12, (vocab.TransferDirection(1, 0.5, -0.25),)),), 12, 1, 2.0)
+    done = vocab.Job("move", MODEL, "succeeded", None, vocab.FitProgress("move", "committing", 12, 12, 2, 2, 1.0), None,
+                     None, moment, moment, "transfer", request, summary)
+    jobs.save(done)
+    assert jobs.get("move").job == done
+    running = dataclasses.replace(done, job_id="moving", state="running", transfer_summary=None)
+    jobs.save(running)
+    jobs.release_owner()  # its server went away
+    interrupted = Store(store.root).jobs.get("moving").job
+    assert interrupted.error.code == "ABORTED" and "transfer again with job id moving" in interrupted.error.message

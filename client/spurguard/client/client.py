@@ -234,7 +234,8 @@ class Client:
         return self._stream(self._stub.Fit(request, timeout=self.stream_timeout), _fit_update)
 
     def watch_job(self, job_id: str) -> Iterator[t.FitUpdate]:
-        """Re-attach to a fit job: latest progress, live updates, then the summary."""
+        """Re-attach to a job: latest progress, live updates, then the summary (a TransferSummary
+        for a transfer job)."""
         call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=self.stream_timeout)
         return self._stream(call, _fit_update)
 
@@ -412,6 +413,27 @@ class Client:
         replies = self._stream(call, lambda r: (int(r.request_id), from_message(r.result, t.ScoreResult)))
         return _in_order(replies, local_failure)
 
+    # ---- transfer ----
+
+    def transfer(
+        self,
+        source_model: str,
+        target_model: str,
+        *,
+        classes: Iterable[int] = (),
+        batch_size: int | None = None,
+        job_id: str | None = None,
+    ) -> Iterator[t.TransferUpdate]:
+        """Carry the source's spurious labels (its current fit) to the target (SPEC §1 transfer):
+        yields FitProgress, then TransferSummary; from then on the target's Score, Evaluate and
+        SpuFix apply the directions. A job like `fit`: it keeps running if the iteration stops.
+
+            *_, summary = client.transfer("robust", "standard")
+        """
+        request = to_message(t.TransferRequest(source_model, target_model, tuple(classes), batch_size, job_id))
+        call = self._stub.Transfer(request, timeout=self.stream_timeout)
+        return self._stream(call, lambda update: from_update(update, t.TransferUpdate))
+
     # ---- evaluate ----
 
     def evaluate(
@@ -423,9 +445,13 @@ class Client:
         spufix: t.SpufixModeName | None = None,
         classes: Iterable[int] = (),
         batch_size: int | None = None,
+        directions: t.SpuriousDirectionsName | None = None,
     ) -> Iterator[t.EvaluateUpdate]:
-        """The spurious score benchmark on server-side folders: EvaluateProgress, then EvaluateResult."""
-        request = to_message(t.EvaluateRequest(model, clean, spurious, spufix, tuple(classes), batch_size))
+        """The spurious score benchmark on server-side folders: EvaluateProgress, then EvaluateResult.
+
+        `directions`: which spurious directions SpuFix removes: "own" (the model's labels),
+        "transferred" (the transfer in use) or "both" (None: both, what Score applies)."""
+        request = to_message(t.EvaluateRequest(model, clean, spurious, spufix, tuple(classes), batch_size, directions))
         call = self._stub.Evaluate(request, timeout=self.stream_timeout)
         return self._stream(call, lambda update: from_update(update, t.EvaluateUpdate))
 

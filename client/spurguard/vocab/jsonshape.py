@@ -2,9 +2,9 @@
 
 A result's JSON is its fields by name, with two keys spelled as SPEC spells them ("class" for
 `class_index`, "image" for `image_id`); PNG bytes stay out (the CLI writes them as files),
-arrays are lists, times ISO 8601. Two shapes are the contract's own: a failed
-image is {image, error}, and an evaluation puts its baseline table at the top level beside
-"spufix": {mode, ...}. NaN and infinities become null, because JSON has neither (an AUC of a
+arrays are lists, times ISO 8601. Three shapes are the contract's own: a failed
+image is {image, error}, a component has a "source" only when it was transferred from another
+model, and an evaluation puts its baseline table at the top level beside "spufix": {mode, ...}. NaN and infinities become null, because JSON has neither (an AUC of a
 class without negatives, for example).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from spurguard.vocab.results import EvaluateResult, ScoreResult
+from spurguard.vocab.results import ComponentAlpha, EvaluateResult, ScoreResult
 
 JSON_KEYS = {"class_index": "class", "image_id": "image"}
 
@@ -33,6 +33,8 @@ def to_json(value: Any) -> Any:
             item = getattr(value, field.name)
             if isinstance(item, bytes) or (isinstance(value, ScoreResult) and field.name == "error"):
                 continue  # PNGs are files; a scored image has no error key
+            if isinstance(value, ComponentAlpha) and field.name == "source" and not item:
+                continue  # an own component names no source
             out[JSON_KEYS.get(field.name, field.name)] = to_json(item)
         return out
     if isinstance(value, dict):
@@ -61,5 +63,8 @@ def _evaluation(result: EvaluateResult) -> dict[str, Any]:
         spurious_images=result.spurious_images,
         skipped_images=result.skipped_images,
         evaluation_id=result.evaluation_id,
+        directions=result.directions,
+        transfer_id=result.transfer_id,
+        spurious_directions=to_json(result.spurious_directions),
     )
     return out

@@ -11,6 +11,10 @@ SpufixModeName = Literal["paper", "floor"]
 HeatmapMethodName = Literal["grad_cam", "integrated_gradients", "input_gradient", "none"]
 AttackParameterizationName = Literal["pixel", "low_frequency", "jitter"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKindName = Literal["fit", "transfer"]
+# Which spurious directions an Evaluate's SpuFix removes: the model's own labels, the transfer
+# in use, or both (what Score applies, and the default).
+SpuriousDirectionsName = Literal["own", "transferred", "both"]
 
 UNLABELED: LabelName = "unlabeled"
 SPURIOUS: LabelName = "spurious"
@@ -24,6 +28,7 @@ DEFAULT_HEATMAP_METHOD: HeatmapMethodName = "grad_cam"
 # tricks). Which one shows a feature best on which model: bench/run.py attack_readability.
 ATTACK_PARAMETERIZATIONS: tuple[AttackParameterizationName, ...] = ("pixel", "low_frequency", "jitter")
 DEFAULT_ATTACK_PARAMETERIZATION: AttackParameterizationName = "pixel"
+SPURIOUS_DIRECTIONS: tuple[SpuriousDirectionsName, ...] = ("own", "transferred", "both")
 FINISHED_JOB_STATES: frozenset[JobStateName] = frozenset({"succeeded", "failed", "cancelled"})
 
 # google.rpc.Code by number: a status travels as a number inside messages (ErrorStatus.code)

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spurguard.vocab.names import AttackParameterizationName, HeatmapMethodName, LabelName, SpufixModeName
+from spurguard.vocab.names import (
+    AttackParameterizationName,
+    HeatmapMethodName,
+    LabelName,
+    SpufixModeName,
+    SpuriousDirectionsName,
+)
 
 
 @dataclass(frozen=True)
@@ -86,3 +92,20 @@ class EvaluateRequest:
     spufix: SpufixModeName | None = None
     classes: tuple[int, ...] = ()
     batch_size: int | None = None
+    directions: SpuriousDirectionsName | None = None  # None: "both", what Score applies
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    """Carry the source model's spurious labels (its current fit) to the target (SPEC §1 transfer)."""
+
+    source_model: str
+    target_model: str
+    classes: tuple[int, ...] = ()  # empty: every class with spurious labels
+    batch_size: int | None = None
+    job_id: str | None = None
+
+    @property
+    def model(self) -> str:
+        """The model the job belongs to (its jobs list and store): the target."""
+        return self.target_model

@@ -15,8 +15,16 @@ from typing import Any, Union
 
 import numpy as np
 
-from spurguard.vocab.names import AttackParameterizationName, HeatmapMethodName, JobStateName, LabelName, SpufixModeName
-from spurguard.vocab.requests import FitRequest
+from spurguard.vocab.names import (
+    AttackParameterizationName,
+    HeatmapMethodName,
+    JobKindName,
+    JobStateName,
+    LabelName,
+    SpufixModeName,
+    SpuriousDirectionsName,
+)
+from spurguard.vocab.requests import FitRequest, TransferRequest
 
 
 class Result:
@@ -65,6 +73,7 @@ class ModelInfo(Result):
     max_batch_size: int
     classes: tuple[ClassInfo, ...]
     runtime: str = ""  # where forward-only work runs: "torch", "onnxruntime", "openvino"
+    transfer: TransferInfo | None = None  # the transfer Score / Evaluate / SpuFix apply; None: none
 
 
 # ---- fit jobs ----
@@ -129,20 +138,83 @@ class FitSummary(Result):
     labels_not_carried: tuple[LabelNotCarried, ...] = ()
 
 
-FitUpdate = Union[FitProgress, FitSummary]
+# ---- transfer ----
+
+
+@dataclass(frozen=True)
+class TransferDirection(Result):
+    source_component: int
+    covariance: float  # cov(alpha_l, <a', d_l>) over the images: the maximum max_cov reached
+    alpha_floor: float
+
+
+@dataclass(frozen=True)
+class TransferClass(Result):
+    class_index: int
+    images: int
+    directions: tuple[TransferDirection, ...]
+
+
+@dataclass(frozen=True)
+class TransferSummary(Result):
+    """The last item of a transfer stream: `transfer --json`."""
+
+    job_id: str
+    transfer_id: str
+    source_model: str
+    source_fit: str
+    target_model: str
+    target_digest: str
+    labels_snapshot: str
+    classes: tuple[TransferClass, ...]
+    images: int  # read through the target by this run (0: the transfer was already stored)
+    skipped_images: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class LabelRecord(Result):
+    model: str
+    fit_id: str
+    class_index: int
+    component: int
+    label: LabelName
+    note: str
+    updated: datetime | None  # None for an unlabeled component
+
+
+@dataclass(frozen=True)
+class TransferInfo(Result):
+    """The transfer a model applies: from which source fit and which labels (as they were then)."""
+
+    transfer_id: str
+    source_model: str
+    source_digest: str
+    source_fit: str
+    labels_snapshot: str
+    labels: tuple[LabelRecord, ...]
+    classes: tuple[int, ...]
+    created: datetime | None
+
+
+FitUpdate = Union[FitProgress, FitSummary, TransferSummary]  # WatchJob of a transfer ends with its summary
+TransferUpdate = Union[FitProgress, TransferSummary]
 
 
 @dataclass(frozen=True)
 class Job(Result):
     job_id: str
-    model: str
+    model: str  # a transfer's target model
     state: JobStateName
-    request: FitRequest
+    request: FitRequest | None  # a fit job's request
     progress: FitProgress | None
-    summary: FitSummary | None  # when state == "succeeded"
+    summary: FitSummary | None  # a fit job, when state == "succeeded"
     error: ErrorStatus | None  # when state == "failed" or "cancelled"
     created: datetime | None
     updated: datetime | None
+    kind: JobKindName = "fit"
+    transfer: TransferRequest | None = None  # a transfer job's request
+    transfer_summary: TransferSummary | None = None  # a transfer job, when state == "succeeded"
 
 
 # ---- components and labels ----
@@ -176,17 +248,6 @@ class Components(Result):
     components: tuple[Component, ...]
     vectors: np.ndarray | None = None
     mean: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class LabelRecord(Result):
-    model: str
-    fit_id: str
-    class_index: int
-    component: int
-    label: LabelName
-    note: str
-    updated: datetime | None  # None for an unlabeled component
 
 
 # ---- visualize ----
@@ -261,6 +322,7 @@ class ComponentAlpha(Result):
     index: int
     alpha: float
     label: LabelName
+    source: str = ""  # "MODEL/FIT_ID/CLASS/COMPONENT" for a transferred direction; "" for an own component
 
 
 @dataclass(frozen=True)
@@ -290,6 +352,7 @@ class ScoreResult(Result):
     trigger: bool = False
     spufix: SpufixResult | None = None
     fit_id: str = ""
+    transfer_id: str = ""  # the transfer whose directions were applied ("" for none)
 
     @classmethod
     def failed(cls, image_id: str, code: str, message: str) -> ScoreResult:
@@ -330,6 +393,15 @@ class ScoreTable(Result):
 
 
 @dataclass(frozen=True)
+class SpuriousDirection(Result):
+    """A direction an evaluation's SpuFix removed: an own component, or a transferred one (`source`)."""
+
+    class_index: int
+    component: int
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class EvaluateResult(Result):
     """The spurious score table without (`baseline`) and with SpuFix (`spufix`, in `spufix_mode`)."""
 
@@ -342,6 +414,9 @@ class EvaluateResult(Result):
     spurious_images: int
     skipped_images: int = 0  # unreadable files, left out of both sets
     evaluation_id: str = ""  # the server's kept copy (its store's evaluations/<id>.json); "" if none
+    directions: SpuriousDirectionsName | None = None  # which directions SpuFix removed
+    transfer_id: str = ""  # the transfer it applied ("" for none)
+    spurious_directions: tuple[SpuriousDirection, ...] = ()
 
 
 EvaluateUpdate = Union[EvaluateProgress, EvaluateResult]

@@ -46,6 +46,13 @@ class AttackParameterization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIXEL: _ClassVar[AttackParameterization]
     LOW_FREQUENCY: _ClassVar[AttackParameterization]
     JITTER: _ClassVar[AttackParameterization]
+
+class SpuriousDirections(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIRECTIONS_DEFAULT: _ClassVar[SpuriousDirections]
+    OWN: _ClassVar[SpuriousDirections]
+    TRANSFERRED: _ClassVar[SpuriousDirections]
+    BOTH: _ClassVar[SpuriousDirections]
 UNLABELED: ComponentLabel
 SPURIOUS: ComponentLabel
 NOT_SPURIOUS: ComponentLabel
@@ -68,6 +75,10 @@ ATTACK_PARAMETERIZATION_DEFAULT: AttackParameterization
 PIXEL: AttackParameterization
 LOW_FREQUENCY: AttackParameterization
 JITTER: AttackParameterization
+DIRECTIONS_DEFAULT: SpuriousDirections
+OWN: SpuriousDirections
+TRANSFERRED: SpuriousDirections
+BOTH: SpuriousDirections
 
 class ErrorStatus(_message.Message):
     __slots__ = ("code", "message")
@@ -144,7 +155,7 @@ class ClassInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., wnid: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "device", "num_classes", "feature_dim", "input_size", "digest", "ready", "supports_gradients", "fit_id", "fitted_classes", "max_batch_size", "classes", "runtime")
+    __slots__ = ("name", "backend", "device", "num_classes", "feature_dim", "input_size", "digest", "ready", "supports_gradients", "fit_id", "fitted_classes", "max_batch_size", "classes", "runtime", "transfer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +170,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     device: str
@@ -173,7 +185,28 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     classes: _containers.RepeatedCompositeFieldContainer[ClassInfo]
     runtime: str
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., input_size: _Optional[int] = ..., digest: _Optional[str] = ..., ready: _Optional[bool] = ..., supports_gradients: _Optional[bool] = ..., fit_id: _Optional[str] = ..., fitted_classes: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., runtime: _Optional[str] = ...) -> None: ...
+    transfer: TransferInfo
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., input_size: _Optional[int] = ..., digest: _Optional[str] = ..., ready: _Optional[bool] = ..., supports_gradients: _Optional[bool] = ..., fit_id: _Optional[str] = ..., fitted_classes: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., runtime: _Optional[str] = ..., transfer: _Optional[_Union[TransferInfo, _Mapping]] = ...) -> None: ...
+
+class TransferInfo(_message.Message):
+    __slots__ = ("transfer_id", "source_model", "source_digest", "source_fit", "labels_snapshot", "labels", "classes", "created")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    source_model: str
+    source_digest: str
+    source_fit: str
+    labels_snapshot: str
+    labels: _containers.RepeatedCompositeFieldContainer[LabelRecord]
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    created: _timestamp_pb2.Timestamp
+    def __init__(self, transfer_id: _Optional[str] = ..., source_model: _Optional[str] = ..., source_digest: _Optional[str] = ..., source_fit: _Optional[str] = ..., labels_snapshot: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelRecord, _Mapping]]] = ..., classes: _Optional[_Iterable[int]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class FitRequest(_message.Message):
     __slots__ = ("model", "dataset", "classes", "num_components", "batch_size", "job_id", "extend")
@@ -194,14 +227,16 @@ class FitRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dataset: _Optional[str] = ..., classes: _Optional[_Iterable[int]] = ..., num_components: _Optional[int] = ..., batch_size: _Optional[int] = ..., job_id: _Optional[str] = ..., extend: _Optional[bool] = ...) -> None: ...
 
 class FitUpdate(_message.Message):
-    __slots__ = ("job_id", "progress", "summary")
+    __slots__ = ("job_id", "progress", "summary", "transfer")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     progress: FitProgress
     summary: FitSummary
-    def __init__(self, job_id: _Optional[str] = ..., progress: _Optional[_Union[FitProgress, _Mapping]] = ..., summary: _Optional[_Union[FitSummary, _Mapping]] = ...) -> None: ...
+    transfer: TransferSummary
+    def __init__(self, job_id: _Optional[str] = ..., progress: _Optional[_Union[FitProgress, _Mapping]] = ..., summary: _Optional[_Union[FitSummary, _Mapping]] = ..., transfer: _Optional[_Union[TransferSummary, _Mapping]] = ...) -> None: ...
 
 class FitProgress(_message.Message):
     __slots__ = ("phase", "images_done", "images_total", "classes_done", "classes_total", "elapsed_s")
@@ -282,7 +317,7 @@ class LabelNotCarried(_message.Message):
     def __init__(self, class_index: _Optional[int] = ..., component: _Optional[int] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., best_cos: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "model", "state", "request", "progress", "summary", "error", "created", "updated")
+    __slots__ = ("job_id", "model", "state", "request", "progress", "summary", "error", "created", "updated", "kind", "transfer", "transfer_summary")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +327,9 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SUMMARY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model: str
     state: JobState
@@ -301,7 +339,10 @@ class Job(_message.Message):
     error: ErrorStatus
     created: _timestamp_pb2.Timestamp
     updated: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[FitRequest, _Mapping]] = ..., progress: _Optional[_Union[FitProgress, _Mapping]] = ..., summary: _Optional[_Union[FitSummary, _Mapping]] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    kind: str
+    transfer: TransferRequest
+    transfer_summary: TransferSummary
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[FitRequest, _Mapping]] = ..., progress: _Optional[_Union[FitProgress, _Mapping]] = ..., summary: _Optional[_Union[FitSummary, _Mapping]] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., transfer: _Optional[_Union[TransferRequest, _Mapping]] = ..., transfer_summary: _Optional[_Union[TransferSummary, _Mapping]] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -586,14 +627,16 @@ class Prediction(_message.Message):
     def __init__(self, class_index: _Optional[int] = ..., name: _Optional[str] = ..., prob: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
 
 class ComponentAlpha(_message.Message):
-    __slots__ = ("index", "alpha", "label")
+    __slots__ = ("index", "alpha", "label", "source")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     index: int
     alpha: float
     label: ComponentLabel
-    def __init__(self, index: _Optional[int] = ..., alpha: _Optional[float] = ..., label: _Optional[_Union[ComponentLabel, str]] = ...) -> None: ...
+    source: str
+    def __init__(self, index: _Optional[int] = ..., alpha: _Optional[float] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class SpufixResult(_message.Message):
     __slots__ = ("mode", "logit", "predictions")
@@ -606,7 +649,7 @@ class SpufixResult(_message.Message):
     def __init__(self, mode: _Optional[_Union[SpufixMode, str]] = ..., logit: _Optional[float] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("image_id", "error", "predictions", "class_index", "logit", "bias_term", "residual", "components", "spurious_alpha", "trigger", "spufix", "fit_id")
+    __slots__ = ("image_id", "error", "predictions", "class_index", "logit", "bias_term", "residual", "components", "spurious_alpha", "trigger", "spufix", "fit_id", "transfer_id")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -619,6 +662,7 @@ class ScoreResult(_message.Message):
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
     SPUFIX_FIELD_NUMBER: _ClassVar[int]
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     error: ErrorStatus
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
@@ -631,7 +675,8 @@ class ScoreResult(_message.Message):
     trigger: bool
     spufix: SpufixResult
     fit_id: str
-    def __init__(self, image_id: _Optional[str] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., class_index: _Optional[int] = ..., logit: _Optional[float] = ..., bias_term: _Optional[float] = ..., residual: _Optional[float] = ..., components: _Optional[_Iterable[_Union[ComponentAlpha, _Mapping]]] = ..., spurious_alpha: _Optional[float] = ..., trigger: _Optional[bool] = ..., spufix: _Optional[_Union[SpufixResult, _Mapping]] = ..., fit_id: _Optional[str] = ...) -> None: ...
+    transfer_id: str
+    def __init__(self, image_id: _Optional[str] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., class_index: _Optional[int] = ..., logit: _Optional[float] = ..., bias_term: _Optional[float] = ..., residual: _Optional[float] = ..., components: _Optional[_Iterable[_Union[ComponentAlpha, _Mapping]]] = ..., spurious_alpha: _Optional[float] = ..., trigger: _Optional[bool] = ..., spufix: _Optional[_Union[SpufixResult, _Mapping]] = ..., fit_id: _Optional[str] = ..., transfer_id: _Optional[str] = ...) -> None: ...
 
 class ScoreStreamRequest(_message.Message):
     __slots__ = ("request_id", "model", "image", "options")
@@ -654,20 +699,32 @@ class ScoreStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., result: _Optional[_Union[ScoreResult, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("model", "clean", "spurious", "spufix", "classes", "batch_size")
+    __slots__ = ("model", "clean", "spurious", "spufix", "classes", "batch_size", "directions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CLEAN_FIELD_NUMBER: _ClassVar[int]
     SPURIOUS_FIELD_NUMBER: _ClassVar[int]
     SPUFIX_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     clean: str
     spurious: str
     spufix: SpufixMode
     classes: _containers.RepeatedScalarFieldContainer[int]
     batch_size: int
-    def __init__(self, model: _Optional[str] = ..., clean: _Optional[str] = ..., spurious: _Optional[str] = ..., spufix: _Optional[_Union[SpufixMode, str]] = ..., classes: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    directions: SpuriousDirections
+    def __init__(self, model: _Optional[str] = ..., clean: _Optional[str] = ..., spurious: _Optional[str] = ..., spufix: _Optional[_Union[SpufixMode, str]] = ..., classes: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., directions: _Optional[_Union[SpuriousDirections, str]] = ...) -> None: ...
+
+class SpuriousDirection(_message.Message):
+    __slots__ = ("class_index", "component", "source")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    component: int
+    source: str
+    def __init__(self, class_index: _Optional[int] = ..., component: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class EvaluateUpdate(_message.Message):
     __slots__ = ("progress", "result")
@@ -722,7 +779,7 @@ class ScoreTable(_message.Message):
     def __init__(self, mean_auc: _Optional[float] = ..., mean_ap: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., clean_accuracy: _Optional[float] = ..., spurious_frac_predicted: _Optional[float] = ...) -> None: ...
 
 class EvaluateResult(_message.Message):
-    __slots__ = ("model", "fit_id", "baseline", "spufix", "spufix_mode", "clean_images", "spurious_images", "skipped_images", "evaluation_id")
+    __slots__ = ("model", "fit_id", "baseline", "spufix", "spufix_mode", "clean_images", "spurious_images", "skipped_images", "evaluation_id", "directions", "transfer_id", "spurious_directions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
@@ -732,6 +789,9 @@ class EvaluateResult(_message.Message):
     SPURIOUS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SPURIOUS_DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     fit_id: str
     baseline: ScoreTable
@@ -741,4 +801,75 @@ class EvaluateResult(_message.Message):
     spurious_images: int
     skipped_images: int
     evaluation_id: str
-    def __init__(self, model: _Optional[str] = ..., fit_id: _Optional[str] = ..., baseline: _Optional[_Union[ScoreTable, _Mapping]] = ..., spufix: _Optional[_Union[ScoreTable, _Mapping]] = ..., spufix_mode: _Optional[_Union[SpufixMode, str]] = ..., clean_images: _Optional[int] = ..., spurious_images: _Optional[int] = ..., skipped_images: _Optional[int] = ..., evaluation_id: _Optional[str] = ...) -> None: ...
+    directions: SpuriousDirections
+    transfer_id: str
+    spurious_directions: _containers.RepeatedCompositeFieldContainer[SpuriousDirection]
+    def __init__(self, model: _Optional[str] = ..., fit_id: _Optional[str] = ..., baseline: _Optional[_Union[ScoreTable, _Mapping]] = ..., spufix: _Optional[_Union[ScoreTable, _Mapping]] = ..., spufix_mode: _Optional[_Union[SpufixMode, str]] = ..., clean_images: _Optional[int] = ..., spurious_images: _Optional[int] = ..., skipped_images: _Optional[int] = ..., evaluation_id: _Optional[str] = ..., directions: _Optional[_Union[SpuriousDirections, str]] = ..., transfer_id: _Optional[str] = ..., spurious_directions: _Optional[_Iterable[_Union[SpuriousDirection, _Mapping]]] = ...) -> None: ...
+
+class TransferRequest(_message.Message):
+    __slots__ = ("source_model", "target_model", "classes", "batch_size", "job_id")
+    SOURCE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    source_model: str
+    target_model: str
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    batch_size: int
+    job_id: str
+    def __init__(self, source_model: _Optional[str] = ..., target_model: _Optional[str] = ..., classes: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class TransferUpdate(_message.Message):
+    __slots__ = ("job_id", "progress", "summary")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    progress: FitProgress
+    summary: TransferSummary
+    def __init__(self, job_id: _Optional[str] = ..., progress: _Optional[_Union[FitProgress, _Mapping]] = ..., summary: _Optional[_Union[TransferSummary, _Mapping]] = ...) -> None: ...
+
+class TransferDirection(_message.Message):
+    __slots__ = ("source_component", "covariance", "alpha_floor")
+    SOURCE_COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    COVARIANCE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    source_component: int
+    covariance: float
+    alpha_floor: float
+    def __init__(self, source_component: _Optional[int] = ..., covariance: _Optional[float] = ..., alpha_floor: _Optional[float] = ...) -> None: ...
+
+class TransferClass(_message.Message):
+    __slots__ = ("class_index", "images", "directions")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    images: int
+    directions: _containers.RepeatedCompositeFieldContainer[TransferDirection]
+    def __init__(self, class_index: _Optional[int] = ..., images: _Optional[int] = ..., directions: _Optional[_Iterable[_Union[TransferDirection, _Mapping]]] = ...) -> None: ...
+
+class TransferSummary(_message.Message):
+    __slots__ = ("transfer_id", "source_model", "source_fit", "target_model", "target_digest", "labels_snapshot", "classes", "images", "skipped_images", "elapsed_s")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LABELS_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    source_model: str
+    source_fit: str
+    target_model: str
+    target_digest: str
+    labels_snapshot: str
+    classes: _containers.RepeatedCompositeFieldContainer[TransferClass]
+    images: int
+    skipped_images: int
+    elapsed_s: float
+    def __init__(self, transfer_id: _Optional[str] = ..., source_model: _Optional[str] = ..., source_fit: _Optional[str] = ..., target_model: _Optional[str] = ..., target_digest: _Optional[str] = ..., labels_snapshot: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[TransferClass, _Mapping]]] = ..., images: _Optional[int] = ..., skipped_images: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...

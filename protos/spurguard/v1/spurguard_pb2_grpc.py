@@ -106,6 +106,11 @@ class SpurguardStub:
                 request_serializer=spurguard_dot_v1_dot_spurguard__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=spurguard_dot_v1_dot_spurguard__pb2.EvaluateUpdate.FromString,
                 _registered_method=True)
+        self.Transfer = channel.unary_stream(
+                '/spurguard.v1.Spurguard/Transfer',
+                request_serializer=spurguard_dot_v1_dot_spurguard__pb2.TransferRequest.SerializeToString,
+                response_deserializer=spurguard_dot_v1_dot_spurguard__pb2.TransferUpdate.FromString,
+                _registered_method=True)
 
 
 class SpurguardServicer:
@@ -224,6 +229,17 @@ class SpurguardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Transfer(self, request, context):
+        """Carry the source model's spurious labels to a target model served here (SPEC section 1
+        transfer, the paper's max_cov), over the source fit's images read again through the
+        target. A job like Fit: progress, then one summary; it survives the client going away
+        (WatchJob re-attaches, CancelJob stops it), and the same transfer again resumes it, or,
+        once it is stored, makes it the target's transfer in use again without recomputing it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SpurguardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -296,6 +312,11 @@ def add_SpurguardServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=spurguard_dot_v1_dot_spurguard__pb2.EvaluateRequest.FromString,
                     response_serializer=spurguard_dot_v1_dot_spurguard__pb2.EvaluateUpdate.SerializeToString,
+            ),
+            'Transfer': grpc.unary_stream_rpc_method_handler(
+                    servicer.Transfer,
+                    request_deserializer=spurguard_dot_v1_dot_spurguard__pb2.TransferRequest.FromString,
+                    response_serializer=spurguard_dot_v1_dot_spurguard__pb2.TransferUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -678,6 +699,33 @@ class Spurguard:
             '/spurguard.v1.Spurguard/Evaluate',
             spurguard_dot_v1_dot_spurguard__pb2.EvaluateRequest.SerializeToString,
             spurguard_dot_v1_dot_spurguard__pb2.EvaluateUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spurguard.v1.Spurguard/Transfer',
+            spurguard_dot_v1_dot_spurguard__pb2.TransferRequest.SerializeToString,
+            spurguard_dot_v1_dot_spurguard__pb2.TransferUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,7 +63,8 @@ def resolve_classes(args: argparse.Namespace, client: Client) -> None:
     many: list[int | str] = getattr(args, "classes", [])
     if not any(isinstance(ref, str) for ref in [single, *many]):
         return
-    classes = client.get_model(args.model).classes
+    model = getattr(args, "source", None) or args.model  # a transfer's classes are the source's
+    classes = client.get_model(model).classes
     exact: dict[str, int] = {}
     loose: dict[str, int] = {}  # as the server matches class folders: any case, "_" for " "
     for info in classes:
@@ -77,7 +78,7 @@ def resolve_classes(args: argparse.Namespace, client: Client) -> None:
         found = exact.get(ref, loose.get(ref.lower().replace(" ", "_")))
         if found is None:
             raise UsageError(
-                f"model {args.model} has no class named {ref!r}; its classes: {fmt.class_names(classes, shown=5)} "
+                f"model {model} has no class named {ref!r}; its classes: {fmt.class_names(classes, shown=5)} "
                 "(or give the index)"
             )
         return found
@@ -94,7 +95,7 @@ def cmd_models(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def _interrupted(args: argparse.Namespace, client: Client, job_id: str | None) -> int:
+def _interrupted(args: argparse.Namespace, client: Client, job_id: str | None, kind: str) -> int:
     """Ctrl-C while following a job: say where the job stands, cancel it only if asked to."""
     server = _server_option(args)
     if job_id is None:
@@ -104,38 +105,59 @@ def _interrupted(args: argparse.Namespace, client: Client, job_id: str | None) -
         )
     elif args.cancel_on_interrupt:
         job = client.cancel_job(job_id)
-        message = f"interrupted; cancel requested for fit job {job_id} (state: {job.state})"
+        message = f"interrupted; cancel requested for {kind} {job_id} (state: {job.state})"
     else:
         message = (
-            f"interrupted; fit job {job_id} continues on the server. Follow it with "
+            f"interrupted; {kind} {job_id} continues on the server. Follow it with "
             f"`spurguard {server}watch {job_id}`, cancel it with `spurguard {server}cancel {job_id}`"
         )
     print(f"spurguard: {message}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
-def _follow(args: argparse.Namespace, client: Client, updates: Iterator[t.FitUpdate], job_id: str | None) -> int:
-    """Show a fit stream's progress, then print its summary."""
+def _follow(
+    args: argparse.Namespace, client: Client, updates: Iterator[t.FitUpdate], job_id: str | None, kind: str = "job"
+) -> int:
+    """Show a job stream's progress, then print its summary (a fit's or a transfer's); `kind`
+    names the job in messages ("fit job", "transfer job", or "job" when watching any)."""
     progress = _progress(args)
-    summary: t.FitSummary | None = None
+    summary: t.FitSummary | t.TransferSummary | None = None
     after = "cancels the job" if args.cancel_on_interrupt else "stops watching; the job keeps running"
     try:
         for number, update in enumerate(updates):
             job_id = update.job_id
             if number == 0:
-                progress.message(f"following fit job {job_id} on {args.server} (Ctrl-C {after})")
-            if isinstance(update, t.FitSummary):
-                summary = update
-            else:
+                progress.message(f"following {kind} {job_id} on {args.server} (Ctrl-C {after})")
+            if isinstance(update, t.FitProgress):
                 progress.update(fit_line(update), key=update.phase)
+            else:
+                summary = update
     except KeyboardInterrupt:
         progress.close()  # before the message, so it starts on its own line
-        return _interrupted(args, client, job_id)
+        return _interrupted(args, client, job_id, kind)
     finally:
         progress.close()
     if summary is None:
-        raise CliError(f"the server ended fit job {job_id}'s stream without a summary", grpc.StatusCode.INTERNAL)
-    _print(fmt.json_document(summary) if args.json else fmt.fit_summary_table(summary))
+        raise CliError(f"the server ended {kind} {job_id}'s stream without a summary", grpc.StatusCode.INTERNAL)
+    if args.json:
+        _print(fmt.json_document(summary))
+    else:
+        _print(fmt.fit_summary_table(summary) if isinstance(summary, t.FitSummary) else fmt.transfer_summary_table(summary))
+    return EXIT_OK
+
+
+def _start_job(args: argparse.Namespace, client: Client, updates: Iterator[t.FitUpdate], kind: str) -> int:
+    """Follow a job just asked for, or with --detach print it once the server has named it."""
+    if not args.detach:
+        return _follow(args, client, updates, args.job_id, kind)
+    first = next(updates, None)  # the first update names the job; leaving the stream does not stop it
+    if first is None:
+        raise CliError(f"the server ended the {kind} stream before naming the job", grpc.StatusCode.INTERNAL)
+    job = client.get_job(first.job_id)
+    if args.json:
+        _print(fmt.json_document(job))
+    else:
+        _print(f"{kind} {job.job_id}: {job.state}; follow it with `spurguard {_server_option(args)}watch {job.job_id}`")
     return EXIT_OK
 
 
@@ -149,17 +171,13 @@ def cmd_fit(args: argparse.Namespace, client: Client) -> int:
         job_id=args.job_id,
         extend=args.extend,
     )
-    if not args.detach:
-        return _follow(args, client, updates, args.job_id)
-    first = next(updates, None)  # the first update names the job; leaving the stream does not stop it
-    if first is None:
-        raise CliError("the server ended the fit stream before naming the job", grpc.StatusCode.INTERNAL)
-    job = client.get_job(first.job_id)
-    if args.json:
-        _print(fmt.json_document(job))
-    else:
-        _print(f"fit job {job.job_id}: {job.state}; follow it with `spurguard {_server_option(args)}watch {job.job_id}`")
-    return EXIT_OK
+    return _start_job(args, client, updates, "fit job")
+
+
+def cmd_transfer(args: argparse.Namespace, client: Client) -> int:
+    updates = client.transfer(args.source, args.target, classes=args.classes, batch_size=args.batch_size,
+                              job_id=args.job_id)
+    return _start_job(args, client, updates, "transfer job")  # type: ignore[arg-type]
 
 
 def cmd_watch(args: argparse.Namespace, client: Client) -> int:
@@ -347,6 +365,7 @@ def cmd_evaluate(args: argparse.Namespace, client: Client) -> int:
         spufix=args.spufix,
         classes=args.classes,
         batch_size=args.batch_size,
+        directions=args.directions,
     )
     result: t.EvaluateResult | None = None
     try:
@@ -375,4 +394,5 @@ COMMANDS: dict[str, Handler] = {
     "report": cmd_report,
     "score": cmd_score,
     "evaluate": cmd_evaluate,
+    "transfer": cmd_transfer,
 }

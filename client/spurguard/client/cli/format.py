@@ -122,7 +122,16 @@ def models_table(models: Sequence[t.ModelInfo]) -> str:
     ]
     headers = ["MODEL", "CLASSES", "FEATURE_DIM", "INPUT_SIZE", "BACKEND", "RUNTIME", "DEVICE", "READY", "FITTED_CLASSES",
                "NAMES"]
-    return render_table(headers, rows, right=(1, 2, 3))
+    transfers = [transfer_line(m.name, m.transfer) for m in models if m.transfer is not None]
+    return "\n".join([render_table(headers, rows, right=(1, 2, 3)), *transfers])
+
+
+def transfer_line(model: str, transfer: t.TransferInfo) -> str:
+    """Which transfer a model applies and from which labels: they do not follow the source's relabelling."""
+    labels = ", ".join(f"{r.class_index}/{r.component}" for r in transfer.labels)
+    when = "" if transfer.created is None else f", made {transfer.created:%Y-%m-%d %H:%M}"
+    return (f"{model} applies transfer {transfer.transfer_id} from {transfer.source_model} (fit {transfer.source_fit}, "
+            f"spurious class/component {labels}{when})")
 
 
 def components_table(components: t.Components) -> str:
@@ -176,6 +185,19 @@ def _label_carry(summary: t.FitSummary) -> str:
     return text
 
 
+def transfer_summary_table(summary: t.TransferSummary) -> str:
+    head = (
+        f"transfer {summary.transfer_id} from {summary.source_model} (fit {summary.source_fit}, labels "
+        f"{summary.labels_snapshot}) to {summary.target_model} (job {summary.job_id}): "
+        + (f"{summary.images} images, {summary.skipped_images} skipped" if summary.images else "already stored")
+        + f", {len(summary.classes)} classes, {summary.elapsed_s:.1f} s; now applied by {summary.target_model}"
+    )
+    rows = [[str(c.class_index), str(d.source_component), number(d.covariance), number(d.alpha_floor), str(c.images)]
+            for c in summary.classes for d in c.directions]
+    return head + "\n" + render_table(["CLASS", "SOURCE_COMPONENT", "COVARIANCE", "FLOOR", "IMAGES"], rows,
+                                       right=range(5))
+
+
 def _job_progress(job: t.Job) -> str:
     if job.progress is None:
         return MISSING
@@ -194,6 +216,7 @@ def jobs_table(jobs: Sequence[t.Job]) -> str:
             _job_progress(job),
             MISSING if job.updated is None else job.updated.strftime("%Y-%m-%d %H:%M:%S"),
             (f"fit {job.summary.fit_id}" if job.summary else "")
+            + (f"transfer {job.transfer_summary.transfer_id}" if job.transfer_summary else "")
             + (f"{job.error.code}: {job.error.message}" if job.error else ""),
         ]
         for job in jobs
@@ -267,9 +290,21 @@ def evaluate_table(result: t.EvaluateResult) -> str:
     tail = (
         f"clean accuracy {_pair(base, fixed, 'clean_accuracy')}; spurious images predicted as "
         f"their class {_pair(base, fixed, 'spurious_frac_predicted')}"
+        + _directions_line(result)
         + (f"\nkept in the server's store as evaluation {result.evaluation_id}" if result.evaluation_id else "")
     )
     return "\n".join([head, render_table(headers, rows, right=(0,)), tail])
+
+
+def _directions_line(result: t.EvaluateResult) -> str:
+    """Which spurious directions SpuFix removed: own components as class/component, transferred ones by source."""
+    if result.directions is None:
+        return ""
+    own = [f"{d.class_index}/{d.component}" for d in result.spurious_directions if not d.source]
+    moved = [d.source for d in result.spurious_directions if d.source]
+    parts = [f"own {', '.join(own)}" if own else "", f"transferred ({result.transfer_id}) {', '.join(moved)}" if moved else ""]
+    removed = "; ".join(p for p in parts if p) or "none"
+    return f"\nSpuFix removed ({result.directions}): {removed}"
 
 
 def visualize_table(summary: dict[str, Any]) -> str:

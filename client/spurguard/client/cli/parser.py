@@ -16,7 +16,14 @@ from typing import TypeVar
 from spurguard.client.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from spurguard.client.cli.report import DEFAULT_TOP
 from spurguard.client.client import DEFAULT_SCORE_BATCH, DEFAULT_TIMEOUT_S
-from spurguard.vocab import ATTACK_PARAMETERIZATIONS, HEATMAP_METHODS, IMAGE_SUFFIXES, LABELS, SPUFIX_MODES
+from spurguard.vocab import (
+    ATTACK_PARAMETERIZATIONS,
+    HEATMAP_METHODS,
+    IMAGE_SUFFIXES,
+    LABELS,
+    SPUFIX_MODES,
+    SPURIOUS_DIRECTIONS,
+)
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "SPURGUARD_SERVER"
@@ -140,7 +147,7 @@ exit status:
        --json, {{"error": {{"code": CODE, "message": …}}}} goes to stdout as well)
   {EXIT_USAGE}    usage error (or serve/demo/export-triton/health/fit --store without the spurguard[server] extra)
   {EXIT_PARTIAL}    score: some images failed (their lines carry the error); the rest were scored
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); a fit job keeps running on the server
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); a fit or transfer job keeps running on the server
 """
 
 
@@ -291,21 +298,22 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
 
     watch = command(
         "watch",
-        "follow a running fit job",
-        "Re-attach to a fit job: its progress, then the committed fit (at once if it has finished).",
+        "follow a running fit or transfer job",
+        "Re-attach to a fit or transfer job: its progress, then the committed fit or transfer (at once "
+        "if it has finished).",
     )
     watch.add_argument("job_id", metavar="JOB", help="job id (see `spurguard jobs`)")
     watch.add_argument("--cancel-on-interrupt", action="store_true", help="Ctrl-C cancels the job instead of leaving it running")
 
-    jobs = command("jobs", "list fit jobs", "List running and recently finished fit jobs, newest first, also those of earlier server runs "
+    jobs = command("jobs", "list fit and transfer jobs", "List running and recently finished fit and transfer jobs, newest first, also those of earlier server runs "
                    "(kept in the store; a job whose server was killed shows as failed, ABORTED).")
     jobs.add_argument("--model", metavar="NAME", help="only this model's jobs")
 
     cancel = command(
         "cancel",
-        "cancel a fit job",
-        "Ask a fit job to stop and print its state. Classes it finished are kept, so a later fit "
-        "with the same --job-id resumes; no fit is committed.",
+        "cancel a fit or transfer job",
+        "Ask a job to stop and print its state. Classes it finished are kept, so a later fit with "
+        "the same --job-id (or transfer from the same labels) resumes; nothing is committed.",
     )
     cancel.add_argument("job_id", metavar="JOB", help="job id")
 
@@ -412,6 +420,35 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     evaluate.add_argument("--spufix", choices=SPUFIX_MODES, help="SpuFix mode (default: the server's)")
     evaluate.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…", help=f"classes to evaluate (default: every class with spurious images); {CLASSES_HELP}")
     evaluate.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's max batch size)")
+    evaluate.add_argument(
+        "--directions",
+        choices=SPURIOUS_DIRECTIONS,
+        help="spurious directions SpuFix removes: the model's own labels, the transferred ones "
+        "(`spurguard transfer`), or both (default: both, what score applies); the result lists them",
+    )
+    evaluate.add_argument("--transfer", dest="directions", action="store_const", const="transferred",
+                          help="short for --directions transferred")
+
+    transfer = command(
+        "transfer",
+        "carry a model's spurious labels to another model (max_cov)",
+        "Carry the spurious labels of --from's current fit to the model --to served by the same "
+        "server (SPEC §1 transfer, the paper's max_cov): over the source fit's images, read again "
+        "through --to's preprocessing, each labelled component becomes the direction of --to's "
+        "activations that covaries most with it. From then on --to's score, evaluate and SpuFix "
+        "apply those directions besides its own labels (score's components name their source); "
+        "re-labelling --from changes nothing there until the next transfer. A job like fit: "
+        "Ctrl-C stops watching, not the job (unless --cancel-on-interrupt); the same transfer "
+        "again resumes a cancelled one, or re-applies a finished one at once.",
+    )
+    transfer.add_argument("--from", dest="source", required=True, metavar="MODEL", help="the model whose labels are carried")
+    transfer.add_argument("--to", dest="target", required=True, metavar="MODEL", help="the model that gets them")
+    transfer.add_argument("--classes", type=_class_list, default=[], metavar="K,K,…",
+                          help=f"classes to transfer (default: every class with spurious labels); {CLASSES_HELP}")
+    transfer.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the target's max batch size)")
+    transfer.add_argument("--job-id", metavar="ID", help="name the job (letters, digits, - and _); an existing id re-attaches")
+    transfer.add_argument("--detach", action="store_true", help="print the job once the server has accepted it and return at once")
+    transfer.add_argument("--cancel-on-interrupt", action="store_true", help="Ctrl-C cancels the job instead of leaving it running")
     return parser
 
 

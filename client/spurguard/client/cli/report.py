@@ -25,10 +25,10 @@ from typing import Any
 from urllib.parse import quote
 
 from spurguard import vocab as t
-from spurguard.client.cli.format import MISSING, alpha_statistics, fraction, number
+from spurguard.client.cli.format import MISSING, alpha_statistics, fraction, number, transfer_line
 from spurguard.client.cli.progress import visualize_line
 from spurguard.client.cli.visualize import VisualizeWriter
-from spurguard.client.client import Client
+from spurguard.client.client import Client, SpurguardClientError
 
 DEFAULT_TOP = 10
 COMPONENTS_PER_CALL = 16  # the server's limit of components per Visualize request
@@ -195,7 +195,7 @@ class ReportWriter:
         """Writes index.html; returns the `report --json` document {index, classes}."""
         counts = Counter((r.class_index, r.label) for r in self.client.list_labels(self.info.name, fit_id=self.info.fit_id))
         index = self.out / "index.html"
-        index.write_text(self._index_page(counts), encoding="utf-8")
+        index.write_text(self._index_page(counts, self._transfer_note()), encoding="utf-8")
         return {"index": str(index), "classes": self.classes}
 
     # ---- HTML ----
@@ -271,7 +271,26 @@ class ReportWriter:
             f'<span class="id" title="{_e(top["image"])}">{_e(top["image_id"])}</span></figcaption></figure>'
         )
 
-    def _index_page(self, counts: Counter[tuple[int, str]]) -> str:
+    def _transfer_note(self) -> str:
+        """The transfer the model applies, and whether the source's labels have moved on since
+        (they change nothing here until the next transfer); "" without a transfer."""
+        transfer = self.info.transfer
+        if transfer is None:
+            return ""
+        note = transfer_line(self.info.name, transfer) + ". Scores and SpuFix apply these directions besides the own labels."
+        carried = {(r.class_index, r.component) for r in transfer.labels}
+        try:
+            fit_id = self.client.get_model(transfer.source_model).fit_id
+            now = {(r.class_index, r.component) for r in self.client.list_labels(transfer.source_model, label="spurious")
+                   if r.class_index in transfer.classes} if fit_id else set()
+        except SpurguardClientError as error:
+            return f"{note} (source not readable now: {error.code.name})"
+        if (fit_id, now) != (transfer.source_fit, carried):
+            note += (f" The source's fit or spurious labels have changed since (fit {fit_id}); run `spurguard transfer "
+                     f"--from {transfer.source_model} --to {self.info.name}` to apply them.")
+        return note
+
+    def _index_page(self, counts: Counter[tuple[int, str]], transfer_note: str = "") -> str:
         info = self.info
         rows = []
         for entry in self.classes:
@@ -290,7 +309,8 @@ class ReportWriter:
         title = f"{info.name} — spurious feature report"
         body = (
             f"<h1>{_e(title)}</h1>\n<p class=\"meta\">{_e(f'fit {info.fit_id} · {len(self.classes)} classes')}</p>\n"
-            '<table class="classes">\n<thead><tr>'
+            + (f'<p class="transfer">{_e(transfer_note)}</p>\n' if transfer_note else "")
+            + '<table class="classes">\n<thead><tr>'
             + "".join(f"<th>{_e(h)}</th>" for h in headers)
             + f"</tr></thead>\n<tbody>\n{''.join(rows)}</tbody>\n</table>\n"
         )

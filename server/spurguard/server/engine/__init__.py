@@ -19,7 +19,8 @@ from spurguard.server.engine.npca import (
     fit_components,
     top_eigenpairs,
 )
-from spurguard.server.engine.spufix import SpuFix, SpuFixResult
+from spurguard.server.engine.spufix import SpuFix, SpuFixResult, SpuriousEntry
+from spurguard.server.engine.transfer import MaxCovAccumulator, TransferredClass, transfer_alphas
 
 __all__ = [
     "DEFAULT_FLOOR_PERCENTILE",
@@ -28,9 +29,12 @@ __all__ = [
     "ClassStatistics",
     "Decomposer",
     "Decomposition",
+    "MaxCovAccumulator",
     "NeuralPCAFit",
     "SpuFix",
     "SpuFixResult",
+    "SpuriousEntry",
+    "TransferredClass",
     "average_precision",
     "fit_alphas",
     "fit_components",
@@ -38,4 +42,5 @@ __all__ = [
     "softmax",
     "spurious_score_table",
     "top_eigenpairs",
+    "transfer_alphas",
 ]

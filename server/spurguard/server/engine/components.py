@@ -8,6 +8,14 @@ import numpy as np
 DEFAULT_FLOOR_PERCENTILE = 5.0
 
 
+def alpha_floor(alphas: np.ndarray, columns: int, percentile: float = DEFAULT_FLOOR_PERCENTILE) -> np.ndarray:
+    """The q-th percentile of each column of per-image contributions [n, columns] (zeros for no images):
+    SpuFix's floor, for a fit's components and for transferred directions alike."""
+    if alphas.shape[0] == 0:
+        return np.zeros(columns)
+    return np.percentile(alphas.astype(np.float64), percentile, axis=0)
+
+
 @dataclass
 class ClassComponents:
     """Top-L neural PCA components of class k's weighted activations a_k = w_k * phi(x).
@@ -39,9 +47,7 @@ class ClassComponents:
 
     def alpha_floor(self, percentile: float = DEFAULT_FLOOR_PERCENTILE) -> np.ndarray:
         """f_l: the q-th percentile of alpha_l over the fit images (the level with the feature absent)."""
-        if self.alphas.shape[0] == 0:
-            return np.zeros(self.num_components)
-        return np.percentile(self.alphas.astype(np.float64), percentile, axis=0)
+        return alpha_floor(self.alphas, self.num_components, percentile)
 
     @property
     def alpha_mean(self) -> np.ndarray:

@@ -43,11 +43,27 @@ def class_projection(
     device: torch.device | str | None = None,
 ) -> ClassProjection:
     """The projection of a class's components (all, or the listed `rows`), built in float64."""
-    w = torch.as_tensor(weight_row).detach().to(device="cpu", dtype=torch.float64).numpy()
     vectors = components.vectors if rows is None else components.vectors[list(rows)]
-    ones_dot = vectors.sum(axis=1)
-    directions = vectors * w[None, :] * ones_dot[:, None]
-    offsets = (vectors @ components.mean) * ones_dot
+    return linear_projection(vectors, vectors.sum(axis=1), components.mean, weight_row, dtype=dtype, device=device)
+
+
+def linear_projection(
+    basis: np.ndarray,
+    scales: np.ndarray,
+    mean: np.ndarray,
+    weight_row: torch.Tensor | np.ndarray,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> ClassProjection:
+    """alpha_l = <a - m, basis_l> * scales_l with a = w * phi, as features @ U.T - offsets (float64 built).
+
+    A fit's components have basis = the eigenvectors and scales = <1, v_l>; transferred
+    directions have the least-squares dual basis and scales = <1, d_l> (engine.transfer).
+    """
+    w = torch.as_tensor(weight_row).detach().to(device="cpu", dtype=torch.float64).numpy()
+    directions = basis * w[None, :] * scales[:, None]
+    offsets = (basis @ mean) * scales
     return ClassProjection(
         torch.as_tensor(directions, dtype=dtype, device=device),
         torch.as_tensor(offsets, dtype=dtype, device=device),

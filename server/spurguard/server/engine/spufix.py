@@ -3,6 +3,9 @@
 paper: logit'_k = logit_k - sum_{l in S_k} max(alpha_l, 0)
 floor: logit'_k = logit_k - sum_{l in S_k} max(alpha_l - f_l, 0), f_l = q-th percentile of
        alpha_l over the class's fit images (the level of the component with the feature absent).
+Directions transferred from another model (engine.transfer) join S_k with their contribution in
+place of alpha_l and their floor over the images they came from; a class may have both kinds,
+and then both are removed.
 
 Why stacked: every class's spurious directions go into one [M, d] matrix, so fixing all C
 logits of a batch is one matmul for the M alphas and one for summing penalties per class
@@ -25,6 +28,7 @@ from spurguard.server.engine.decompose import (
     resolve_class_index,
 )
 from spurguard.server.engine.npca import as_matrix
+from spurguard.server.engine.transfer import TransferredClass
 from spurguard.server.errors import FailedPrecondition, InvalidInput
 from spurguard.vocab import SPUFIX_MODES, SpufixModeName
 
@@ -38,6 +42,17 @@ class SpuFixResult:
     logits: torch.Tensor  # [N, C] after the fix
     spurious_alpha: torch.Tensor  # [N] floor-mode sum over S_k of the analysed class
     trigger: torch.Tensor  # [N] bool: predicted k, and the fix moves top-1 away from k
+    alphas: torch.Tensor  # [N, M] every spurious direction's alpha (SpuFix.entries says whose)
+
+
+@dataclass(frozen=True)
+class SpuriousEntry:
+    """One row of SpuFix's stacked directions: a class's own component, or a transferred direction
+    (then `component` is the source fit's component it came from)."""
+
+    class_index: int
+    component: int
+    transferred: bool
 
 
 class SpuFix:
@@ -49,6 +64,7 @@ class SpuFix:
         spurious: Mapping[int, Iterable[int]],
         weight: torch.Tensor | np.ndarray,
         *,
+        transferred: Mapping[int, TransferredClass] | None = None,
         floor_percentile: float = DEFAULT_FLOOR_PERCENTILE,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
@@ -59,7 +75,8 @@ class SpuFix:
         num_classes, dim = weight64.shape
         check_components(components, num_classes, dim)
         self.dtype, self.dim, self.num_classes = dtype, dim, num_classes
-        directions, offsets, floors, owners = [], [], [], []
+        directions, offsets, floors = [], [], []
+        self.entries: list[SpuriousEntry] = []
         self._classes_without_floor: list[int] = []
         for k in sorted(spurious):
             indices = sorted({int(i) for i in spurious[k]})
@@ -72,7 +89,16 @@ class SpuFix:
             if comp.alphas.shape[0] == 0:
                 self._classes_without_floor.append(k)
             floors.append(torch.as_tensor(comp.alpha_floor(floor_percentile)[indices]))
-            owners += [k] * len(indices)
+            self.entries += [SpuriousEntry(k, l, False) for l in indices]
+        for k, moved in sorted((transferred or {}).items()):
+            if moved.class_index != k or not 0 <= k < num_classes or moved.mean.shape != (dim,):
+                raise InvalidInput(f"transferred directions keyed {k} do not fit class {k} of a head with d={dim}")
+            projection = moved.projection(weight64[k], dtype=torch.float64)
+            directions.append(projection.directions)
+            offsets.append(projection.offsets)
+            floors.append(torch.as_tensor(moved.alpha_floor(floor_percentile)))
+            self.entries += [SpuriousEntry(k, l, True) for l in moved.source_components]
+        owners = [entry.class_index for entry in self.entries]
         self._directions = _stack(directions, (0, dim), dtype, device)  # [M, d]
         self._offsets = _stack(offsets, (0,), dtype, device)  # [M]
         self._floors = _stack(floors, (0,), dtype, device)  # [M]
@@ -127,7 +153,7 @@ class SpuFix:
         own = self._owners[None, :] == index[:, None]  # [N, M]: directions of the analysed class
         spurious_alpha = (floor_penalties * own).sum(dim=1)
         trigger = (full.argmax(dim=1) == index) & (fixed.argmax(dim=1) != index)
-        return SpuFixResult(mode, index, fixed, spurious_alpha, trigger)
+        return SpuFixResult(mode, index, fixed, spurious_alpha, trigger, alphas)
 
     def _inputs(
         self, features: torch.Tensor | np.ndarray, logits: torch.Tensor | np.ndarray

@@ -550,9 +550,9 @@ def build_parser(prog: str = "spurguard serve", environ: Mapping[str, str] = os.
                         "read from their headers before decoding (a large JPEG counts at the reduced scale it "
                         f"decodes at); more is RESOURCE_EXHAUSTED (default {_default('max_request_pixels')})")
     p.add_argument("--fit-workers", type=_positive_int, default=_default("fit_workers"), metavar="N",
-                   help=f"fit jobs running at once; more wait QUEUED, up to --max-queued-jobs (default {_default('fit_workers')})")
+                   help=f"fit and transfer jobs running at once; more wait QUEUED, up to --max-queued-jobs (default {_default('fit_workers')})")
     p.add_argument("--max-queued-jobs", type=_non_negative_int, default=_default("max_queued_jobs"), metavar="N",
-                   help="fit jobs that may wait QUEUED for a worker; more are RESOURCE_EXHAUSTED "
+                   help="fit and transfer jobs that may wait QUEUED for a worker; more are RESOURCE_EXHAUSTED "
                         f"(default {_default('max_queued_jobs')})")
     p.add_argument("--keep-unfinished-days", type=_non_negative, default=_default("keep_unfinished_days"),
                    metavar="DAYS",

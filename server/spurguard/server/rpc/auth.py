@@ -51,7 +51,7 @@ SERVICE_ROLES: dict[str, dict[str, RoleName | None]] = {
         "Score": "score", "ScoreStream": "score",
         "Label": "label", "Visualize": "label",
         "Fit": "admin", "WatchJob": "admin", "GetJob": "admin", "ListJobs": "admin", "CancelJob": "admin",
-        "Evaluate": "admin",
+        "Evaluate": "admin", "Transfer": "admin",
     },
     inference.SERVICE_NAME: {
         "ServerLive": None, "ServerReady": None, "ModelReady": None,

@@ -194,6 +194,13 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
             result = await self.plane.score_one(message.model, image_id, image_source(message.image), options, tenant)
         return pb.ScoreStreamResponse(request_id=message.request_id, result=to_message(result))
 
+    # ---- transfer ----
+
+    @stream_call
+    async def Transfer(self, request: pb.TransferRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TransferUpdate]:
+        async for update in self.plane.transfer(read(request, vocab.TransferRequest)):
+            yield to_update(update, pb.TransferUpdate)
+
     # ---- evaluate ----
 
     @stream_call

@@ -33,6 +33,7 @@ from spurguard.server.serving.decoding import Tenant
 from spurguard.server.serving.evaluation import run_evaluate
 from spurguard.server.serving.fitting import run_fit
 from spurguard.server.serving.guard import Inference
+from spurguard.server.serving.transferring import plan_transfer, run_transfer, transfer_info
 from spurguard.server.serving.jobs import JobRegistry
 from spurguard.server.serving.models import ImageSource, ModelRegistry, ServedModel
 from spurguard.server.serving.options import (
@@ -42,6 +43,7 @@ from spurguard.server.serving.options import (
     evaluate_settings,
     fit_request,
     score_settings,
+    transfer_request,
     visualize_settings,
 )
 from spurguard.server.serving.paths import DataRoots
@@ -142,6 +144,7 @@ class DataPlane:
             served.name, backend.kind, backend.device, backend.num_classes, backend.feature_dim, backend.input_size,
             backend.digest, True, served.supports_gradients, guard.fit_id, tuple(guard.fitted_classes),
             backend.max_batch_size, classes, backend.runtime,
+            None if guard.transfer is None else transfer_info(guard.transfer),
         )
 
     def list_models(self) -> list[vocab.ModelInfo]:
@@ -176,6 +179,22 @@ class DataPlane:
             )
             served.reload_guard()  # before the job reports success, so callers then see the new fit
             return outcome.summary()
+
+        job = await self.jobs.submit(request, work)
+        async for update in job.updates():
+            yield update
+
+    async def transfer(self, request: vocab.TransferRequest) -> AsyncIterator[vocab.FitUpdate]:
+        """Start (or re-attach to) a transfer job and follow it (serving.transferring)."""
+        source, target = self.models.get(request.source_model), self.models.get(request.target_model)
+        request = transfer_request(request, source.backend.num_classes)
+        plan = await asyncio.to_thread(plan_transfer, source.backend, target.backend, self.store, request.classes)
+
+        def work(job_id: str, progress: Callable[[vocab.FitProgress], None], cancel: threading.Event) -> vocab.TransferSummary:
+            outcome = run_transfer(target.backend, self.store, plan, batch_size=request.batch_size, progress=progress,
+                                   cancel=cancel, roots=self.roots, job_id=job_id)
+            target.reload_guard()  # before the job reports success, so callers then see the transfer
+            return outcome.summary(job_id, target.name, target.backend.digest)
 
         job = await self.jobs.submit(request, work)
         async for update in job.updates():
@@ -352,6 +371,8 @@ class DataPlane:
         clean = self.roots.resolve(request.clean, "clean dataset")
         spurious = self.roots.resolve(request.spurious, "spurious dataset")
         settings = evaluate_settings(request, served.backend.num_classes, self.spufix_default)
+        if settings.directions == "transferred" and served.guard.transfer is None:
+            raise FailedPrecondition(f"model {served.name} applies no transfer; run Transfer to it first")
         if self._heavy.locked():
             self._check_heavy_room("Evaluate")  # refused before it says "queued"
             yield vocab.EvaluateProgress("queued", 0, 0, 0.0)
@@ -369,7 +390,7 @@ class DataPlane:
         updates: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
         work = loop.run_in_executor(None, functools.partial(
-            run_evaluate, backend, served.guard, clean, spurious,
+            run_evaluate, backend, served.guard.with_directions(settings.directions), clean, spurious,
             mode=settings.mode,
             classes=settings.classes,
             batch_size=settings.batch_size,

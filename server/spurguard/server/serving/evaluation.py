@@ -43,7 +43,8 @@ class EvaluationOutcome:
         return {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "request": {"clean": str(clean), "spurious": str(spurious), "spufix": settings.mode,
-                        "classes": list(settings.classes or ()), "batch_size": settings.batch_size},
+                        "classes": list(settings.classes or ()), "batch_size": settings.batch_size,
+                        "directions": settings.directions},
             **to_json(self.result),
             "skipped": [list(entry) for entry in self.skipped[:MAX_KEPT_SKIPPED]],
         }
@@ -62,7 +63,8 @@ def run_evaluate(
     cancel: threading.Event | None = None,
     roots: DataRoots | None = None,
 ) -> EvaluationOutcome:
-    """Score both folders and build the table without and with SpuFix in `mode`.
+    """Score both folders and build the table without and with SpuFix in `mode`, removing the
+    spurious directions `guard` applies (its `directions`, which the result names).
 
     The table covers the classes with spurious images (or `classes`); clean accuracy is over
     every clean image. Every image must lie inside `roots` (default: the two folders), else
@@ -119,5 +121,8 @@ def run_evaluate(
         clean_images=int(clean_y.shape[0]),
         spurious_images=int(spur_y.shape[0]),
         skipped_images=len(skipped),
+        directions=guard.directions,
+        transfer_id=guard.transfer_id or "",
+        spurious_directions=guard.applied_directions(),
     )
     return EvaluationOutcome(result, skipped)

@@ -53,7 +53,8 @@ class FitOutcome:
 
 
 class FeatureSpill:
-    """A class's float32 feature rows in a temporary file, appended batch by batch."""
+    """A class's float32 feature rows in a temporary file, appended batch by batch (a fit's and a
+    transfer's: both need a class's features once more after its whole pass, and not in memory)."""
 
     def __init__(self, directory: Path, class_index: int, dim: int) -> None:
         self.path = directory / f"class-{class_index}.f32"
@@ -161,6 +162,12 @@ def feature_pass(
         for spill in spills.values():
             spill.close()
     return FeaturePass(skipped, len(pending), unfinished)
+
+
+def alphas_chunked(alphas: Callable[[np.ndarray], np.ndarray], features: np.ndarray, columns: int) -> np.ndarray:
+    """`alphas` of spilled feature rows, read back ALPHA_CHUNK_ROWS at a time: [n, columns] float32."""
+    parts = [alphas(np.array(features[i : i + ALPHA_CHUNK_ROWS])) for i in range(0, features.shape[0], ALPHA_CHUNK_ROWS)]
+    return np.concatenate(parts) if parts else np.zeros((0, columns), np.float32)
 
 
 def _open_writer(

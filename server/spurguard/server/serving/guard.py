@@ -3,9 +3,13 @@
 Results are the vocabulary's dataclasses (`spurguard.vocab`), so the server, the client and
 the CLI share one definition of a result and of its `score --json` line.
 
-Why a snapshot: scoring must see one consistent (fit, labels) pair for a whole batch, while
-labels change under it. A Guard never changes; after a Label or a committed fit the server
-builds a new one and swaps the reference, so in-flight batches finish on the old one.
+Why a snapshot: scoring must see one consistent (fit, labels, transfer) for a whole batch, while
+labels change under it. A Guard never changes; after a Label, a committed fit or a transfer the
+server builds a new one and swaps the reference, so in-flight batches finish on the old one.
+
+Transferred directions (serving.transferring) join SpuFix beside the own spurious labels; a
+score's components name them with `source`, and an Evaluate may apply either kind alone
+(`with_directions`).
 """
 from __future__ import annotations
 
@@ -19,8 +23,19 @@ from spurguard.server.backends.base import Backend
 from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, ClassComponents, Decomposer, SpuFix, SpuFixResult
 from spurguard.server.errors import InvalidInput
 from spurguard.server.serving.options import check_class
-from spurguard.server.store import Store
-from spurguard.vocab import SPURIOUS, UNLABELED, ComponentAlpha, Prediction, ScoreResult, SpufixModeName, SpufixResult
+from spurguard.server.serving.transferring import source_name
+from spurguard.server.store import Store, StoredTransfer
+from spurguard.vocab import (
+    SPURIOUS,
+    UNLABELED,
+    ComponentAlpha,
+    Prediction,
+    ScoreResult,
+    SpufixModeName,
+    SpufixResult,
+    SpuriousDirection,
+    SpuriousDirectionsName,
+)
 
 TOP_PREDICTIONS = 5
 DEFAULT_TOP_COMPONENTS = 5
@@ -52,7 +67,10 @@ class Inference:
 
 
 class Guard:
-    """Decomposition plus SpuFix for one model, one fit and one set of labels."""
+    """Decomposition plus SpuFix for one model, one fit, one set of labels and the transfer in use.
+
+    `directions` says which spurious directions SpuFix removes: the own labels' ("own"), the
+    transfer's ("transferred") or both (what Score applies)."""
 
     def __init__(
         self,
@@ -64,8 +82,14 @@ class Guard:
         labels: dict[tuple[int, int], str],
         fit_id: str | None,
         floor_percentile: float = DEFAULT_FLOOR_PERCENTILE,
+        transfer: StoredTransfer | None = None,
+        directions: SpuriousDirectionsName = "both",
     ) -> None:
+        self._arguments = dict(class_names=class_names, weight=weight, bias=bias, components=components, labels=labels,
+                               fit_id=fit_id, floor_percentile=floor_percentile, transfer=transfer)
         self.fit_id = fit_id
+        self.transfer = transfer
+        self.directions = directions
         self.class_names = list(class_names)
         self.labels = dict(labels)
         self.num_components = {k: c.num_components for k, c in components.items()}
@@ -75,12 +99,36 @@ class Guard:
                 spurious.setdefault(k, []).append(component)
         self.spurious = spurious
         self.decomposer = Decomposer(components, weight, bias)
-        self.spufix = SpuFix(components, spurious, weight, floor_percentile=floor_percentile)
+        moved = transfer is not None and directions != "own"
+        self.transfer_id = transfer.transfer_id if moved else None  # type: ignore[union-attr]
+        self.spufix = SpuFix(
+            components, {} if directions == "transferred" else spurious, weight,
+            transferred=transfer.classes if moved else None,  # type: ignore[union-attr]
+            floor_percentile=floor_percentile,
+        )
+        # class -> (its SpuFix row, the source component, ComponentAlpha.source) of each transferred direction
+        self._transferred: dict[int, list[tuple[int, int, str]]] = {}
+        for row, entry in enumerate(self.spufix.entries):
+            if entry.transferred:
+                assert transfer is not None
+                where = source_name(transfer.settings, entry.class_index, entry.component)
+                self._transferred.setdefault(entry.class_index, []).append((row, entry.component, where))
+
+    def with_directions(self, directions: SpuriousDirectionsName) -> Guard:
+        """The same snapshot with SpuFix removing only these directions (Evaluate's choice)."""
+        return self if directions == self.directions else Guard(**self._arguments, directions=directions)  # type: ignore[arg-type]
+
+    def applied_directions(self) -> tuple[SpuriousDirection, ...]:
+        """Every direction SpuFix removes, by class: own components, then transferred ones."""
+        sources = {row: where for moved in self._transferred.values() for row, _, where in moved}
+        return tuple(SpuriousDirection(e.class_index, e.component, sources.get(row, ""))
+                     for row, e in enumerate(self.spufix.entries))
 
     @classmethod
     def load(cls, backend: Backend, store: Store, *, fit_id: str | None = None) -> Guard:
-        """The model's current fit (or `fit_id`) with its labels; no fit yet gives a Guard that
-        still predicts but decomposes nothing."""
+        """The model's current fit (or `fit_id`) with its labels, and its transfer in use; no fit
+        yet gives a Guard that still predicts but decomposes nothing (transferred directions apply
+        all the same)."""
         weight, bias = backend.head()
         fit_id = fit_id or store.current_fit_id(backend.name, backend.digest)
         components: dict[int, ClassComponents] = {}
@@ -89,7 +137,9 @@ class Guard:
             fit = store.load_fit(backend.name, backend.digest, fit_id)
             components = {k: fit.components(k) for k in fit.classes}
             labels = store.label_map(backend.name, backend.digest, fit_id)
+        transfer_id = store.current_transfer_id(backend.name, backend.digest)
         return cls(
+            transfer=None if transfer_id is None else store.load_transfer(backend.name, backend.digest, transfer_id),
             class_names=backend.class_names,
             weight=weight,
             bias=bias,
@@ -149,7 +199,7 @@ class Guard:
         mode: SpufixModeName = "floor",
     ) -> list[ScoreResult]:
         """Score a batch of features [N, d]; `top` components by alpha (0: all kept ones), plus
-        the analysed class's spurious-labelled ones.
+        the analysed class's spurious-labelled ones and its transferred directions.
 
         The options are trusted (serving.options checked them); the engine checks the mode.
         """
@@ -168,14 +218,14 @@ class Guard:
         for i, image_id in enumerate(image_ids):
             k = int(index[i])
             bias_term = residual = None
-            components: tuple[ComponentAlpha, ...] = ()
+            components: tuple[ComponentAlpha, ...] = self._transferred_components(k, fix.alphas[i])
             if fitted[i]:
                 assert decomposition is not None
                 j = row_in_decomposition
                 row_in_decomposition += 1
                 bias_term = float(decomposition.bias_term[j])
                 residual = float(decomposition.residual[j])
-                components = self._top_components(k, decomposition.alphas[j], top)
+                components = self._top_components(k, decomposition.alphas[j], top) + components
             results.append(
                 ScoreResult(
                     image_id=image_id,
@@ -192,6 +242,7 @@ class Guard:
                         mode, float(fix.logits[i, k]), self._predictions(fixed_probs[i], fix.logits[i])
                     ),
                     fit_id=self.fit_id or "",
+                    transfer_id=self.transfer_id or "",
                 )
             )
         return results
@@ -208,6 +259,11 @@ class Guard:
         return tuple(
             ComponentAlpha(l, float(kept[l]), self.labels.get((k, l), UNLABELED)) for l in shown
         )
+
+    def _transferred_components(self, k: int, alphas: torch.Tensor) -> tuple[ComponentAlpha, ...]:
+        """Class k's transferred directions with their contributions (SpuFix's alphas), largest first."""
+        moved = [ComponentAlpha(c, float(alphas[row]), SPURIOUS, where) for row, c, where in self._transferred.get(k, ())]
+        return tuple(sorted(moved, key=lambda c: -c.alpha))
 
     def _predictions(self, probs: torch.Tensor, logits: torch.Tensor) -> tuple[Prediction, ...]:
         values, classes = probs.topk(min(TOP_PREDICTIONS, probs.shape[0]))

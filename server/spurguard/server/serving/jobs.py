@@ -1,10 +1,12 @@
-"""Fit jobs: long work on worker threads that outlives the call that started it, and the server.
+"""Jobs (Fit, Transfer): long work on worker threads that outlives the call that started it, and the server.
 
 Why a registry: a fit over ImageNet runs for hours, longer than any client connection. The job
 belongs to the server; calls only watch it. A Fit stream whose client disconnects stops
 watching, never the job; WatchJob re-attaches; CancelJob stops it at the next batch, keeping
 the classes already finished on disk. The job id is the fit id, so submitting a cancelled (or
-killed) job's id again resumes its fit.
+killed) job's id again resumes its fit. A transfer job is the same kind of job with another
+request and summary (`Job.kind`); its finished classes are kept under the transfer's id, which
+the source state determines, so any later transfer from the same state resumes it.
 
 Why in the store too: every state change (and progress, at most every PROGRESS_SAVE_S) is saved
 as the job's record (store.jobs), so GetJob, ListJobs and WatchJob still answer for jobs of an
@@ -50,6 +52,8 @@ from spurguard.vocab import (
     FitUpdate,
     Job,
     JobStateName,
+    TransferRequest,
+    TransferSummary,
 )
 
 log = logging.getLogger("spurguard.server")
@@ -60,9 +64,29 @@ DEFAULT_MAX_QUEUED = 16  # fit jobs waiting for a worker; more are RESOURCE_EXHA
 PROGRESS_SAVE_S = 2.0  # a running job's progress reaches its record at most this often
 RECORD_POLL_S = 1.0  # how often a watcher of a job this server does not run re-reads its record
 
+JobRequest = FitRequest | TransferRequest
+JobSummary = FitSummary | TransferSummary
 # The work of a job, run on a worker thread: (job id, report progress, cancel) -> summary.
 # Raises Cancelled (a cancelled job) or another error (a failed job, with that error's status).
-JobWork = Callable[[str, Callable[[FitProgress], None], threading.Event], FitSummary]
+JobWork = Callable[[str, Callable[[FitProgress], None], threading.Event], JobSummary]
+
+
+def job_info(job_id: str, state: JobStateName, request: JobRequest, progress: FitProgress | None,
+             summary: JobSummary | None, error: ErrorStatus | None, created: datetime | None,
+             updated: datetime | None) -> Job:
+    """The Job a client sees, with the request and summary in the fields of its kind."""
+    if isinstance(request, TransferRequest):
+        return Job(job_id, request.model, state, None, progress, None, error, created, updated, "transfer", request,
+                   summary)  # type: ignore[arg-type]
+    return Job(job_id, request.model, state, request, progress, summary, error, created, updated)  # type: ignore[arg-type]
+
+
+def job_request(job: Job) -> JobRequest | None:
+    return job.transfer if job.kind == "transfer" else job.request
+
+
+def job_summary(job: Job) -> JobSummary | None:
+    return job.transfer_summary if job.kind == "transfer" else job.summary
 
 
 def check_job_id(job_id: str) -> str:
@@ -81,7 +105,7 @@ class JobFailure(SpurguardError):
         self.code = error.code
 
 
-def final_update(state: JobStateName, summary: FitSummary | None, error: ErrorStatus | None) -> FitSummary | None:
+def final_update(state: JobStateName, summary: JobSummary | None, error: ErrorStatus | None) -> JobSummary | None:
     """A finished job's last stream item, its summary (a failed or cancelled one raises its
     error instead); None while it is unfinished."""
     if state not in FINISHED_JOB_STATES:
@@ -91,10 +115,10 @@ def final_update(state: JobStateName, summary: FitSummary | None, error: ErrorSt
     raise JobFailure(error or ErrorStatus("UNKNOWN", f"the job ended {state} without a reason"))
 
 
-class FitJob:
-    """One fit job of this server; mutated only by the registry, read by anyone."""
+class LocalJob:
+    """One job this server runs; mutated only by the registry, read by anyone."""
 
-    def __init__(self, request: FitRequest, job_id: str, work: JobWork, loop: asyncio.AbstractEventLoop,
+    def __init__(self, request: JobRequest, job_id: str, work: JobWork, loop: asyncio.AbstractEventLoop,
                  save: Callable[[Job], None]) -> None:
         self.job_id = job_id
         self.model = request.model
@@ -111,7 +135,7 @@ class FitJob:
         self._updated = self._created
         self._state: JobStateName = "queued"
         self._progress = FitProgress(self.job_id, "queued", 0, 0, 0, 0, 0.0)
-        self._summary: FitSummary | None = None
+        self._summary: JobSummary | None = None
         self._error: ErrorStatus | None = None
         self._version = 0
         self._waiters: set[asyncio.Future[None]] = set()
@@ -128,7 +152,7 @@ class FitJob:
     def created(self) -> datetime:
         return self._created
 
-    def snapshot(self) -> tuple[int, JobStateName, FitProgress, FitSummary | None, ErrorStatus | None]:
+    def snapshot(self) -> tuple[int, JobStateName, FitProgress, JobSummary | None, ErrorStatus | None]:
         """(version, state, progress, summary, error), consistent with each other."""
         with self._lock:
             return self._version, self._state, self._progress, self._summary, self._error
@@ -136,17 +160,15 @@ class FitJob:
     def info(self) -> Job:
         """What GetJob / ListJobs / CancelJob report."""
         with self._lock:
-            return Job(
-                self.job_id, self.model, self._state, self.request, self._progress, self._summary, self._error,
-                self._created, self._updated,
-            )
+            return job_info(self.job_id, self._state, self.request, self._progress, self._summary, self._error,
+                            self._created, self._updated)
 
     def update(
         self,
         *,
         state: JobStateName | None = None,
         progress: FitProgress | None = None,
-        summary: FitSummary | None = None,
+        summary: JobSummary | None = None,
         error: ErrorStatus | None = None,
     ) -> None:
         """Change the state (from any thread), record it and wake the watchers; a finished job
@@ -193,7 +215,7 @@ class FitJob:
             try:
                 self._save(self.info())
             except (sqlite3.Error, OSError, Unavailable) as error:  # the job goes on; only its record lags
-                log.warning("fit job %s: could not record its state in the store: %s", self.job_id, error)
+                log.warning("job %s: could not record its state in the store: %s", self.job_id, error)
 
     def _wake(self) -> None:
         for waiter in self._waiters:
@@ -255,7 +277,7 @@ class RecordedJob:
             if job.progress is not None and job.progress != sent:
                 sent = job.progress
                 yield job.progress
-            last = final_update(job.state, job.summary, job.error)
+            last = final_update(job.state, job_summary(job), job.error)
             if last is not None:
                 yield last
                 return
@@ -263,11 +285,11 @@ class RecordedJob:
             self._record = await asyncio.to_thread(self._db.get, self.job_id) or self._record
 
 
-AnyJob = FitJob | RecordedJob
+AnyJob = LocalJob | RecordedJob
 
 
 class JobRegistry:
-    """Fit jobs by id, run `workers` at a time with at most `max_queued` waiting; every job is
+    """Jobs (fit and transfer) by id, run `workers` at a time with at most `max_queued` waiting; every job is
     recorded in `db`, and the newest KEEP_FINISHED finished ones of this server stay in memory."""
 
     def __init__(
@@ -281,7 +303,7 @@ class JobRegistry:
         self._db = db
         self._workers = workers
         self._max_queued = max_queued
-        self._jobs: dict[str, FitJob] = {}
+        self._jobs: dict[str, LocalJob] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spurguard-fit")
         self._closed = False
         db.claim_owner()  # from now on, other servers see this one's jobs as running
@@ -290,11 +312,11 @@ class JobRegistry:
         record = self._db.get(job_id)
         return None if record is None else RecordedJob(record, self._db)
 
-    async def submit(self, request: FitRequest, work: JobWork) -> AnyJob:
+    async def submit(self, request: JobRequest, work: JobWork) -> AnyJob:
         """Start a job, or return the live or succeeded job of that id (re-attach).
 
         A failed or cancelled job's id (one interrupted by a server's death too) starts a new run
-        under the same id, which resumes its fit. RESOURCE_EXHAUSTED when `max_queued` jobs wait.
+        under the same id, which resumes its work. RESOURCE_EXHAUSTED when `max_queued` jobs wait.
         """
         job_id = check_job_id(request.job_id or "")
         existing: AnyJob | None = self._jobs.get(job_id)
@@ -302,10 +324,10 @@ class JobRegistry:
             recorded = await asyncio.to_thread(self._recorded, job_id)
             existing = self._jobs.get(job_id) or recorded  # a submit of the same id may have won meanwhile
         if existing is not None and existing.state not in ("failed", "cancelled"):
-            known = existing.info().request
-            if known != request:
+            info = existing.info()
+            if job_request(info) != request:
                 raise FailedPrecondition(
-                    f"job {job_id} exists (model {known.model}, dataset {known.dataset!r}) "
+                    f"job {job_id} exists ({info.kind} job of model {info.model}) "
                     "with other settings; follow it with WatchJob or choose another job id"
                 )
             return existing
@@ -314,11 +336,11 @@ class JobRegistry:
         unfinished = sum(not job.finished for job in self._jobs.values())
         if unfinished >= self._workers + self._max_queued:
             raise ResourceExhausted(
-                f"{unfinished - self._workers} fit jobs already wait for a worker (limit --max-queued-jobs "
+                f"{unfinished - self._workers} jobs already wait for a worker (limit --max-queued-jobs "
                 f"{self._max_queued}, with --fit-workers {self._workers}); wait for one to finish, cancel one, "
                 "or raise --max-queued-jobs"
             )
-        job = FitJob(request, job_id, work, self._loop, self._db.save)
+        job = LocalJob(request, job_id, work, self._loop, self._db.save)
         self._jobs.pop(job_id, None)
         self._jobs[job_id] = job
         self._forget_old()
@@ -326,14 +348,14 @@ class JobRegistry:
         await asyncio.to_thread(job.save)  # recorded before the caller hears that it was accepted
         return job
 
-    def _run(self, job: FitJob) -> None:
+    def _run(self, job: LocalJob) -> None:
         if job.cancel_event.is_set():
             return  # cancelled while queued: already marked
         job.update(state="running")
         try:
             summary = job.work(job.job_id, lambda p: job.update(progress=p), job.cancel_event)
         except Exception as error:  # noqa: BLE001 - reported on the job, not lost in a worker thread
-            status = error_status(error, f"fit job {job.job_id}")
+            status = error_status(error, f"{job.info().kind} job {job.job_id}")
             job.update(state="cancelled" if status.code == "CANCELLED" else "failed", error=status)
         else:
             job.update(state="succeeded", summary=summary)
@@ -369,7 +391,7 @@ class JobRegistry:
         return job
 
     @staticmethod
-    def _cancel(job: FitJob) -> None:
+    def _cancel(job: LocalJob) -> None:
         job.cancel_event.set()
         if job.state == "queued":
             job.update(state="cancelled", error=ErrorStatus("CANCELLED", f"job {job.job_id} cancelled before it started"))

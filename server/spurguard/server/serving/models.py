@@ -234,13 +234,15 @@ class ServedModel:
             return self._guard
 
     def refresh_if_stale(self) -> bool:
-        """Rebuild the Guard if the store's current fit or its labels differ from the ones it was
-        built on; True if it did. Cheap when nothing changed: one small file and one query (the
-        fit itself is only read when it changed)."""
+        """Rebuild the Guard if the store's current fit, its labels or the transfer in use differ
+        from the ones it was built on; True if it did. Cheap when nothing changed: two small files
+        and one query (the fit itself is only read when it changed)."""
         backend, guard = self.backend, self.guard
         fit_id = self.store.current_fit_id(backend.name, backend.digest)
         labels = {} if fit_id is None else self.store.label_map(backend.name, backend.digest, fit_id)
-        if (fit_id, labels) == (guard.fit_id, guard.labels):
+        transfer_id = self.store.current_transfer_id(backend.name, backend.digest)
+        in_use = None if guard.transfer is None else guard.transfer.transfer_id
+        if (fit_id, labels, transfer_id) == (guard.fit_id, guard.labels, in_use):
             return False
         self.reload_guard()
         return True

@@ -24,6 +24,8 @@ from spurguard.vocab import (
     HeatmapMethodName,
     ScoreOptions,
     SpufixModeName,
+    SpuriousDirectionsName,
+    TransferRequest,
     VisualizeRequest,
 )
 
@@ -95,17 +97,27 @@ def fit_request(request: FitRequest, num_classes: int) -> FitRequest:
     )
 
 
+def transfer_request(request: TransferRequest, num_classes: int) -> TransferRequest:
+    """The request as the job runs it: classes sorted and checked (against both models, which
+    plan_transfer requires to have the same classes), the job id filled in."""
+    if request.source_model == request.target_model:
+        raise InvalidInput(f"source and target are both {request.source_model!r}: a transfer goes to another model")
+    _positive(request.batch_size, "batch_size", "the target's max batch size")
+    return replace(request, classes=_classes(request.classes, num_classes), job_id=request.job_id or new_id())
+
+
 @dataclass(frozen=True)
 class EvaluateSettings:
     classes: tuple[int, ...] | None  # None: every class with spurious images
     batch_size: int | None  # None: the model's max batch size
     mode: SpufixModeName
+    directions: SpuriousDirectionsName = "both"
 
 
 def evaluate_settings(request: EvaluateRequest, num_classes: int, default_mode: SpufixModeName) -> EvaluateSettings:
     _positive(request.batch_size, "batch_size", "the model's max batch size")
     return EvaluateSettings(_classes(request.classes, num_classes) or None, request.batch_size,
-                            request.spufix or default_mode)
+                            request.spufix or default_mode, request.directions or "both")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter
 from spurguard.server.store.jobs import JobDB, JobRecord
 from spurguard.server.store.labels import Label
 from spurguard.server.store.store import Store
+from spurguard.server.store.transfers import StoredTransfer, TransferSettings, TransferWriter
 
 __all__ = [
     "ClassSummary",
@@ -21,4 +22,7 @@ __all__ = [
     "JobRecord",
     "Label",
     "Store",
+    "StoredTransfer",
+    "TransferSettings",
+    "TransferWriter",
 ]

@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,29 @@ def clear_leftovers(directory: Path) -> None:
     shutil.rmtree(directory / SCRATCH, ignore_errors=True)
 
 
+def unmark_class(directory: Path, class_index: int) -> None:
+    """Remove a class's JSON record before its files are rewritten: in between it must not count as done."""
+    record_path = class_record(directory, class_index)
+    if record_path.exists():
+        record_path.unlink()
+        fsync_dir(directory)
+
+
+@contextmanager
+def scratch_folder(directory: Path) -> Iterator[Path]:
+    """An empty `directory/.scratch` for a run's temporary files (a feature spill), removed after.
+
+    Inside the locked folder rather than in TMPDIR: on the store's disk, and under the writer's
+    lock, so that what a killed run left is cleared on resume or at the next start."""
+    path = directory / SCRATCH
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def manifest_json(meta: FitMeta, summaries: dict[int, ClassSummary]) -> dict[str, Any]:
     return {
         "format": codec.FORMAT_VERSION,
@@ -279,28 +302,14 @@ class FitWriter:
         k = record["class_index"]
         with self._mutex:
             self._check_open()
-            # Unmark first: between the two writes the class must not count as done.
-            record_path = class_record(self._dir, k)
-            if record_path.exists():
-                record_path.unlink()
-                fsync_dir(self._dir)
+            unmark_class(self._dir, k)
             write_bytes(class_tensors(self._dir, k), data)
-            write_json(record_path, record)
+            write_json(class_record(self._dir, k), record)
         crash_point("class", self.fit_id, k)
 
-    @contextmanager
-    def scratch(self) -> Iterator[Path]:
-        """An empty folder for this run's temporary files (a fit's feature spill), removed after.
-
-        Inside the fit folder rather than in TMPDIR: on the store's disk, and under the fit's
-        lock, so that what a killed run left is cleared on resume or at the next start."""
-        path = self._dir / SCRATCH
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir()
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+    def scratch(self) -> AbstractContextManager[Path]:
+        """An empty folder under the fit's lock for this run's feature spill (scratch_folder)."""
+        return scratch_folder(self._dir)
 
     def _summary(self, class_index: int) -> ClassSummary:
         record = read_json(class_record(self._dir, class_index))

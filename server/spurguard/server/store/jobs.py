@@ -1,4 +1,4 @@
-"""The job registry's records: one row per fit job in the store's database, table `jobs`.
+"""The job registry's records: one row per job (fit or transfer) in the store's database, table `jobs`.
 
 Why in the store: a fit job outlives its call and can outlive the server process (a crash, a
 restart, a deploy), and a client asking after its job must get an answer, not NOT_FOUND. A
@@ -32,6 +32,10 @@ from spurguard.vocab import (
     Job,
     LabelCarried,
     LabelNotCarried,
+    TransferClass,
+    TransferDirection,
+    TransferRequest,
+    TransferSummary,
 )
 
 INTERRUPTED = "ABORTED"  # the error code of a job whose server died under it
@@ -50,11 +54,12 @@ def decode_job(text: str) -> Job:
     """The Job that `encode_job` wrote."""
     r: dict[str, Any] = json.loads(text)
     request, progress, summary, error = r["request"], r["progress"], r["summary"], r["error"]
+    transfer, moved = r.get("transfer"), r.get("transfer_summary")  # absent from records of fit-only servers
     return Job(
         job_id=r["job_id"],
         model=r["model"],
         state=r["state"],
-        request=FitRequest(**{**request, "classes": tuple(request["classes"])}),
+        request=None if request is None else FitRequest(**{**request, "classes": tuple(request["classes"])}),
         progress=None if progress is None else FitProgress(**progress),
         summary=None if summary is None else FitSummary(**{
             **summary,
@@ -65,6 +70,12 @@ def decode_job(text: str) -> Job:
         error=None if error is None else ErrorStatus(**error),
         created=_time(r["created"]),
         updated=_time(r["updated"]),
+        kind=r.get("kind", "fit"),
+        transfer=None if transfer is None else TransferRequest(**{**transfer, "classes": tuple(transfer["classes"])}),
+        transfer_summary=None if moved is None else TransferSummary(**{**moved, "classes": tuple(
+            TransferClass(c["class_index"], c["images"], tuple(TransferDirection(**d) for d in c["directions"]))
+            for c in moved["classes"]
+        )}),
     )
 
 
@@ -161,7 +172,8 @@ class JobDB(ABC):
         error = ErrorStatus(
             INTERRUPTED,
             f"job {job.job_id} was interrupted: the server running it stopped (killed or crashed) while it was "
-            f"{job.state}; fit again with job id {job.job_id} to resume it (finished classes are kept)",
+            f"{job.state}; {'transfer' if job.kind == 'transfer' else 'fit'} again with job id {job.job_id} to resume "
+            "it (finished classes are kept)",
         )
         job = dataclasses.replace(job, state="failed", error=error, updated=datetime.now(timezone.utc))
         self._replace_unfinished(job, record.owner, record.job.state)

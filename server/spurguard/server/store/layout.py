@@ -19,6 +19,9 @@
                                                    and at start-up)
     shards/                                        a sharded fit's partial statistics until its merge
                                                    (store/shards.py)
+<root>/models/<name>/<digest>/transfer.json        {"transfer_id": ...}: the transfer applied (store.transfers)
+<root>/models/<name>/<digest>/transfers/<id>/      laid out like a fit folder: settings.json, class_<k>.*,
+                                                   manifest.json, .lock, .scratch/
 <root>/models/<name>/<digest>/evaluations/<id>.json  one finished Evaluate: request, fit, tables
 <root>/models/<name>/<digest>/backbone.onnx        the backbone exported for ONNX Runtime / OpenVINO
 ```
@@ -36,6 +39,7 @@ from spurguard.server.errors import InvalidInput
 
 LABELS_DB = "labels.sqlite3"
 CURRENT = "current.json"
+CURRENT_TRANSFER = "transfer.json"
 SETTINGS = "settings.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -92,6 +96,17 @@ class ModelPaths:
 
     def fit(self, fit_id: str) -> Path:
         return self.fits / check_name(fit_id, "fit id")
+
+    @property
+    def transfers(self) -> Path:
+        return self.root / "transfers"
+
+    def transfer(self, transfer_id: str) -> Path:
+        return self.transfers / check_name(transfer_id, "transfer id")
+
+    @property
+    def current_transfer(self) -> Path:
+        return self.root / CURRENT_TRANSFER
 
     @property
     def onnx(self) -> Path:

@@ -28,6 +28,7 @@ from spurguard.server.store.changes import ChangeFeed
 from spurguard.server.store.database import SQLITE, open_database
 from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter, clear_leftovers
 from spurguard.server.store.labels import UNLABELED, Label, check_label
+from spurguard.server.store.transfers import StoredTransfer, TransferSettings, TransferWriter
 from spurguard.server.store.layout import (
     CURRENT,
     LOCK,
@@ -96,7 +97,7 @@ class Store:
         for digest_dir in (self.root / "models").glob("*/*"):
             for folder in (digest_dir, digest_dir / "evaluations"):
                 remove_temps(folder, STALE_TEMP_S)
-            for fit_dir in sorted((digest_dir / "fits").glob("*")):
+            for fit_dir in sorted([*(digest_dir / "fits").glob("*"), *(digest_dir / "transfers").glob("*")]):
                 lock_fd = try_lock(fit_dir / LOCK)
                 if lock_fd is None:
                     continue  # a live job is writing it
@@ -160,6 +161,32 @@ class Store:
         Fit.read(paths, fit_id)
         write_json(paths.current, {"fit_id": fit_id})
         self.labels.announce(model, digest, fit_id)
+
+    # ---- transfers ----
+
+    def current_transfer_id(self, model: str, digest: str) -> str | None:
+        """The transfer these weights apply, or None."""
+        try:
+            return str(read_json(self._paths(model, digest).current_transfer)["transfer_id"])
+        except FileNotFoundError:
+            return None
+
+    def load_transfer(self, model: str, digest: str, transfer_id: str) -> StoredTransfer:
+        """A committed transfer (NOT_FOUND if there is none of that id)."""
+        return StoredTransfer.read(self._paths(model, digest), transfer_id)
+
+    def has_transfer(self, model: str, digest: str, transfer_id: str) -> bool:
+        return (self._paths(model, digest).transfer(transfer_id) / MANIFEST).is_file()
+
+    def begin_transfer(self, model: str, digest: str, transfer_id: str, settings: TransferSettings) -> TransferWriter:
+        """Start, or resume after its finished classes, the uncommitted transfer `transfer_id`."""
+        return TransferWriter.open(self._paths(model, digest), transfer_id, settings)
+
+    def set_current_transfer(self, model: str, digest: str, transfer_id: str) -> None:
+        """Apply another committed transfer (one made earlier from the same source state, say)."""
+        paths = self._paths(model, digest)
+        StoredTransfer.read(paths, transfer_id)
+        write_json(paths.current_transfer, {"transfer_id": transfer_id})
 
     # ---- evaluations ----
 
