@@ -3,7 +3,10 @@
 Generates the planted-spurious data, starts a real server process with the demo model, fits
 every class, plays the human labeller from the generator's ground truth (through the same
 Label API a person would use), scores a mixed batch of "production" images, and evaluates the
-spurious score without and with SpuFix in both modes. Everything goes over gRPC.
+spurious score without and with SpuFix in both modes. Then it does what the paper did: the same
+labelling on the adversarially robust demo model (demo_robust, whose feature attacks show the
+features), a transfer of those labels to the standard model (max_cov), and the standard model's
+spurious score with its own labels vs with the transferred ones. Everything goes over gRPC.
 
 `--data-only DIR` only writes the dataset (train / clean_test / spurious_test folders, masks,
 classes.txt and ground_truth.json) into DIR, for running the steps by hand; no server starts.
@@ -32,11 +35,12 @@ from spurguard.server.demo.generator import (
     load_ground_truth,
     without_feature,
 )
-from spurguard.server.demo.planted import LABEL_SEARCH, MIN_AUC, label_planted_features
+from spurguard.server.demo.planted import LABEL_SEARCH, MIN_AUC, Contrast, label_planted_features
 from spurguard.server.rpc.process import ServerProcess
-from spurguard.vocab import EvaluateResult, FitSummary
+from spurguard.vocab import EvaluateResult, FitSummary, SpuriousDirectionsName, TransferSummary
 
 MODEL = "demo"
+ROBUST = "demo_robust"  # the discovery model: labelled here, its labels transferred to MODEL
 REPORT_COMPONENTS = 5  # per planted class, in the HTML report
 REPORT_STEPS = 50  # attack steps per component: enough at 64x64 to show the feature
 
@@ -61,41 +65,44 @@ def _dataset(workdir: Path, config: GeneratorConfig) -> tuple[Path, GroundTruth]
     return root, load_ground_truth(root)
 
 
-def fit_all(client: Client, train: Path) -> FitSummary:
+def fit_all(client: Client, train: Path, model: str = MODEL) -> FitSummary:
     progress = _progress()
     summary = None
-    for update in client.fit(MODEL, str(train)):
+    for update in client.fit(model, str(train)):
         if isinstance(update, FitSummary):
             summary = update
         else:
             progress.update(fit_line(update), update.phase)
     progress.close()
     assert summary is not None, "the fit stream ended without a summary"
-    print(f"fitted {len(summary.classes)} classes on {summary.images} images in {summary.elapsed_s:.1f}s "
+    print(f"fitted {model}: {len(summary.classes)} classes on {summary.images} images in {summary.elapsed_s:.1f}s "
           f"(fit {summary.fit_id})")
     return summary
 
 
-def label_from_ground_truth(client: Client, data: Path, truth: GroundTruth) -> list[tuple[str, int, int, float]]:
+def label_from_ground_truth(
+    client: Client, data: Path, truth: GroundTruth, model: str = MODEL, contrast: Contrast = "in_class"
+) -> list[tuple[str, int, int, float]]:
     """For each planted feature, the component of its class whose alphas best separate the
-    class's training images with the feature from those without it (`label_planted_features`,
-    in-class contrast, alphas over gRPC): labelled spurious when its AUC reaches MIN_AUC."""
+    contrast (`label_planted_features`: in-class, the class's training images with the feature
+    from those without it; feature_only, the feature without the class from clean images),
+    alphas over gRPC: labelled spurious when its AUC reaches MIN_AUC."""
 
     def alphas_of(k: int, ids: Sequence[str]) -> np.ndarray:
-        results = client.score(MODEL, [str(data / i) for i in ids], class_index=k, top=0)
+        results = client.score(model, [str(data / i) for i in ids], class_index=k, top=0)
         return np.array([[c.alpha for c in sorted(r.components, key=lambda c: c.index)] for r in results])
 
     chosen = []
-    for found in label_planted_features(truth, alphas_of, contrast="in_class", search=LABEL_SEARCH):
+    for found in label_planted_features(truth, alphas_of, contrast=contrast, search=LABEL_SEARCH):
         if not found.accepted:
             print(f"{found.feature}: no component of class {truth.classes[found.class_index]} reaches AUC {MIN_AUC} "
                   f"(best {found.component}: {found.auc:.3f}); not labelled")
             continue
         feature = next(f for f in truth.features if f.name == found.feature)
-        client.label(MODEL, found.class_index, found.component, "spurious",
+        client.label(model, found.class_index, found.component, "spurious",
                      note=f"planted {feature.name} ({feature.kind}); AUC {found.auc:.3f}")
         chosen.append((found.feature, found.class_index, found.component, found.auc))
-    print("\nlabelled from ground truth (the labeller's choice among the top 10 components):")
+    print(f"\n{model} labelled from ground truth (the labeller's choice among the top 10 components):")
     print(render_table(
         ["feature", "class", "component", "AUC feature vs not"],
         [[name, truth.classes[k], str(c), f"{auc:.3f}"] for name, k, c, auc in chosen],
@@ -213,6 +220,52 @@ def evaluate_both(client: Client, data: Path, truth: GroundTruth) -> dict[str, E
     return results
 
 
+def _evaluate(client: Client, data: Path, directions: SpuriousDirectionsName) -> EvaluateResult:
+    """The standard model's spurious score with floor SpuFix removing `directions`."""
+    progress, result = _progress(), None
+    for update in client.evaluate(MODEL, str(data / "clean_test"), str(data / "spurious_test"), spufix="floor",
+                                  directions=directions):
+        if isinstance(update, EvaluateResult):
+            result = update
+        else:
+            progress.update(evaluate_line(update), update.phase)
+    progress.close()
+    assert result is not None, "the evaluate stream ended without a result"
+    return result
+
+
+def transfer_from_robust(client: Client, data: Path, truth: GroundTruth) -> dict[str, object]:
+    """The paper's pipeline: label the robust model (feature-only contrast: the feature without
+    the class), carry its labels to the standard model with max_cov, and compare the standard
+    model's floor SpuFix with its own labels against the transferred ones."""
+    fit_all(client, data / "train", ROBUST)
+    labels = label_from_ground_truth(client, data, truth, ROBUST, contrast="feature_only")
+    progress, moved = _progress(), None
+    for update in client.transfer(ROBUST, MODEL):
+        if isinstance(update, TransferSummary):
+            moved = update
+        else:
+            progress.update(fit_line(update), update.phase)
+    progress.close()
+    assert moved is not None, "the transfer stream ended without a summary"
+    print(f"transferred {sum(len(c.directions) for c in moved.classes)} labelled directions of {ROBUST} to {MODEL} "
+          f"(transfer {moved.transfer_id}) over {moved.images} images")
+    own, transferred = _evaluate(client, data, "own"), _evaluate(client, data, "transferred")
+    base = own.baseline
+    rows = [[name, f"{table.mean_auc:.3f}", f"{table.mean_ap:.3f}", f"{table.clean_accuracy:.3f}"]
+            for name, table in (("without SpuFix", base), (f"floor SpuFix, {MODEL}'s own labels", own.spufix),
+                                (f"floor SpuFix, labels transferred from {ROBUST}", transferred.spufix))]
+    print(f"\n{MODEL}'s spurious score with its own labels vs labels transferred from {ROBUST}:")
+    print(render_table(["", "mean AUC", "mean AP", "clean accuracy"], rows, right=[1, 2, 3]))
+    return {
+        "robust_labels": [{"feature": n, "class": k, "component": c, "auc": a} for n, k, c, a in labels],
+        "transfer_id": moved.transfer_id,
+        "mean_auc": {"without": base.mean_auc, "own": own.spufix.mean_auc, "transferred": transferred.spufix.mean_auc},
+        "clean_accuracy": {"without": base.clean_accuracy, "own": own.spufix.clean_accuracy,
+                           "transferred": transferred.spufix.clean_accuracy},
+    }
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -258,24 +311,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, truth = _dataset(workdir, config)
     store = workdir / "store"
     shutil.rmtree(store, ignore_errors=True)  # a fresh fit each run: the demo shows the whole job
-    with ServerProcess(["--model", MODEL, "--store", str(store), "--data-root", str(data)]) as server:
-        print(f"server with the demo model on {server.target} (store {store})")
+    with ServerProcess(["--model", MODEL, "--model", ROBUST, "--store", str(store), "--data-root", str(data)]) as server:
+        print(f"server with the demo models {MODEL} and {ROBUST} on {server.target} (store {store})")
         with Client(server.target) as client:
             fit = fit_all(client, data / "train")
             labels = label_from_ground_truth(client, data, truth)
             triggers = score_production(client, data, truth, production_batch(truth, per_class=3, per_feature=6))
             evaluation = evaluate_both(client, data, truth)
-            report = write_report(
-                client, client.get_model(MODEL), workdir / "report", [f.class_index for f in truth.features],
+            transfer = transfer_from_robust(client, data, truth)
+            reports = {model: write_report(
+                client, client.get_model(model), workdir / f"report-{model}", [f.class_index for f in truth.features],
                 top=REPORT_COMPONENTS, steps=REPORT_STEPS,
-            )
-    print(f"\nreport for the labeller (components, attacks, heatmaps): {report['index']}")
+            ) for model in (MODEL, ROBUST)}
+    for model, report in reports.items():
+        print(f"\nreport for the labeller of {model} (components, attacks, heatmaps): {report['index']}")
     if args.summary:
         summary = {
             "fit": {"fit_id": fit.fit_id, "images": fit.images, "classes": len(fit.classes)},
             "labels": [{"feature": n, "class": k, "component": c, "auc": a} for n, k, c, a in labels],
             "triggers": triggers,
             "evaluate": {mode: result.to_dict() for mode, result in evaluation.items()},
+            "transfer": transfer,
         }
         args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return 0
