@@ -18,9 +18,10 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from spurguard.vocab import EvaluateResult, FitSummary, SpuriousDirectionsName, 
 
 MODEL = "demo"
 ROBUST = "demo_robust"  # the discovery model: labelled here, its labels transferred to MODEL
+T = TypeVar("T")
 REPORT_COMPONENTS = 5  # per planted class, in the HTML report
 REPORT_STEPS = 50  # attack steps per component: enough at 64x64 to show the feature
 
@@ -65,16 +67,21 @@ def _dataset(workdir: Path, config: GeneratorConfig) -> tuple[Path, GroundTruth]
     return root, load_ground_truth(root)
 
 
-def fit_all(client: Client, train: Path, model: str = MODEL) -> FitSummary:
-    progress = _progress()
-    summary = None
-    for update in client.fit(model, str(train)):
-        if isinstance(update, FitSummary):
-            summary = update
+def _follow(stream: Iterable[Any], final: type[T], line: Callable[[Any], str]) -> T:
+    """The last item of a job's stream (a `final`), its progress updates shown on stderr."""
+    progress, result = _progress(), None
+    for update in stream:
+        if isinstance(update, final):
+            result = update
         else:
-            progress.update(fit_line(update), update.phase)
+            progress.update(line(update), update.phase)
     progress.close()
-    assert summary is not None, "the fit stream ended without a summary"
+    assert result is not None, f"the stream ended without a {final.__name__}"
+    return result
+
+
+def fit_all(client: Client, train: Path, model: str = MODEL) -> FitSummary:
+    summary = _follow(client.fit(model, str(train)), FitSummary, fit_line)
     print(f"fitted {model}: {len(summary.classes)} classes on {summary.images} images in {summary.elapsed_s:.1f}s "
           f"(fit {summary.fit_id})")
     return summary
@@ -190,15 +197,9 @@ def score_production(client: Client, data: Path, truth: GroundTruth, images: Seq
 
 
 def evaluate_both(client: Client, data: Path, truth: GroundTruth) -> dict[str, EvaluateResult]:
-    results = {}
-    for mode in ("paper", "floor"):
-        progress = _progress()
-        for update in client.evaluate(MODEL, str(data / "clean_test"), str(data / "spurious_test"), spufix=mode):
-            if isinstance(update, EvaluateResult):
-                results[mode] = update
-            else:
-                progress.update(evaluate_line(update), update.phase)
-        progress.close()
+    results = {mode: _follow(client.evaluate(MODEL, str(data / "clean_test"), str(data / "spurious_test"),
+                                             spufix=mode), EvaluateResult, evaluate_line)
+               for mode in ("paper", "floor")}
     base = results["floor"].baseline
     rows = []
     for i, row in enumerate(base.classes):
@@ -222,16 +223,9 @@ def evaluate_both(client: Client, data: Path, truth: GroundTruth) -> dict[str, E
 
 def _evaluate(client: Client, data: Path, directions: SpuriousDirectionsName) -> EvaluateResult:
     """The standard model's spurious score with floor SpuFix removing `directions`."""
-    progress, result = _progress(), None
-    for update in client.evaluate(MODEL, str(data / "clean_test"), str(data / "spurious_test"), spufix="floor",
-                                  directions=directions):
-        if isinstance(update, EvaluateResult):
-            result = update
-        else:
-            progress.update(evaluate_line(update), update.phase)
-    progress.close()
-    assert result is not None, "the evaluate stream ended without a result"
-    return result
+    stream = client.evaluate(MODEL, str(data / "clean_test"), str(data / "spurious_test"), spufix="floor",
+                             directions=directions)
+    return _follow(stream, EvaluateResult, evaluate_line)
 
 
 def transfer_from_robust(client: Client, data: Path, truth: GroundTruth) -> dict[str, object]:
@@ -240,14 +234,7 @@ def transfer_from_robust(client: Client, data: Path, truth: GroundTruth) -> dict
     model's floor SpuFix with its own labels against the transferred ones."""
     fit_all(client, data / "train", ROBUST)
     labels = label_from_ground_truth(client, data, truth, ROBUST, contrast="feature_only")
-    progress, moved = _progress(), None
-    for update in client.transfer(ROBUST, MODEL):
-        if isinstance(update, TransferSummary):
-            moved = update
-        else:
-            progress.update(fit_line(update), update.phase)
-    progress.close()
-    assert moved is not None, "the transfer stream ended without a summary"
+    moved = _follow(client.transfer(ROBUST, MODEL), TransferSummary, fit_line)
     print(f"transferred {sum(len(c.directions) for c in moved.classes)} labelled directions of {ROBUST} to {MODEL} "
           f"(transfer {moved.transfer_id}) over {moved.images} images")
     own, transferred = _evaluate(client, data, "own"), _evaluate(client, data, "transferred")
