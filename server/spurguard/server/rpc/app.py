@@ -64,6 +64,9 @@ from spurguard.vocab import SPUFIX_MODES, SpufixModeName
 
 log = logging.getLogger("spurguard.server")
 
+# After the drain delay: how long new calls meet the closing gate (UNAVAILABLE) before grpc's own
+# shutdown, which cancels calls it has received but not yet handed to a handler.
+GATE_SETTLE_S = 0.2
 REMOTE_HEALTH_POLL_S = 1.0  # how often the health of Triton-served models follows Triton's readiness
 MIN_MESSAGE_MB = 64  # the documented limit clients rely on (spurguard.client.MAX_MESSAGE_BYTES)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Spurguard"].full_name
@@ -338,6 +341,7 @@ class SpurguardServer:
         log.info("refusing new calls; in-flight ones may take %.1f s", grace)
         self.health.close()
         self._gate.closed = True
+        await asyncio.sleep(GATE_SETTLE_S)  # calls grpc has already taken in meet the gate, not its shutdown
         await self._server.stop(grace)
         await jobs_done
         for model in self.models:

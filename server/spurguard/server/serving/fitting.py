@@ -99,12 +99,8 @@ def commit_class(
     ALPHA_CHUNK_ROWS at a time, so memory does not grow with the class."""
     components = fit.finalize_class(class_index, num_components)
     components.image_ids = list(image_ids)
-    alphas = [
-        fit_alphas(components, weight_row, read(i, min(i + ALPHA_CHUNK_ROWS, rows)))
-        for rows, read in blocks
-        for i in range(0, rows, ALPHA_CHUNK_ROWS)
-    ]
-    components.alphas = np.concatenate(alphas) if alphas else np.zeros((0, components.num_components), np.float32)
+    components.alphas = alphas_chunked(lambda rows: fit_alphas(components, weight_row, rows), blocks,
+                                       components.num_components)
     writer.add_class(components)
 
 
@@ -164,10 +160,19 @@ def feature_pass(
     return FeaturePass(skipped, len(pending), unfinished)
 
 
-def alphas_chunked(alphas: Callable[[np.ndarray], np.ndarray], features: np.ndarray, columns: int) -> np.ndarray:
-    """`alphas` of spilled feature rows, read back ALPHA_CHUNK_ROWS at a time: [n, columns] float32."""
-    parts = [alphas(np.array(features[i : i + ALPHA_CHUNK_ROWS])) for i in range(0, features.shape[0], ALPHA_CHUNK_ROWS)]
+def alphas_chunked(
+    alphas: Callable[[np.ndarray], np.ndarray], blocks: Sequence[tuple[int, RowReader]], columns: int
+) -> np.ndarray:
+    """`alphas` of feature rows (`blocks`: row counts and readers, in order) read back
+    ALPHA_CHUNK_ROWS at a time, so memory does not grow with the class: [n, columns] float32."""
+    parts = [alphas(read(i, min(i + ALPHA_CHUNK_ROWS, rows))) for rows, read in blocks
+             for i in range(0, rows, ALPHA_CHUNK_ROWS)]
     return np.concatenate(parts) if parts else np.zeros((0, columns), np.float32)
+
+
+def spilled_rows(features: np.ndarray) -> tuple[int, RowReader]:
+    """A spill's features (a memory map) as one block for `alphas_chunked`."""
+    return features.shape[0], lambda start, stop: np.array(features[start:stop])
 
 
 def _open_writer(
@@ -293,8 +298,7 @@ def run_fit(
                 if spill.rows:
                     fit.take_class(k)  # frees the statistics
             else:
-                commit_class(writer, fit, k, num_components, weight[k], spill.image_ids,
-                             [(spill.rows, lambda a, b: np.array(features[a:b]))])
+                commit_class(writer, fit, k, num_components, weight[k], spill.image_ids, [spilled_rows(features)])
             spill.path.unlink()
 
         def on_batch(batches: int, images: int, classes: int) -> None:

@@ -31,7 +31,7 @@ from spurguard.server.datasets import ImageEntry
 from spurguard.server.engine import DEFAULT_FLOOR_PERCENTILE, MaxCovAccumulator, transfer_alphas
 from spurguard.server.errors import Cancelled, FailedPrecondition
 from spurguard.server.loader import iter_features
-from spurguard.server.serving.fitting import FeatureSpill, alphas_chunked
+from spurguard.server.serving.fitting import FeatureSpill, alphas_chunked, spilled_rows
 from spurguard.server.serving.paths import DataRoots
 from spurguard.server.store import Label, Store, StoredTransfer, TransferSettings, TransferWriter
 from spurguard.vocab import (
@@ -234,7 +234,7 @@ def _finish_class(writer: TransferWriter, k: int, sums: MaxCovAccumulator, spill
     """Class k's directions, and their contributions over its images (for the floor), stored."""
     features = spill.close()
     moved = sums.finalize(k, components)
-    moved.alphas = alphas_chunked(lambda chunk: transfer_alphas(moved, weight_row, chunk), features,
+    moved.alphas = alphas_chunked(lambda chunk: transfer_alphas(moved, weight_row, chunk), [spilled_rows(features)],
                                   moved.num_directions)
     del features
     spill.path.unlink()
