@@ -33,6 +33,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from spurguard.server.backends.argtypes import at_least_one
 from spurguard.server.backends.builtins import load_model, model_name, source_directory
 from spurguard.server.backends.device import CPU_BATCH_SIZE, GPU_BATCH_SIZE_SMALL
 from spurguard.server.backends.modeldir import MODEL_TOML, ModelSpec, TritonSpec, model_toml_text, read_model_toml
@@ -296,16 +297,6 @@ def _summary(done: Export) -> str:
     return "\n".join(lines)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser(prog: str = "spurguard export-triton") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -319,9 +310,9 @@ def build_parser(prog: str = "spurguard export-triton") -> argparse.ArgumentPars
                    help="the model repository (created if missing; other models in it are left alone)")
     p.add_argument("--platform", choices=PLATFORMS, default="onnxruntime_onnx",
                    help="onnxruntime_onnx (model.onnx, the default) or pytorch_libtorch (TorchScript model.pt)")
-    p.add_argument("--max-batch-size", type=_at_least_one, metavar="N",
+    p.add_argument("--max-batch-size", type=at_least_one, metavar="N",
                    help=f"Triton's max_batch_size (default {CPU_BATCH_SIZE} for --kind cpu, {GPU_BATCH_SIZE_SMALL} for gpu)")
-    p.add_argument("--instances", type=_at_least_one, default=1, metavar="N", help="model instances (default 1)")
+    p.add_argument("--instances", type=at_least_one, default=1, metavar="N", help="model instances (default 1)")
     p.add_argument("--kind", choices=sorted(KINDS), default="cpu", help="where the instances run (default cpu)")
     p.add_argument("--url", default=DEFAULT_URL, metavar="HOST:PORT",
                    help=f"Triton's gRPC endpoint, for the [triton] section (default {DEFAULT_URL})")

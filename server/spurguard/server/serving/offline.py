@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
+from spurguard.server.backends.argtypes import at_least_one
 from spurguard.server.backends import Backend, load_model
 from spurguard.server.backends.runtimes import RUNTIME_CHOICES
 from spurguard.server.datasets import ClassResolver
@@ -49,16 +50,6 @@ def _shard(text: str) -> tuple[int | None, int]:
     if num_shards < 1 or (shard is not None and not 0 <= shard < num_shards):
         raise argparse.ArgumentTypeError(f"need N >= 1 and 0 <= I < N, got {text!r}")
     return shard, num_shards
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -89,8 +80,8 @@ def build_parser(prog: str = "spurguard fit") -> argparse.ArgumentParser:
                    "which takes the shards'; given there, it must be theirs)")
     p.add_argument("--classes", default="", metavar="K,K,…", help="classes to fit: indices or class names "
                    "(default: every class with images)")
-    p.add_argument("--components", type=_count, metavar="N", help="components kept per class (default: 50)")
-    p.add_argument("--batch-size", type=_count, metavar="N", help="images per forward pass (default: the model's)")
+    p.add_argument("--components", type=at_least_one, metavar="N", help="components kept per class (default: 50)")
+    p.add_argument("--batch-size", type=at_least_one, metavar="N", help="images per forward pass (default: the model's)")
     p.add_argument("--job-id", metavar="ID", help="the fit's id (letters, digits, ., _ and -); required with "
                    "--shard and --merge, where it ties the shards and their merge together; the same id resumes "
                    "an interrupted fit or merge")
@@ -98,7 +89,7 @@ def build_parser(prog: str = "spurguard fit") -> argparse.ArgumentParser:
     mode.add_argument("--shard", type=_shard, metavar="I/N", help=f"run shard I of N only (I from 0; auto/N: I "
                       f"from ${INDEX_ENV}): a contiguous part of the sorted image listing, written as partial "
                       "statistics that --merge N combines")
-    mode.add_argument("--merge", type=_count, metavar="N", help="merge the N shards of --job-id into the fit and "
+    mode.add_argument("--merge", type=at_least_one, metavar="N", help="merge the N shards of --job-id into the fit and "
                       "make it current; a shard missing, still running or run with other settings is an error")
     p.add_argument("--wait", type=_seconds, default=0.0, metavar="S", help="with --merge: wait up to S seconds for "
                    "the shards still missing (default 0: fail at once, naming them)")
