@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,7 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _ClosingGate(grpc.aio.ServerInterceptor):
+class _ClosingGate(auth.RefusingInterceptor):
     """Once closed, new calls get UNAVAILABLE here, which clients retry elsewhere. grpc's own
     shutdown answers calls that arrive while it begins with CANCELLED, which they do not retry;
     closing this gate first leaves that race only to calls already on their way. Health stays
@@ -142,16 +142,10 @@ class _ClosingGate(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
         self.closed = False
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not self.closed or method.startswith(f"/{HEALTH_SERVICE}/"):
-            return handler
-        return auth.refusal(handler, Unavailable("the server is shutting down; call another replica"), method)
+    async def refuse(self, details: grpc.HandlerCallDetails) -> SpurguardError | None:
+        if not self.closed or details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return None
+        return Unavailable("the server is shutting down; call another replica")
 
 
 class SpurguardServer:

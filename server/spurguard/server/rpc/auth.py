@@ -224,11 +224,12 @@ def refusal(handler: grpc.RpcMethodHandler, error: SpurguardError, method: str) 
                 response_serializer=handler.response_serializer)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every call's token checked against the method's role before its handler runs."""
+class RefusingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that may refuse a call before its handler runs: `refuse` says why (or
+    None to let it through); the refusal is an abort of the method's own kind."""
 
-    def __init__(self, tokens: TokenFile) -> None:
-        self.tokens = tokens
+    async def refuse(self, details: grpc.HandlerCallDetails) -> SpurguardError | None:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -238,12 +239,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # no such method: grpc answers UNIMPLEMENTED, which tells nothing
             return handler
+        error = await self.refuse(handler_call_details)
+        return handler if error is None else refusal(handler, error, handler_call_details.method)
+
+
+class AuthInterceptor(RefusingInterceptor):
+    """Every call's token checked against the method's role before its handler runs."""
+
+    def __init__(self, tokens: TokenFile) -> None:
+        self.tokens = tokens
+
+    async def refuse(self, details: grpc.HandlerCallDetails) -> SpurguardError | None:
         await self.tokens.refresh()
         try:
-            check(self.tokens, handler_call_details.method, handler_call_details.invocation_metadata)
+            check(self.tokens, details.method, details.invocation_metadata)
         except SpurguardError as error:
-            return refusal(handler, error, handler_call_details.method)
-        return handler
+            return error
+        return None
 
 
 # ---- who can reach the port ----
