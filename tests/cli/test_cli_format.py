@@ -77,7 +77,8 @@ def test_model_job_label_and_fit_documents() -> None:
                                   {"class": 1, "images": 20, "num_components": 2}]
     record = f.FakeClient().label("tiny", 3, 1, "spurious", note="why")
     assert to_json(record) == {"model": "tiny", "fit_id": "fit-1", "class": 3, "component": 1,
-                                         "label": "spurious", "note": "why", "updated": "2026-01-02T03:04:05+00:00"}
+                                         "label": "spurious", "note": "why", "updated": "2026-01-02T03:04:05+00:00",
+                                         "author": ""}
 
 
 def test_render_table_pads_and_right_aligns() -> None:

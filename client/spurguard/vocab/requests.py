@@ -53,6 +53,8 @@ class ListLabelsRequest:
     class_index: int | None = None
     label: LabelName | None = None  # "unlabeled": the components nobody labelled yet
     fit_id: str | None = None
+    component: int | None = None  # only this component (needs class_index)
+    history: bool = False  # also every write of the selected components, oldest first
 
 
 @dataclass(frozen=True)

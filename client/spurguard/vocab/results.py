@@ -181,6 +181,7 @@ class LabelRecord(Result):
     label: LabelName
     note: str
     updated: datetime | None  # None for an unlabeled component
+    author: str = ""  # the token name that set it; "" on a server without tokens
 
 
 @dataclass(frozen=True)

@@ -449,7 +449,7 @@ class LabelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., class_index: _Optional[int] = ..., component: _Optional[int] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., note: _Optional[str] = ..., fit_id: _Optional[str] = ...) -> None: ...
 
 class LabelRecord(_message.Message):
-    __slots__ = ("model", "fit_id", "class_index", "component", "label", "note", "updated")
+    __slots__ = ("model", "fit_id", "class_index", "component", "label", "note", "updated", "author")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -457,6 +457,7 @@ class LabelRecord(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
     model: str
     fit_id: str
     class_index: int
@@ -464,27 +465,34 @@ class LabelRecord(_message.Message):
     label: ComponentLabel
     note: str
     updated: _timestamp_pb2.Timestamp
-    def __init__(self, model: _Optional[str] = ..., fit_id: _Optional[str] = ..., class_index: _Optional[int] = ..., component: _Optional[int] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., note: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    author: str
+    def __init__(self, model: _Optional[str] = ..., fit_id: _Optional[str] = ..., class_index: _Optional[int] = ..., component: _Optional[int] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., note: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., author: _Optional[str] = ...) -> None: ...
 
 class ListLabelsRequest(_message.Message):
-    __slots__ = ("model", "class_index", "label", "fit_id")
+    __slots__ = ("model", "class_index", "label", "fit_id", "component", "history")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     class_index: int
     label: ComponentLabel
     fit_id: str
-    def __init__(self, model: _Optional[str] = ..., class_index: _Optional[int] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., fit_id: _Optional[str] = ...) -> None: ...
+    component: int
+    history: bool
+    def __init__(self, model: _Optional[str] = ..., class_index: _Optional[int] = ..., label: _Optional[_Union[ComponentLabel, str]] = ..., fit_id: _Optional[str] = ..., component: _Optional[int] = ..., history: _Optional[bool] = ...) -> None: ...
 
 class ListLabelsResponse(_message.Message):
-    __slots__ = ("fit_id", "labels")
+    __slots__ = ("fit_id", "labels", "history")
     FIT_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     fit_id: str
     labels: _containers.RepeatedCompositeFieldContainer[LabelRecord]
-    def __init__(self, fit_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelRecord, _Mapping]]] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[LabelRecord]
+    def __init__(self, fit_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelRecord, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[LabelRecord, _Mapping]]] = ...) -> None: ...
 
 class VisualizeRequest(_message.Message):
     __slots__ = ("model", "class_index", "components", "steps", "eps", "frame_every", "top_k", "seed", "heatmap", "fit_id", "heatmap_layer", "parameterization")
