@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -75,6 +76,8 @@ class FakeSpurguard(pb_grpc.SpurguardServicer):
         self.unavailable: Counter[str] = Counter()
         self.errors: dict[str, tuple[grpc.StatusCode, str]] = {}
         self.delay_s = 0.0
+        self.visualize_hangs = False  # Visualize sends one message, then waits for the client to cancel
+        self.visualize_cancelled = threading.Event()
 
     def _enter(self, name: str, request: Any, context: grpc.ServicerContext) -> None:
         self.calls[name] += 1
@@ -181,6 +184,12 @@ class FakeSpurguard(pb_grpc.SpurguardServicer):
     def Visualize(self, request, context):
         self._enter("Visualize", request, context)
         png = pb.PngImage(data=b"\x89PNG fake", width=4, height=4)
+        if self.visualize_hangs:
+            yield pb.VisualizeUpdate(component=0, frame=pb.AttackFrame(step=0, png=png))
+            while context.is_active():
+                time.sleep(0.01)
+            self.visualize_cancelled.set()
+            return
         for component in request.components:
             yield pb.VisualizeUpdate(component=component, top_image=pb.TopImage(rank=0, image_id="0/a.png",
                                                                                  alpha=2.0, png=png))
@@ -304,6 +313,27 @@ def test_watch_job_surfaces_a_failing_job_mid_stream(client: Client, fake: FakeS
     assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert caught.value.details == "dataset vanished"
     assert str(caught.value) == "FAILED_PRECONDITION: dataset vanished"
+
+
+def test_a_stream_cancelled_from_another_thread_ends_quietly_and_cancels_the_call(
+    client: Client, fake: FakeSpurguard
+) -> None:
+    """What a web app does when its page is left: the worker thread waiting in `next` returns,
+    and the server sees the call cancelled."""
+    fake.visualize_hangs = True
+    stream = client.visualize("demo", 0, [0])
+    received: list[t.VisualizeUpdate] = []
+    consumer = threading.Thread(target=lambda: received.extend(stream))
+    consumer.start()
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert received, "the first message never arrived"
+    stream.cancel()
+    consumer.join(timeout=5)
+    assert not consumer.is_alive() and len(received) == 1
+    assert fake.visualize_cancelled.wait(timeout=5)
+    assert next(stream, None) is None  # stays ended
 
 
 # ---- components and labels ----

@@ -14,6 +14,7 @@ from spurguard.client.client import (
     ImageItem,
     ImageLike,
     SpurguardClientError,
+    Stream,
     tls_credentials,
 )
 from spurguard.vocab import *  # noqa: F403 - the result and request types are the client's API too
@@ -27,6 +28,7 @@ __all__ = [
     "ImageItem",
     "ImageLike",
     "SpurguardClientError",
+    "Stream",
     "tls_credentials",
     *_vocab_names,
 ]

@@ -119,6 +119,44 @@ class _BearerToken(
     intercept_stream_unary = intercept_stream_stream = _intercept
 
 
+class Stream(Iterator[_T]):
+    """A server stream's messages, converted as they arrive. `cancel()`, from any thread (a web
+    app's event loop while a worker thread waits in `next`), ends the call: the iteration then
+    stops as if the stream had ended. A consumer that stops early should `cancel()` or `close()`
+    (or use it as a context manager); dropping it cancels the call too (grpc cancels on garbage
+    collection)."""
+
+    def __init__(self, call: Any, convert: Callable[[Any], _T]) -> None:
+        self._call = call
+        self._convert = convert
+        self._cancelled = False
+
+    def __iter__(self) -> Stream[_T]:
+        return self
+
+    def __next__(self) -> _T:
+        try:
+            message = next(self._call)
+        except grpc.RpcError as error:
+            if self._cancelled:
+                raise StopIteration from None
+            raise SpurguardClientError.from_rpc_error(error) from None
+        return self._convert(message)
+
+    def cancel(self) -> None:
+        """End the call now (a no-op once it has ended)."""
+        self._cancelled = True
+        self._call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> Stream[_T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
 class Client:
     """A connection to one spurguard server; use as a context manager to close the channel.
 
@@ -191,15 +229,8 @@ class Client:
             attempt += 1
 
     @staticmethod
-    def _stream(call: Iterator[_M], convert: Callable[[_M], _T]) -> Iterator[_T]:
-        """Convert a response stream; a consumer that stops early cancels the call."""
-        try:
-            for message in call:
-                yield convert(message)
-        except grpc.RpcError as error:
-            raise SpurguardClientError.from_rpc_error(error) from None
-        finally:
-            call.cancel()  # type: ignore[attr-defined]  # a no-op once the call has ended
+    def _stream(call: Any, convert: Callable[[_M], _T]) -> Stream[_T]:
+        return Stream(call, convert)
 
     # ---- models ----
 
@@ -225,7 +256,7 @@ class Client:
         batch_size: int | None = None,
         job_id: str | None = None,
         extend: bool = False,
-    ) -> Iterator[t.FitUpdate]:
+    ) -> Stream[t.FitUpdate]:
         """Start a fit job on the server's `dataset` folder: yields FitProgress, then FitSummary.
 
         The job keeps running if the iteration stops; follow it again with `watch_job`.
@@ -233,7 +264,7 @@ class Client:
         request = to_message(t.FitRequest(model, dataset, tuple(classes), num_components, batch_size, job_id, extend))
         return self._stream(self._stub.Fit(request, timeout=self.stream_timeout), _fit_update)
 
-    def watch_job(self, job_id: str) -> Iterator[t.FitUpdate]:
+    def watch_job(self, job_id: str) -> Stream[t.FitUpdate]:
         """Re-attach to a job: latest progress, live updates, then the summary (a TransferSummary
         for a transfer job)."""
         call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=self.stream_timeout)
@@ -311,7 +342,7 @@ class Client:
         heatmap_layer: str | None = None,
         fit_id: str | None = None,
         parameterization: t.AttackParameterizationName | None = None,
-    ) -> Iterator[t.VisualizeUpdate]:
+    ) -> Stream[t.VisualizeUpdate]:
         """Top images, heatmaps, attack frames and the final attack image, as they are made.
 
         `heatmap`: "grad_cam" (integrated gradients where the model's layers cannot be hooked),
@@ -423,7 +454,7 @@ class Client:
         classes: Iterable[int] = (),
         batch_size: int | None = None,
         job_id: str | None = None,
-    ) -> Iterator[t.TransferUpdate]:
+    ) -> Stream[t.TransferUpdate]:
         """Carry the source's spurious labels (its current fit) to the target (SPEC §1 transfer):
         yields FitProgress, then TransferSummary; from then on the target's Score, Evaluate and
         SpuFix apply the directions. A job like `fit`: it keeps running if the iteration stops.
@@ -446,7 +477,7 @@ class Client:
         classes: Iterable[int] = (),
         batch_size: int | None = None,
         directions: t.SpuriousDirectionsName | None = None,
-    ) -> Iterator[t.EvaluateUpdate]:
+    ) -> Stream[t.EvaluateUpdate]:
         """The spurious score benchmark on server-side folders: EvaluateProgress, then EvaluateResult.
 
         `directions`: which spurious directions SpuFix removes: "own" (the model's labels),
