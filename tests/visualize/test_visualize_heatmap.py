@@ -23,6 +23,7 @@ from spurguard.server.errors import FailedPrecondition, InvalidInput, ResourceEx
 from spurguard.server.visualize import capture_layer, component_heatmaps, overlay, overlay_pngs
 from spurguard.server.visualize._objective import ComponentObjective
 from spurguard.server.visualize.heatmap import INTEGRATED_GRADIENTS_STEPS, display_scale, integrated_gradients
+from spurguard.vocab.display import HEATMAP_COLORMAP, heatmap_css_gradient
 from visualize_support import (
     GREEN_COMPONENT,
     MEAN,
@@ -271,6 +272,18 @@ def test_overlay_blends_by_heat() -> None:
     np.testing.assert_array_equal(overlay(image, heat, opacity=0.0), image)
     with pytest.raises(InvalidInput, match="does not match"):
         overlay(image, np.zeros((3, 4)))
+
+
+def test_overlay_colours_are_the_shared_colour_scale() -> None:
+    """The legend every viewer draws (vocab.display) is the colour the server paints: over a
+    black image at full opacity, heat h at each stop of HEATMAP_COLORMAP comes out as h times
+    that stop's colour (the blend weight is opacity * heat)."""
+    stops = [stop for stop, _ in HEATMAP_COLORMAP]
+    heat = np.array([stops], dtype=np.float32)
+    out = overlay(np.zeros((1, len(stops), 3), dtype=np.uint8), heat, opacity=1.0)
+    expected = np.rint(np.array([[np.multiply(stop, rgb) for stop, rgb in HEATMAP_COLORMAP]]) * 255)
+    np.testing.assert_array_equal(out, expected)
+    assert heatmap_css_gradient().startswith("linear-gradient(to right, rgb(0, 0, 5) 0%, rgb(87, 15, 110) 25%")
 
 
 def test_overlay_pngs_decode_to_the_model_input_size(

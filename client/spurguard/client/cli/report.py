@@ -29,6 +29,7 @@ from spurguard.client.cli.format import MISSING, alpha_statistics, fraction, num
 from spurguard.client.cli.progress import visualize_line
 from spurguard.client.cli.visualize import VisualizeWriter
 from spurguard.client.client import Client, SpurguardClientError
+from spurguard.vocab.display import heatmap_css_gradient
 
 DEFAULT_TOP = 10
 COMPONENTS_PER_CALL = 16  # the server's limit of components per Visualize request
@@ -36,26 +37,6 @@ LABEL_ORDER = ("spurious", "not_spurious", "inconsistent", "unlabeled")
 
 # Progress: (text, key); a new key (the class) is always shown.
 ReportProgress = Callable[[str, str], None]
-
-# The server's overlay colormap, stop -> RGB (spurguard.server.visualize.heatmap, an
-# approximation of matplotlib's inferno), for the legend. The thin client cannot import the
-# server; a test keeps the two equal.
-HEATMAP_COLORMAP = (
-    (0.0, (0.00, 0.00, 0.02)),
-    (0.25, (0.34, 0.06, 0.43)),
-    (0.5, (0.73, 0.21, 0.33)),
-    (0.75, (0.98, 0.55, 0.04)),
-    (1.0, (0.99, 1.00, 0.64)),
-)
-
-
-def _gradient() -> str:
-    """HEATMAP_COLORMAP as a CSS gradient, low heat on the left."""
-    stops = ", ".join(
-        f"rgb({', '.join(str(round(255 * c)) for c in rgb)}) {100 * stop:g}%" for stop, rgb in HEATMAP_COLORMAP
-    )
-    return f"linear-gradient(to right, {stops})"
-
 
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -81,7 +62,7 @@ figcaption .id { display: inline-block; max-width: 178px; overflow-wrap: anywher
 pre { background: #f5f5f5; padding: .4em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; user-select: all; }
 .legend { display: flex; align-items: center; gap: .5em; color: #555; margin: 0 0 1em; font-size: 12px; }
 .legend .bar { display: inline-block; width: 160px; height: 12px; border: 1px solid #999; background: GRADIENT; }
-""".replace("GRADIENT", _gradient())
+""".replace("GRADIENT", heatmap_css_gradient())
 # The overlays' colour scale: the server blends the colour over the image in proportion to heat.
 _LEGEND = (
     '<p class="legend">heatmap colour: <span>low (the image shows through)</span>'

@@ -35,6 +35,7 @@ from spurguard.server.backends.images import denormalize, encode_png
 from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import InvalidInput
 from spurguard.server.visualize._objective import ComponentObjective
+from spurguard.vocab.display import HEATMAP_COLORMAP, HEATMAP_DISPLAY_PERCENTILE, HEATMAP_OPACITY
 
 HeatmapMethod = Literal["grad_cam", "integrated_gradients", "input_gradient"]  # vocab's HEATMAP_METHODS but "none"
 HEATMAP_METHODS: tuple[HeatmapMethod, ...] = get_args(HeatmapMethod)
@@ -42,18 +43,11 @@ SALIENCY_SIGMA_AT_224 = 2.0  # blur of saliency maps in pixels at 224², scaled 
 # Midpoint rule along the path from gray. The map settles long before the attributions' sum:
 # on the demo data 16 and 32 steps put the same mass on the planted features.
 INTEGRATED_GRADIENTS_STEPS = 16
-DEFAULT_OPACITY = 0.6
-# Overlays show heat relative to this percentile of the image's positive heat (clipped at 1):
-# input-gradient maps are spiky, and scaled by their single hottest pixel they leave everything
-# else invisible. Smooth maps (Grad-CAM) barely change.
-DISPLAY_PERCENTILE = 95.0
+DEFAULT_OPACITY = HEATMAP_OPACITY
 _LISTED_LAYERS = 8
 
-# An approximation of matplotlib's "inferno" (dark purple -> red -> yellow), without matplotlib.
-_COLORMAP_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-_COLORMAP_RGB = np.array(
-    [[0.00, 0.00, 0.02], [0.34, 0.06, 0.43], [0.73, 0.21, 0.33], [0.98, 0.55, 0.04], [0.99, 1.00, 0.64]]
-)
+_COLORMAP_STOPS = np.array([stop for stop, _ in HEATMAP_COLORMAP])
+_COLORMAP_RGB = np.array([rgb for _, rgb in HEATMAP_COLORMAP])
 
 
 @dataclass(frozen=True)
@@ -293,11 +287,11 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = DEFAULT_
 
 
 def display_scale(heatmap: np.ndarray) -> np.ndarray:
-    """A map for the eye: divided by the DISPLAY_PERCENTILE of its positive values, clipped to [0, 1]."""
+    """A map for the eye: divided by the HEATMAP_DISPLAY_PERCENTILE of its positive values, clipped to [0, 1]."""
     positive = heatmap[heatmap > 0]
     if positive.size == 0:
         return np.zeros_like(heatmap)
-    return np.clip(heatmap / np.percentile(positive, DISPLAY_PERCENTILE), 0.0, 1.0)
+    return np.clip(heatmap / np.percentile(positive, HEATMAP_DISPLAY_PERCENTILE), 0.0, 1.0)
 
 
 def overlay_pngs(
