@@ -6,6 +6,7 @@ stderr through `progress`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
@@ -382,6 +383,23 @@ def cmd_evaluate(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+def cmd_ui(args: argparse.Namespace, client: Client) -> int:
+    """The labelling page (spurguard.ui, the [ui] extra), in the foreground until Ctrl-C."""
+    try:
+        server = importlib.import_module("spurguard.ui.server")
+    except ImportError as error:
+        raise UsageError(f"`spurguard ui` needs the web page's packages ({error}); "
+                         "install them with: pip install 'spurguard[ui]'") from None
+    settings = server.UiSettings(args.host, args.port, args.top, args.top_k, args.steps, args.heatmap, args.poll_s)
+    try:
+        page = server.UiServer(client, settings)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    print(f"spurguard ui: open {page.url} (labelling on {client.target}; Ctrl-C stops)", file=sys.stderr, flush=True)
+    page.run()
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Handler] = {
     "models": cmd_models,
     "fit": cmd_fit,
@@ -395,4 +413,5 @@ COMMANDS: dict[str, Handler] = {
     "score": cmd_score,
     "evaluate": cmd_evaluate,
     "transfer": cmd_transfer,
+    "ui": cmd_ui,
 }

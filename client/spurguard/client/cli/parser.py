@@ -30,6 +30,10 @@ SERVER_ENV = "SPURGUARD_SERVER"
 TOKEN_ENV = "SPURGUARD_TOKEN"
 CLASS_HELP = "class index or name (as in the model's classes.txt; see `spurguard models`)"
 CLASSES_HELP = "indices or names, comma-separated"
+# `spurguard ui`: components per class page, top images per component, live-label poll interval
+UI_TOP = 10
+UI_TOP_K = 6
+UI_POLL_S = 0.5
 
 
 _T = TypeVar("_T")
@@ -378,6 +382,32 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the pages and PNGs (created)")
     report.add_argument("--top", type=_count, default=DEFAULT_TOP, metavar="N", help=f"components per class, from index 0 (default {DEFAULT_TOP})")
     _add_view_arguments(report)
+
+    ui = command(
+        "ui",
+        "open the labelling page in a browser (needs spurguard[ui])",
+        "Serve a local web page to label components from: models, then classes with labelling progress, "
+        "then one page per class with a row per component (statistics, top fit images with heatmaps and "
+        "their colour scale, the feature attack as it streams, the label with its note, author and time, "
+        "and its history). Label with buttons or keys (s spurious, n not spurious, i inconsistent, "
+        "u unlabeled, j/k next/previous, / note); other labellers' changes appear without a reload. It "
+        "talks to --server only through the gRPC API, with --token (role label to label; score only reads). "
+        "Ctrl-C stops it.",
+    )
+    ui.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                    help="address the page listens on (default 127.0.0.1: this machine only; the page acts "
+                         "with your token, so keep it local)")
+    ui.add_argument("--port", type=_int_between(0, 65535), default=8080, metavar="PORT",
+                    help="port of the page (default 8080; 0: any free one)")
+    ui.add_argument("--top", type=_count, default=UI_TOP, metavar="N",
+                    help=f"components per class page, from index 0 (default {UI_TOP})")
+    ui.add_argument("--top-k", type=_count, default=UI_TOP_K, metavar="N",
+                    help=f"top fit images per component (default {UI_TOP_K})")
+    ui.add_argument("--steps", type=_count, metavar="N", help="feature attack steps (server default: 200)")
+    ui.add_argument("--heatmap", choices=[m for m in HEATMAP_METHODS if m != "none"],
+                    help="heatmap method (server default: grad_cam)")
+    ui.add_argument("--poll-s", type=_positive_float, default=UI_POLL_S, metavar="SECONDS",
+                    help=f"how often a class page reads the labels for other labellers' changes (default {UI_POLL_S:g})")
 
     score = command(
         "score",

@@ -1,0 +1,173 @@
+"""The labelling app without a browser: its event streams (cancelled with the page, snapshots
+only on change, errors in words), the guards on label writes, its headers, and the command."""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from ui_support import MODEL, World, labelling_page
+
+from spurguard import vocab as t
+from spurguard.client import Client, SpurguardClientError
+from spurguard.client.cli.run import main as cli_main
+from spurguard.ui.events import label_watch, relay
+from spurguard.ui.gateway import Problem
+
+
+class FakeStream:
+    """A Visualize stream: `updates`, then blocks (an attack still running) until cancelled."""
+
+    def __init__(self, updates: list[t.VisualizeUpdate], then_block: bool = True, error: SpurguardClientError | None = None) -> None:
+        self.updates, self.then_block, self.error = updates, then_block, error
+        self.cancelled = threading.Event()
+
+    def __iter__(self) -> Iterator[t.VisualizeUpdate]:
+        yield from self.updates
+        if self.error is not None:
+            raise self.error
+        if self.then_block:
+            self.cancelled.wait(30)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+FRAME = t.AttackFrame(component=0, step=0, alpha=0.5, prob=0.25, png=b"\x89PNG")
+
+
+def test_closing_a_visualize_stream_cancels_the_call() -> None:
+    """What happens when the page is left: the response's generator is closed mid-attack."""
+    stream = FakeStream([FRAME])
+
+    async def read_one_then_leave() -> str:
+        events = relay(lambda: stream, "server:1")  # type: ignore[arg-type, return-value]
+        first = await events.__anext__()
+        await events.aclose()
+        return first
+
+    first = asyncio.run(read_one_then_leave())
+    assert first.startswith("event: frame\ndata: ") and '"png":"data:image/png;base64,iVBORw=="' in first
+    assert stream.cancelled.is_set()
+
+
+def test_a_visualize_error_is_one_event_in_words_and_ends_the_stream() -> None:
+    error = SpurguardClientError(grpc.StatusCode.PERMISSION_DENIED, "token viewer has role score; Visualize needs label")
+    stream = FakeStream([], error=error)
+
+    async def read_all() -> list[str]:
+        return [e async for e in relay(lambda: stream, "server:1")]  # type: ignore[arg-type, return-value]
+
+    (only,) = asyncio.run(read_all())
+    name, data = only.split("\n")[0], json.loads(only.split("\n")[1][len("data: "):])
+    assert name == "event: error"
+    assert data["code"] == "PERMISSION_DENIED" and data["error"].startswith("Not allowed")
+    assert data["details"] == "token viewer has role score; Visualize needs label"
+
+
+def test_live_labels_send_a_snapshot_when_it_changes_and_each_problem_once() -> None:
+    snapshots: list[Any] = [{"a": 1}, {"a": 1}, Problem(503, "UNAVAILABLE", "cannot be reached", "x"),
+                            Problem(503, "UNAVAILABLE", "cannot be reached", "x"), {"a": 1}, {"a": 2}]
+
+    def read() -> dict[str, Any]:
+        item = snapshots.pop(0)
+        if isinstance(item, Problem):
+            raise item
+        return item
+
+    async def collect() -> list[str]:
+        sent, watch = [], label_watch(read, 0.001, keepalive_s=1e9)
+        async for message in watch:
+            sent.append(message.split("\n")[0] + " " + message.split("\n")[1])
+            if not snapshots:
+                break
+        await watch.aclose()
+        return sent
+
+    assert asyncio.run(collect()) == [
+        'event: labels data: {"a":1}', 'event: error data: {"code":"UNAVAILABLE","error":"cannot be reached",'
+        '"details":"x"}', 'event: labels data: {"a":1}', 'event: labels data: {"a":2}',
+    ]
+
+
+# ---- the app on a real server ----
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_label_writes_come_only_from_the_page_itself(world: World) -> None:
+    k = world.planted["watermark"]
+    with labelling_page(world, "alice") as page:
+        url = f"{page.url}api/models/{MODEL}/classes/{k}/components/3/label"
+        body = json.dumps({"label": "spurious", "note": "x"}).encode()
+        status, reply = _post(url, body, {"Content-Type": "application/json", "Origin": "http://evil.example"})
+        assert status == 403 and reply["error"] == "Labels can only be set from this page."
+        status, reply = _post(url, body, {"Content-Type": "text/plain"})  # what a cross-site form can send
+        assert status == 415
+        status, reply = _post(url, b"{not json", {"Content-Type": "application/json"})
+        assert status == 400 and reply["code"] == "INVALID_ARGUMENT"
+        status, reply = _post(url, json.dumps({"label": "maybe"}).encode(), {"Content-Type": "application/json"})
+        assert status == 400 and "label must be one of" in reply["details"]
+        with world.client("admin") as admin:
+            assert admin.list_labels(MODEL, class_index=k, component=3) == []
+        status, reply = _post(url, body, {"Content-Type": "application/json", "Origin": page.url.rstrip("/")})
+        assert status == 200 and (reply["label"], reply["note"], reply["author"]) == ("spurious", "x", "alice")
+
+
+def test_a_foreign_host_header_is_refused_and_pages_carry_a_strict_policy(world: World) -> None:
+    with labelling_page(world, "alice") as page:
+        connection = http.client.HTTPConnection("127.0.0.1", page.port, timeout=30)
+        connection.request("GET", "/", headers={"Host": "attacker.example"})  # DNS rebinding
+        assert connection.getresponse().status == 400
+        with urllib.request.urlopen(page.url, timeout=30) as reply:
+            policy = reply.headers["Content-Security-Policy"]
+            assert "default-src 'none'" in policy and "script-src 'self'" in policy
+            assert reply.headers["X-Content-Type-Options"] == "nosniff"
+            assert f'href="/models/{MODEL}"' in reply.read().decode()
+
+
+def test_an_unreachable_server_is_a_page_that_says_so(world: World) -> None:
+    from spurguard.ui.server import UiServer, UiSettings
+
+    with Client("127.0.0.1:1", timeout=2, retries=0) as nowhere, UiServer(nowhere, UiSettings(port=0)) as page:
+        try:
+            urllib.request.urlopen(page.url, timeout=30)
+            raise AssertionError("the page answered 200 without a server")
+        except urllib.error.HTTPError as error:
+            text = error.read().decode()
+            assert error.code == 503
+    assert "cannot be reached" in text and "127.0.0.1:1" in text and "Traceback" not in text
+
+
+def test_the_command_says_what_it_needs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as shown:
+        cli_main(["ui", "--help"])
+    assert shown.value.code == 0
+    text = capsys.readouterr().out
+    assert "--port PORT" in text and "--top N" in text and "s spurious" in text
+    real_import = __import__("importlib").import_module
+
+    def without_ui(name: str, *args: Any) -> Any:
+        if name.startswith("spurguard.ui"):
+            raise ImportError("No module named 'starlette'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr("importlib.import_module", without_ui)
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["--server", "127.0.0.1:1", "ui"])
+    assert refused.value.code == 2
+    assert "pip install 'spurguard[ui]'" in capsys.readouterr().err
