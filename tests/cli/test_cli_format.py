@@ -150,6 +150,8 @@ def test_fit_label_and_jobs_text() -> None:
     record = f.FakeClient().label("tiny", 3, 1, "not_spurious", note="the object")
     assert fmt.label_line(record) == (
         "model tiny  class 3  component 1: not_spurious  (fit fit-1)  note: the object")
+    assert fmt.label_line(replace(record, author="alice")) == (
+        "model tiny  class 3  component 1: not_spurious  (fit fit-1)  by alice  note: the object")
     jobs = fmt.jobs_table([f.job(), f.job("job-2", "succeeded")]).splitlines()
     assert jobs[1].split()[:3] == ["job-1", "tiny", "running"]
     assert "features 10/40 images 1/4 classes" in jobs[1]

@@ -175,11 +175,17 @@ class FakeSpurguard(pb_grpc.SpurguardServicer):
 
     def ListLabels(self, request, context):
         self._enter("ListLabels", request, context)
+        history = [  # two labellers, then a clearing write, which keeps its time
+            pb.LabelRecord(model=request.model, fit_id="fit1", class_index=0, component=1, label=pb.SPURIOUS,
+                           note="watermark", updated=_stamp(CREATED), author="alice"),
+            pb.LabelRecord(model=request.model, fit_id="fit1", class_index=0, component=1, label=pb.UNLABELED,
+                           updated=_stamp(CREATED), author="bob"),
+        ]
         return pb.ListLabelsResponse(fit_id="fit1", labels=[
             pb.LabelRecord(model=request.model, fit_id="fit1", class_index=0, component=1, label=pb.INCONSISTENT,
                            note="?", updated=_stamp(CREATED)),
             pb.LabelRecord(model=request.model, fit_id="fit1", class_index=0, component=2, label=pb.UNLABELED),
-        ])
+        ], history=history if request.history else [])
 
     def Visualize(self, request, context):
         self._enter("Visualize", request, context)
@@ -380,6 +386,21 @@ def test_label_and_list_labels(client: Client, fake: FakeSpurguard) -> None:
     with pytest.raises(ValueError, match="label must be one of"):
         client.label("demo", 0, 2, "harmful")
     assert fake.calls["Label"] == 2
+
+
+def test_label_history_and_the_component_filter(client: Client, fake: FakeSpurguard) -> None:
+    assert [x.component for x in client.list_labels("demo", class_index=0, component=1)] == [1, 2]  # the fake's
+    request = fake.requests["ListLabels"][-1]
+    assert (request.class_index, request.component, request.history) == (0, 1, False)
+    history = client.label_history("demo", class_index=0, component=1, fit_id="fit1")
+    request = fake.requests["ListLabels"][-1]
+    assert (request.class_index, request.component, request.fit_id, request.history) == (0, 1, "fit1", True)
+    assert not request.HasField("label")  # the label filter does not apply to the history
+    assert history == [t.LabelRecord("demo", "fit1", 0, 1, "spurious", "watermark", CREATED, "alice"),
+                       t.LabelRecord("demo", "fit1", 0, 1, "unlabeled", "", CREATED, "bob")]
+    client.label_history("demo")
+    request = fake.requests["ListLabels"][-1]
+    assert not request.HasField("class_index") and not request.HasField("component") and request.history
 
 
 def test_values_out_of_a_fields_range_name_the_argument(client: Client, fake: FakeSpurguard) -> None:

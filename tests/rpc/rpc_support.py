@@ -1,9 +1,10 @@
 """Shared by the rpc tests: a gate that holds a backbone's forward pass mid-run (disconnect,
 cancel) and counts the passes, a scrape of the metrics endpoint, small PNGs, the tiny model's
-directory, and an in-process server on one torch thread."""
+directory, a token file's entry, and an in-process server on one torch thread."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import sys
 import threading
@@ -62,6 +63,11 @@ def random_png(rng: np.random.Generator, size: int = 20) -> bytes:
     pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     pixels[: size // 2] //= int(rng.integers(1, 4))  # per-image structure beyond noise
     return png(pixels)
+
+
+def token_entry(name: str, role: str, token: str) -> str:
+    """One `[[token]]` table of an `--auth-tokens` file."""
+    return f'[[token]]\nname = "{name}"\nrole = "{role}"\nsha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
 
 
 def write_data_root(root: Path, classes: int, per_class: int, spurious: int, seed: int = 0) -> Path:

@@ -6,6 +6,7 @@ Servers are in-process (BackgroundServer, port 0) on loopback with the shipped `
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from spurguard.server.errors import InvalidInput, PermissionDenied, Unauthentica
 from spurguard.server.rpc import auth
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig, build_parser, config_from_args, main
 
-from rpc_support import random_png, scrape_metrics
+from rpc_support import random_png, scrape_metrics, token_entry
 
 MODEL = "demo"
 CODE = grpc.StatusCode
@@ -49,13 +50,9 @@ SPEC_ROLES: dict[str, auth.RoleName | None] = {
 }
 
 
-def entry(name: str, role: str, token: str) -> str:
-    return f'[[token]]\nname = "{name}"\nrole = "{role}"\nsha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
-
-
 def write_tokens(path: Path, tokens: dict[str, str]) -> Path:
     """A token file with one entry per role -> token, named after the role."""
-    path.write_text("\n".join(entry(f"{role}-user", role, token) for role, token in tokens.items()))
+    path.write_text("\n".join(token_entry(f"{role}-user", role, token) for role, token in tokens.items()))
     return path
 
 
@@ -184,6 +181,43 @@ def test_the_cli_takes_the_token_from_the_flag_or_the_environment(
     capsys.readouterr()
 
 
+def test_each_call_runs_as_its_own_token_also_concurrently_and_in_worker_threads(tmp_path: Path) -> None:
+    """`auth.caller()` on a bare grpc.aio server with the interceptor: read before and after the
+    handler yields to other calls, and inside asyncio.to_thread, as the data plane's work runs."""
+    tokens = auth.TokenFile(write_tokens(tmp_path / "t.toml", TOKENS))
+    rng = np.random.default_rng(0)
+
+    async def whoami(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        before = auth.caller()
+        await asyncio.sleep(float(rng.uniform(0, 0.02)))  # the other calls run meanwhile
+        in_thread = await asyncio.to_thread(auth.caller)
+        return f"{before}|{auth.caller()}|{in_thread}".encode()
+
+    async def run() -> tuple[list[bytes], bytes]:
+        server = grpc.aio.server(interceptors=[auth.AuthInterceptor(tokens)])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "spurguard.v1.Spurguard", {"ListModels": grpc.unary_unary_rpc_method_handler(whoami)})])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(whoami)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                listing = channel.unary_unary("/spurguard.v1.Spurguard/ListModels")
+                replies = await asyncio.gather(*(listing(b"", metadata=bearer(TOKENS[auth.ROLES[i % 3]]), timeout=10)
+                                                 for i in range(30)))
+                open_call = await channel.unary_unary("/grpc.health.v1.Health/Check")(
+                    b"", metadata=bearer(TOKENS["admin"]), timeout=10)
+                return list(replies), open_call
+        finally:
+            await server.stop(None)
+
+    replies, open_call = asyncio.run(run())
+    assert [r.decode() for r in replies] == ["|".join([f"{auth.ROLES[i % 3]}-user"] * 3) for i in range(30)]
+    assert open_call == b"||"  # a method open to anyone runs as nobody, whatever it was sent
+    assert auth.caller() == ""  # and nothing leaks out of the calls
+
+
 # ---- the token file ----
 
 
@@ -207,7 +241,7 @@ def test_the_check_reads_one_bearer_entry(tmp_path: Path) -> None:
     assert found is not None and found.name == "admin-user" and tokens.find("nope") is None
 
 
-GOOD = entry("a", "score", "t")
+GOOD = token_entry("a", "score", "t")
 
 
 @pytest.mark.parametrize(
@@ -223,8 +257,8 @@ GOOD = entry("a", "score", "t")
         (GOOD.replace('"a"', '""'), "name must be a non-empty string"),
         (GOOD.replace(hashlib.sha256(b"t").hexdigest(), "t"), "sha256 must be 64 hex digits"),
         (GOOD.replace(hashlib.sha256(b"t").hexdigest(), "z" * 64), "sha256 must be 64 hex digits"),
-        (GOOD + entry("a", "admin", "u"), "the same name"),
-        (GOOD + entry("b", "admin", "t"), "the same sha256"),
+        (GOOD + token_entry("a", "admin", "u"), "the same name"),
+        (GOOD + token_entry("b", "admin", "t"), "the same sha256"),
     ],
 )
 def test_a_malformed_token_file_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:

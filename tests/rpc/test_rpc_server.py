@@ -302,6 +302,9 @@ def test_label_and_list_labels(client: Client, fitted) -> None:  # noqa: ANN001
     cleared = client.label("tiny", 1, 2, "unlabeled")
     assert cleared.label == "unlabeled" and cleared.updated is None
     assert (1, 2) not in {(r.class_index, r.component) for r in client.list_labels("tiny")}
+    written = client.label_history("tiny", class_index=1, component=2)
+    assert [(r.label, r.note) for r in written][-2:] == [("inconsistent", "mixed"), ("unlabeled", "")]
+    assert record.author == "" and {r.author for r in written} == {""}  # no --auth-tokens: no author
 
 
 def test_a_second_server_on_the_same_store_follows_labels_made_elsewhere(

@@ -28,10 +28,12 @@ import pytest
 import safetensors.numpy
 
 import spurguard.server.store as store_pkg
+import spurguard.server.store.postgres as postgres_store
 from spurguard import vocab
 from spurguard.server.engine.components import ClassComponents
 from spurguard.server.errors import FailedPrecondition, InvalidInput, NotFound
 from spurguard.server.store import Store
+from spurguard.server.store.labels import Label
 from spurguard.server.store.changes import Change
 
 from postgres_support import PostgresServer, postgres_server
@@ -248,6 +250,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from test_store import DIGEST, DIM, MODEL, NUM, components
 from spurguard.server.store import Store
+from spurguard.server.store.labels import Label
 store_root, fit_id, kill_at = sys.argv[2:5]
 real_replace = os.replace
 
@@ -433,6 +436,107 @@ def test_refit_starts_unlabeled_and_old_labels_stay_queryable(store: Store) -> N
     assert store.label_map(MODEL, DIGEST, new) == {}
 
 
+def _writes(records: list[Label]) -> list[tuple[int, int, str, str, str]]:
+    return [(x.class_index, x.component, x.label, x.note, x.author) for x in records]
+
+
+@BOTH
+def test_two_labellers_each_write_is_kept_with_its_author_in_order(store: Store) -> None:
+    fit_id = write_fit(store, [0, 1])
+    first = store.set_label(MODEL, DIGEST, 0, 1, "spurious", "watermark", author="alice")
+    later = store.set_label(MODEL, DIGEST, 0, 1, "not_spurious", "it is the object", author="bob")
+    store.set_label(MODEL, DIGEST, 1, 3, "inconsistent", "half of them")  # no tokens: no author
+    cleared = store.set_label(MODEL, DIGEST, 0, 1, "unlabeled", author="alice")
+    store.set_label(MODEL, DIGEST, 0, 2, "spurious", "text", author="bob")
+
+    assert (first.author, later.author) == ("alice", "bob")
+    assert _writes(store.list_labels(MODEL, DIGEST)) == [(0, 2, "spurious", "text", "bob"),
+                                                         (1, 3, "inconsistent", "half of them", "")]
+    history = store.label_history(MODEL, DIGEST, class_index=0, component=1)
+    assert _writes(history) == [(0, 1, "spurious", "watermark", "alice"),
+                                (0, 1, "not_spurious", "it is the object", "bob"),
+                                (0, 1, "unlabeled", "", "alice")]  # the clearing write stays, with its time
+    assert history[0] == first and history[-1] == cleared and cleared.updated is not None
+    assert [x.fit_id for x in history] == [fit_id] * 3
+    assert [(x.class_index, x.component) for x in store.label_history(MODEL, DIGEST, class_index=0)] == [
+        (0, 1), (0, 1), (0, 1), (0, 2)]  # write order, not (class, component) order
+    assert len(store.label_history(MODEL, DIGEST)) == 5
+    assert store.label_history(MODEL, DIGEST, class_index=1, component=0) == []
+
+    assert _writes(store.list_labels(MODEL, DIGEST, class_index=1, component=3)) == [
+        (1, 3, "inconsistent", "half of them", "")]
+    assert [(x.component, x.label) for x in store.list_labels(MODEL, DIGEST, class_index=0, component=1,
+                                                              label="unlabeled")] == [(1, "unlabeled")]
+    assert store.list_labels(MODEL, DIGEST, class_index=0, component=2, label="unlabeled") == []
+    for call in (store.list_labels, store.label_history):
+        with pytest.raises(InvalidInput, match="component filter needs class_index"):
+            call(MODEL, DIGEST, component=1)
+        with pytest.raises(NotFound, match="no component 4"):
+            call(MODEL, DIGEST, class_index=0, component=NUM)
+        with pytest.raises(NotFound, match="class 5 is not fitted"):
+            call(MODEL, DIGEST, class_index=5)
+
+
+@BOTH
+def test_carried_labels_keep_their_author_and_history(store: Store) -> None:
+    base = write_fit(store, [0, 1])
+    store.set_label(MODEL, DIGEST, 0, 1, "not_spurious", "first look", author="alice")
+    store.set_label(MODEL, DIGEST, 0, 1, "spurious", "watermark", author="bob")
+    store.set_label(MODEL, DIGEST, 1, 2, "spurious", "stripes", author="carol")
+    with store.extend_fit(MODEL, DIGEST) as writer:
+        writer.add_class(components(1, images=10))  # refitted, same eigenvectors: carried by matching them
+        meta = writer.commit()
+    assert meta.fit_id != base
+    assert [(x.class_index, x.component, x.author) for x in store.list_labels(MODEL, DIGEST)] == [
+        (0, 1, "bob"), (1, 2, "carol")]
+    assert _writes(store.label_history(MODEL, DIGEST, class_index=0)) == [  # an unchanged class: its history too
+        (0, 1, "not_spurious", "first look", "alice"), (0, 1, "spurious", "watermark", "bob")]
+    (carried,) = store.label_history(MODEL, DIGEST, class_index=1)
+    assert (carried.author, carried.note) == ("carol", f"carried from fit {base} component 2 (|cos| 1.000); stripes")
+    assert len(store.label_history(MODEL, DIGEST, fit_id=base)) == 3  # the old fit's history stays
+
+
+OLD_SQLITE_LABELS = """CREATE TABLE labels (
+    model TEXT NOT NULL, digest TEXT NOT NULL, fit_id TEXT NOT NULL, class_index INTEGER NOT NULL,
+    component INTEGER NOT NULL, label TEXT NOT NULL, note TEXT NOT NULL, updated TEXT NOT NULL,
+    PRIMARY KEY (model, digest, fit_id, class_index, component)
+) WITHOUT ROWID"""
+OLD_ROW = (MODEL, DIGEST, "f1", 0, 2, "spurious", "from before authors", "2025-05-05T05:05:05.000+00:00")
+
+
+def _database_from_before_authors(root: Path, labels_url: str) -> None:
+    """A labels database as a server without authors or history left it, with one label."""
+    root.mkdir()
+    if labels_url == "sqlite":
+        with closing(sqlite3.connect(root / "labels.sqlite3", isolation_level=None)) as db:
+            db.execute(OLD_SQLITE_LABELS)
+            db.execute("INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?, ?)", OLD_ROW)
+        return
+    with psycopg.connect(labels_url, autocommit=True) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in postgres_store.MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+        db.execute("INSERT INTO imports (source, store, labels, jobs) VALUES ('labels.sqlite3', %s, 0, 0)", (str(root),))
+        db.execute("INSERT INTO labels VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", OLD_ROW)
+
+
+@BOTH
+def test_a_database_from_before_authors_is_migrated_on_open(tmp_path: Path, labels_url: str) -> None:
+    _database_from_before_authors(tmp_path / "store", labels_url)
+    old = Label(*OLD_ROW, author="")
+    for _ in range(2):  # opening again migrates nothing again
+        opened = Store(tmp_path / "store", labels_url)
+        assert opened.labels.query(MODEL, DIGEST, "f1") == [old]
+        assert opened.labels.history(MODEL, DIGEST, "f1") == [old]  # seeded with the label as it stood
+        opened.close()
+    opened = Store(tmp_path / "store", labels_url)
+    new = opened.labels.set(MODEL, DIGEST, "f1", 0, 2, "inconsistent", "", author="dave")
+    assert opened.labels.query(MODEL, DIGEST, "f1") == [new]
+    assert opened.labels.history(MODEL, DIGEST, "f1") == [old, new]
+    opened.close()
+
+
 @BOTH
 def test_concurrent_label_writes_from_threads(store: Store, labels_url: str) -> None:
     write_fit(store, list(range(8)))
@@ -452,6 +556,10 @@ def test_concurrent_label_writes_from_threads(store: Store, labels_url: str) -> 
     assert {(x.class_index, x.note) for x in labels if x.class_index > 0 and x.component == 1} == {
         (t, f"t{t} i29") for t in range(1, 8)
     }
+    history = store.label_history(MODEL, DIGEST)
+    assert len(history) == 8 * 30 * 2
+    last = {(x.class_index, x.component): x for x in history}  # each component's newest write
+    assert [last[(x.class_index, x.component)] for x in labels] == labels  # is its label, contended ones too
     if labels_url == "sqlite":
         with closing(sqlite3.connect(store.root / "labels.sqlite3")) as db:
             assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -526,6 +634,7 @@ import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from test_store import _job
 from spurguard.server.store import Store
+from spurguard.server.store.labels import Label
 jobs = Store(sys.argv[2], sys.argv[3]).jobs
 jobs.claim_owner()
 jobs.save(_job("orphan"))
@@ -617,19 +726,23 @@ def test_first_start_on_postgresql_imports_the_sqlite_labels_and_jobs_once(tmp_p
     old = write_fit(embedded, [0, 1])
     embedded.set_label(MODEL, DIGEST, 0, 1, "spurious", "watermark")
     current = write_fit(embedded, [0, 1], seed=1)
-    embedded.set_label(MODEL, DIGEST, 1, 0, "inconsistent", "half of them")
+    embedded.set_label(MODEL, DIGEST, 1, 0, "spurious", "the background", author="alice")
+    embedded.set_label(MODEL, DIGEST, 1, 0, "inconsistent", "half of them", author="bob")
     embedded.set_label(MODEL, DIGEST, 1, 2, "not_spurious")
     embedded.jobs.claim_owner()
     done = _job("done", "succeeded", created=datetime(2024, 1, 1, tzinfo=timezone.utc))
     embedded.jobs.save(done)
     embedded.jobs.save(_job("cut-short"))  # its server is about to stop without finishing it
     before = {fit: embedded.list_labels(MODEL, DIGEST, fit_id=fit) for fit in (old, current)}
+    history = {fit: embedded.label_history(MODEL, DIGEST, fit_id=fit) for fit in (old, current)}
     embedded.jobs.release_owner()
     embedded.close()
 
     url = postgres.new_database()
     shared = Store(root, url)
     assert {fit: shared.list_labels(MODEL, DIGEST, fit_id=fit) for fit in (old, current)} == before  # notes, times
+    assert {fit: shared.label_history(MODEL, DIGEST, fit_id=fit) for fit in (old, current)} == history  # in order
+    assert [x.author for x in history[current]] == ["alice", "bob", ""]
     assert shared.jobs.get("done").job == done
     assert shared.jobs.settle() == ["cut-short"]  # its server (on SQLite) is gone
     shared.set_label(MODEL, DIGEST, 1, 0, "unlabeled")
@@ -649,10 +762,11 @@ def test_postgresql_schema_is_made_once_by_concurrent_starts_and_a_newer_one_is_
         stores = list(pool.map(lambda i: Store(tmp_path / "store", url), range(4)))
     for opened in stores:
         opened.close()
+    newest = len(postgres_store.MIGRATIONS)
     with psycopg.connect(url) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
-        db.execute("INSERT INTO schema_version (version) VALUES (2)")
-    with pytest.raises(FailedPrecondition, match="schema version 2, newer than this server's 1"):
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(v,) for v in range(1, newest + 1)]
+        db.execute("INSERT INTO schema_version (version) VALUES (%s)", (newest + 1,))
+    with pytest.raises(FailedPrecondition, match=f"schema version {newest + 1}, newer than this server's {newest}"):
         Store(tmp_path / "store", url)
 
 

@@ -319,11 +319,28 @@ class Client:
         class_index: int | None = None,
         label: t.LabelName | None = None,
         fit_id: str | None = None,
+        component: int | None = None,
     ) -> list[t.LabelRecord]:
-        """Labels of a fit; `label="unlabeled"` lists the components nobody labelled yet."""
-        request = to_message(t.ListLabelsRequest(model, class_index, label, fit_id))
-        response = self._unary(self._stub.ListLabels, request, idempotent=True)
-        return [from_message(r, t.LabelRecord) for r in response.labels]
+        """Labels of a fit; `label="unlabeled"` lists the components nobody labelled yet;
+        `component` (with `class_index`) only that one."""
+        return list(self._label_list(t.ListLabelsRequest(model, class_index, label, fit_id, component)).labels)
+
+    def label_history(
+        self,
+        model: str,
+        *,
+        class_index: int | None = None,
+        component: int | None = None,
+        fit_id: str | None = None,
+    ) -> list[t.LabelRecord]:
+        """Every label write of a fit (the current one by default), oldest first, each with its
+        author and time: another labeller's earlier note, a cleared label ("unlabeled") too."""
+        request = t.ListLabelsRequest(model, class_index, None, fit_id, component, history=True)
+        return list(self._label_list(request).history)
+
+    def _label_list(self, request: t.ListLabelsRequest) -> t.LabelList:
+        response = self._unary(self._stub.ListLabels, to_message(request), idempotent=True)
+        return from_message(response, t.LabelList)
 
     # ---- visualize ----
 

@@ -3,7 +3,8 @@
 The server builds these, spurguard.wire carries them over gRPC, and the client hands the same
 types to its callers. Names are the proto's: a class and its fields are spelled like the
 message and its fields (spurguard.wire converts by name), except `Components`, the
-GetComponents reply (the engine's ClassComponents is the stored fit). Enumerations are the
+GetComponents reply (the engine's ClassComponents is the stored fit), and `LabelList`, the
+ListLabels reply. Enumerations are the
 lowercase strings of `names`; a field the server left unset is None. `to_dict()` gives each
 type's documented `--json` shape (SPEC §3).
 """
@@ -180,8 +181,18 @@ class LabelRecord(Result):
     component: int
     label: LabelName
     note: str
-    updated: datetime | None  # None for an unlabeled component
+    updated: datetime | None  # None for an unlabeled component (a write in a history always has it)
     author: str = ""  # the token name that set it; "" on a server without tokens
+
+
+@dataclass(frozen=True)
+class LabelList(Result):
+    """A ListLabels reply: one fit's labels by (class, component), and (when asked) `history`,
+    every write of the selected components, oldest first."""
+
+    fit_id: str
+    labels: tuple[LabelRecord, ...]
+    history: tuple[LabelRecord, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Both sides use it: the client to build requests and read results, the server's rpc layer to
 read requests and build results. It works by name, so a field added to a message and to its
 dataclass needs no converter code:
-- a dataclass is the message of the same name (one exception, `_MESSAGES`) and each field the
+- a dataclass is the message of the same name (the exceptions: `_MESSAGES`) and each field the
   message's field of the same name; a field the message lacks comes from the enclosing message
   (`job_id` of a FitUpdate for its FitProgress, `component` of a VisualizeUpdate);
 - enum values are their lowercase names ("not_spurious"); a zero `*_DEFAULT` / `*_UNSPECIFIED`
@@ -37,7 +37,8 @@ from spurguard.vocab.names import STATUS_CODES
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=Message)
 
-_MESSAGES: dict[type, type[Message]] = {vocab.Components: pb.GetComponentsResponse}
+_MESSAGES: dict[type, type[Message]] = {vocab.Components: pb.GetComponentsResponse,
+                                       vocab.LabelList: pb.ListLabelsResponse}
 _ENUM_ALIASES = {"HEATMAP_NONE": "none"}  # the proto's prefix keeps NONE apart from proto keywords
 _DEFAULT_SUFFIXES = ("_DEFAULT", "_UNSPECIFIED")
 _STATUS_NUMBERS = {name: number for number, name in enumerate(STATUS_CODES)}

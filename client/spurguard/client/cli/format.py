@@ -160,6 +160,7 @@ def label_line(record: t.LabelRecord) -> str:
         f"model {record.model}  class {record.class_index}  component {record.component}: "
         f"{record.label}  (fit {record.fit_id})"
     )
+    text += f"  by {record.author}" if record.author else ""
     return f"{text}  note: {record.note}" if record.note else text
 
 

@@ -11,10 +11,16 @@ Why this shape:
 - The file is re-read when its stat (mtime, size, inode) changes, looked at no more than every
   `RELOAD_CHECK_S` on the call path: rotation needs no restart and no file-watching dependency.
   A rewrite that does not parse keeps the last good tokens and is logged.
+- Who is calling (`caller()`, the matched token's name, which labels record as their author) is
+  a ContextVar set by the interceptor: grpc.aio runs each call, its interceptors and then its
+  handler, in an asyncio task of its own, and a task runs in its own copy of the context, so the
+  value is that call's alone (and `asyncio.to_thread` carries it along). The servicer passes it
+  on explicitly; the data plane never reads it.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import ipaddress
@@ -44,6 +50,7 @@ RoleName = Literal["score", "label", "admin"]
 ROLES: tuple[RoleName, ...] = ("score", "label", "admin")  # each includes the ones before it
 RELOAD_CHECK_S = 1.0  # how often, at most, the token file's stat is compared with the last load's
 METADATA_KEY = "authorization"
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("spurguard_caller", default="")
 
 # Each served service's methods -> the least role that may call them; None: open to anyone
 # (health, reflection and the Open Inference Protocol's probes, for load balancers).
@@ -224,16 +231,24 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     return token.strip()
 
 
-def check(tokens: TokenFile, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
-    """Raise Unauthenticated or PermissionDenied unless the call's token may call `method`."""
+def check(tokens: TokenFile, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> Token | None:
+    """The call's token if it may call `method` (None for a method open to anyone); raises
+    Unauthenticated or PermissionDenied otherwise."""
     needed = METHOD_ROLES.get(method, "admin")
     if needed is None:
-        return
+        return None
     caller = tokens.find(_bearer(metadata))
     if caller is None:
         raise Unauthenticated("unknown token")
     if ROLES.index(caller.role) < ROLES.index(needed):
         raise PermissionDenied(f"token {caller.name!r} has role {caller.role}; {method.lstrip('/')} needs {needed}")
+    return caller
+
+
+def caller() -> str:
+    """The name of the token the current call came with: "" on a server without --auth-tokens
+    and on methods open to anyone. Per call (see the module's docstring)."""
+    return _CALLER.get()
 
 
 _HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
@@ -276,7 +291,8 @@ class RefusingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AuthInterceptor(RefusingInterceptor):
-    """Every call's token checked against the method's role before its handler runs."""
+    """Every call's token checked against the method's role before its handler runs; the call
+    then runs as its token's name (`caller()`)."""
 
     def __init__(self, tokens: TokenFile) -> None:
         self.tokens = tokens
@@ -284,9 +300,10 @@ class AuthInterceptor(RefusingInterceptor):
     async def refuse(self, details: grpc.HandlerCallDetails) -> SpurguardError | None:
         await self.tokens.refresh()
         try:
-            check(self.tokens, details.method, details.invocation_metadata)
+            token = check(self.tokens, details.method, details.invocation_metadata)
         except SpurguardError as error:
             return error
+        _CALLER.set("" if token is None else token.name)  # in the call's own task: its handler sees it
         return None
 
 

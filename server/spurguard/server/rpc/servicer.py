@@ -2,8 +2,8 @@
 
 Each RPC converts its request with spurguard.wire, calls the data plane (serving.dataplane) and
 converts the result back; nothing else happens here but what only gRPC has: a decorator
-(rpc.handlers) gives every handler its status mapping and request metrics, and ScoreStream's
-flow control.
+(rpc.handlers) gives every handler its status mapping and request metrics, ScoreStream's flow
+control, and who is calling (rpc.auth's `caller()`), which Label passes on as the author.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 
 from spurguard import vocab
 from spurguard.server.errors import InvalidInput
+from spurguard.server.rpc.auth import caller
 from spurguard.server.rpc.handlers import stream_call, unary_call
 from spurguard.server.serving.dataplane import DataPlane, image_result
 from spurguard.server.serving.decoding import Tenant
@@ -122,12 +123,11 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
 
     @unary_call
     async def Label(self, request: pb.LabelRequest, context: grpc.aio.ServicerContext) -> pb.LabelRecord:
-        return to_message(await self.plane.label(read(request, vocab.LabelRequest)))
+        return to_message(await self.plane.label(read(request, vocab.LabelRequest), author=caller()))
 
     @unary_call
     async def ListLabels(self, request: pb.ListLabelsRequest, context: grpc.aio.ServicerContext) -> pb.ListLabelsResponse:
-        fit_id, records = await self.plane.list_labels(read(request, vocab.ListLabelsRequest))
-        return pb.ListLabelsResponse(fit_id=fit_id, labels=[to_message(r) for r in records])
+        return to_message(await self.plane.list_labels(read(request, vocab.ListLabelsRequest)))
 
     # ---- visualize ----
 

@@ -48,16 +48,18 @@ from spurguard.server.serving.options import (
 )
 from spurguard.server.serving.paths import DataRoots
 from spurguard.server.store import Fit, Label, Store
+from spurguard.server.store.labels import check_filter
 from spurguard.vocab import SPUFIX_MODES, UNLABELED, SpufixModeName
 
 log = logging.getLogger("spurguard.server")
 
 
-def label_record(label: Label) -> vocab.LabelRecord:
-    """A stored label as a result (an unlabeled component has no time)."""
-    updated = None if label.label == UNLABELED or label.updated is None else datetime.fromisoformat(label.updated)
+def label_record(label: Label, *, written: bool = False) -> vocab.LabelRecord:
+    """A stored label as a result: an unlabeled component has no time, unless the record is a
+    `written` entry of the history, where clearing a label is a write with its time."""
+    unset = label.updated is None or (label.label == UNLABELED and not written)
     return vocab.LabelRecord(label.model, label.fit_id, label.class_index, label.component, label.label,  # type: ignore[arg-type]
-                             label.note, updated)
+                             label.note, None if unset else datetime.fromisoformat(label.updated), label.author)
 
 
 class DataPlane:
@@ -255,11 +257,12 @@ class DataPlane:
             mean=components.mean if request.include_vectors else None,
         )
 
-    async def label(self, request: vocab.LabelRequest) -> vocab.LabelRecord:
+    async def label(self, request: vocab.LabelRequest, *, author: str) -> vocab.LabelRecord:
+        """Set (or clear) one label; `author` is who asks (the caller's token name, "" without tokens)."""
         served = self.models.get(request.model)
-        return label_record(await asyncio.to_thread(self._set_label, served, request))
+        return label_record(await asyncio.to_thread(self._set_label, served, request, author))
 
-    def _set_label(self, served: ServedModel, request: vocab.LabelRequest) -> Label:
+    def _set_label(self, served: ServedModel, request: vocab.LabelRequest, author: str) -> Label:
         k, component = request.class_index, request.component
         fit = self._fitted(served, request.fit_id, k)
         count = fit.summary(k).num_components
@@ -268,26 +271,29 @@ class DataPlane:
                 f"component {component} does not exist: class {k} has components 0..{count - 1} in fit {fit.fit_id}"
             )
         record = self.store.set_label(
-            served.name, served.backend.digest, k, component, request.label, request.note, fit_id=fit.fit_id
+            served.name, served.backend.digest, k, component, request.label, request.note, fit_id=fit.fit_id,
+            author=author,
         )
         if fit.fit_id == served.guard.fit_id:
             served.reload_guard()  # SpuFix and scores use the new label from the next request on
         return record
 
-    async def list_labels(self, request: vocab.ListLabelsRequest) -> tuple[str, list[vocab.LabelRecord]]:
-        """(the fit's id, its labels in (class, component) order)."""
+    async def list_labels(self, request: vocab.ListLabelsRequest) -> vocab.LabelList:
+        """A fit's labels in (class, component) order and, if asked, their history."""
         served = self.models.get(request.model)
         return await asyncio.to_thread(self._labels, served, request)
 
-    def _labels(self, served: ServedModel, request: vocab.ListLabelsRequest) -> tuple[str, list[vocab.LabelRecord]]:
+    def _labels(self, served: ServedModel, request: vocab.ListLabelsRequest) -> vocab.LabelList:
+        check_filter(request.class_index, request.component)  # before the fit: a bad request is the error
         if request.class_index is None:
             fit = self.store.load_fit(served.name, served.backend.digest, request.fit_id)
         else:
             fit = self._fitted(served, request.fit_id, request.class_index)
-        records = self.store.list_labels(
-            served.name, served.backend.digest, fit_id=fit.fit_id, class_index=request.class_index, label=request.label
-        )
-        return fit.fit_id, [label_record(r) for r in records]
+        selected = {"fit_id": fit.fit_id, "class_index": request.class_index, "component": request.component}
+        records = self.store.list_labels(served.name, served.backend.digest, label=request.label, **selected)
+        history = self.store.label_history(served.name, served.backend.digest, **selected) if request.history else []
+        return vocab.LabelList(fit.fit_id, tuple(label_record(r) for r in records),
+                               tuple(label_record(r, written=True) for r in history))
 
     # ---- visualize ----
 

@@ -87,10 +87,10 @@ def carry_labels(
     old_vectors: dict[int, np.ndarray],
     new_vectors: dict[int, np.ndarray],
 ) -> tuple[list[LabelCarried], list[LabelNotCarried]]:
-    """Write the matching ones of `labels` (of one old fit) onto `to_fit`, with a note saying so;
-    what did not match is returned, not written. `old_vectors` needs the labelled classes."""
+    """Write the matching ones of `labels` (of one old fit) onto `to_fit`, with a note saying so
+    and their authors; what did not match is returned, not written. `old_vectors` needs the labelled classes."""
     matched, unmatched = match_labels(labels, old_vectors, new_vectors)
     for record, component, cos in matched:
         db.set(record.model, record.digest, to_fit, record.class_index, component, record.label,
-               _note(record, record.fit_id, cos))
+               _note(record, record.fit_id, cos), author=record.author)  # still who decided it
     return [LabelCarried(r.class_index, r.component, c, r.label, cos) for r, c, cos in matched], unmatched

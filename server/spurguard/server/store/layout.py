@@ -1,8 +1,9 @@
 """Where things live under the store root, and the names allowed in those paths.
 
 ```
-<root>/labels.sqlite3                              labels of every model and fit, and the job
-                                                   records (tables labels, jobs; WAL); with
+<root>/labels.sqlite3                              labels of every model and fit, their history,
+                                                   and the job records (tables labels,
+                                                   label_history, jobs; WAL); with
                                                    --labels postgresql://… they are in that
                                                    database instead (store/postgres.py)
 <root>/owners/<server id>.lock                     flocked by each running server: whose jobs still

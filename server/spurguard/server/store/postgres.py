@@ -9,8 +9,12 @@ every server at once what another changed (`serve --labels postgresql://…`).
   replicas starting together do not race); `schema_version` holds the version reached. A
   database of a newer version than this server knows is refused.
 - **Import**: the first start on a database copies the store's `labels.sqlite3`, if it has one
-  (labels with their notes and timestamps, job records), in that same transaction, and records
-  so in `imports`: later starts never import again, so a label cleared since stays cleared.
+  (labels with their notes, timestamps and authors, their history, job records), in that same
+  transaction, and records so in `imports`: later starts never import again, so a label cleared
+  since stays cleared.
+- **History order**: a label write (and a carry) first locks `label_history` against other
+  writers (SHARE ROW EXCLUSIVE: reads go on), so the identity `seq` of its entries is taken in
+  commit order and history order is exactly the order the writes took effect.
 - **Changes**: a label write NOTIFYs channel `spurguard` (payload: model, digest, fit_id) in
   its own transaction, so the notice goes out exactly when the write commits; a committed fit
   NOTIFYs after its `current.json` is switched. Each server LISTENs on a connection of its own
@@ -45,7 +49,7 @@ from psycopg.conninfo import conninfo_to_dict
 from spurguard.server.errors import FailedPrecondition, InvalidInput, Unavailable, first_line
 from spurguard.server.store.changes import Change, ChangeFeed
 from spurguard.server.store.jobs import JobDB, JobRecord, Row, decode_job, encode_job, iso
-from spurguard.server.store.labels import COLUMNS, Label, LabelDB, key_of
+from spurguard.server.store.labels import COLUMNS, Label, LabelDB, fit_filter, key_of, placeholders, values_of
 from spurguard.server.store.layout import LABELS_DB, OWNERS, new_id
 from spurguard.server.store.sqlite import SqliteJobs, SqliteLabels
 from spurguard.vocab import FINISHED_JOB_STATES, UNLABELED, Job
@@ -104,14 +108,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE imports (source TEXT PRIMARY KEY, store TEXT NOT NULL, labels INTEGER NOT NULL, "
         "jobs INTEGER NOT NULL, imported TIMESTAMPTZ NOT NULL DEFAULT now())",
     ),
+    (  # 2: who set each label, and every write (the history), seeded with the labels as they stand
+        "ALTER TABLE labels ADD COLUMN IF NOT EXISTS author TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE label_history (
+            seq         BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            model       TEXT    NOT NULL,
+            digest      TEXT    NOT NULL,
+            fit_id      TEXT    NOT NULL,
+            class_index INTEGER NOT NULL,
+            component   INTEGER NOT NULL,
+            label       TEXT    NOT NULL CHECK (label IN ('spurious', 'not_spurious', 'inconsistent', 'unlabeled')),
+            note        TEXT    NOT NULL,
+            updated     TEXT    NOT NULL,
+            author      TEXT    NOT NULL
+        )""",
+        "CREATE INDEX label_history_fit ON label_history (model, digest, fit_id, class_index, component)",
+        "INSERT INTO label_history (model, digest, fit_id, class_index, component, label, note, updated, author) "
+        "SELECT model, digest, fit_id, class_index, component, label, note, updated, author FROM labels "
+        "ORDER BY updated, class_index, component",
+    ),
 )
 
 _KEY = "model=%s AND digest=%s AND fit_id=%s AND class_index=%s AND component=%s"
-_UPSERT_LABEL = (
-    f"INSERT INTO labels ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+_ROW = placeholders("%s")
+_ON_KEY = (
     "ON CONFLICT (model, digest, fit_id, class_index, component) "
-    "DO UPDATE SET label=excluded.label, note=excluded.note, updated=excluded.updated"
+    "DO UPDATE SET label=excluded.label, note=excluded.note, updated=excluded.updated, author=excluded.author"
 )
+_UPSERT_LABEL = f"INSERT INTO labels ({COLUMNS}) VALUES {_ROW} {_ON_KEY}"
+_APPEND_HISTORY = f"INSERT INTO label_history ({COLUMNS}) VALUES {_ROW}"
+_LOCK_HISTORY = "LOCK TABLE label_history IN SHARE ROW EXCLUSIVE MODE"  # writers one at a time, readers go on
 _UPSERT_JOB = (
     "INSERT INTO jobs (job_id, model, state, owner, created, record) VALUES (%s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (job_id) DO UPDATE SET model=excluded.model, state=excluded.state, owner=excluded.owner, "
@@ -282,50 +308,54 @@ class _Session(threading.Thread):
 
 
 class PostgresLabels(LabelDB):
-    """The labels table; every write NOTIFYs."""
+    """The labels and label_history tables; every write NOTIFYs."""
 
     def __init__(self, connections: Connections) -> None:
         self._connections = connections
 
     def _write(self, record: Label) -> None:
         def write(db: psycopg.Connection[Any]) -> None:
+            db.execute(_LOCK_HISTORY)
             if record.label == UNLABELED:
                 db.execute(f"DELETE FROM labels WHERE {_KEY}", key_of(record))
             else:
-                db.execute(_UPSERT_LABEL, (*key_of(record), record.label, record.note, record.updated))
+                db.execute(_UPSERT_LABEL, values_of(record))
+            db.execute(_APPEND_HISTORY, values_of(record))
             db.execute(_NOTIFY, (CHANNEL, _payload(record.model, record.digest, record.fit_id)))
 
         self._connections.run(write)
 
-    def _select(self, model: str, digest: str, fit_id: str, class_index: int | None, label: str | None) -> list[Label]:
-        sql = f"SELECT {COLUMNS} FROM labels WHERE model=%s AND digest=%s AND fit_id=%s"
-        args: list[object] = [model, digest, fit_id]
-        if class_index is not None:
-            sql += " AND class_index=%s"
-            args.append(class_index)
-        if label is not None:
-            sql += " AND label=%s"
-            args.append(label)
-        rows = self._connections.run(lambda db: db.execute(sql + " ORDER BY class_index, component", args).fetchall())
-        return [Label(*row) for row in rows]
+    def _rows(self, table: str, order: str, where: str, args: list[object]) -> list[Label]:
+        sql = f"SELECT {COLUMNS} FROM {table} WHERE {where} ORDER BY {order}"
+        return [Label(*row) for row in self._connections.run(lambda db: db.execute(sql, args).fetchall())]
+
+    def _select(
+        self, model: str, digest: str, fit_id: str, class_index: int | None, component: int | None, label: str | None
+    ) -> list[Label]:
+        return self._rows("labels", "class_index, component",
+                          *fit_filter("%s", model, digest, fit_id, class_index, component, label))
+
+    def _history(self, model: str, digest: str, fit_id: str, class_index: int | None, component: int | None) -> list[Label]:
+        return self._rows("label_history", "seq", *fit_filter("%s", model, digest, fit_id, class_index, component))
 
     def carry(self, model: str, digest: str, source_fit: str, target_fit: str, classes: Iterable[int]) -> None:
+        copied = "model, digest, %s, class_index, component, label, note, updated, author"
+        source = "WHERE model=%s AND digest=%s AND fit_id=%s AND class_index = ANY(%s::integer[])"
+        args = (target_fit, model, digest, source_fit, [int(k) for k in classes])
+
         def copy(db: psycopg.Connection[Any]) -> None:
-            db.execute(
-                f"INSERT INTO labels ({COLUMNS}) "
-                "SELECT model, digest, %s, class_index, component, label, note, updated FROM labels "
-                "WHERE model=%s AND digest=%s AND fit_id=%s AND class_index = ANY(%s::integer[]) "
-                "ON CONFLICT (model, digest, fit_id, class_index, component) "
-                "DO UPDATE SET label=excluded.label, note=excluded.note, updated=excluded.updated",
-                (target_fit, model, digest, source_fit, [int(k) for k in classes]),
-            )
+            db.execute(_LOCK_HISTORY)
+            db.execute(f"INSERT INTO labels ({COLUMNS}) SELECT {copied} FROM labels {source} {_ON_KEY}", args)
+            db.execute(f"INSERT INTO label_history ({COLUMNS}) SELECT {copied} FROM label_history {source} "
+                       "ORDER BY seq", args)
             db.execute(_NOTIFY, (CHANNEL, _payload(model, digest, target_fit)))
 
         self._connections.run(copy)
 
     def forget_fit(self, model: str, digest: str, fit_id: str) -> None:
         def forget(db: psycopg.Connection[Any]) -> None:
-            db.execute("DELETE FROM labels WHERE model=%s AND digest=%s AND fit_id=%s", (model, digest, fit_id))
+            for table in ("labels", "label_history"):
+                db.execute(f"DELETE FROM {table} WHERE model=%s AND digest=%s AND fit_id=%s", (model, digest, fit_id))
             db.execute(_NOTIFY, (CHANNEL, _payload(model, digest, fit_id)))
 
         self._connections.run(forget)
@@ -338,8 +368,10 @@ class PostgresLabels(LabelDB):
             log.warning("could not tell the other servers about fit %s of %s: %s", fit_id, model, error)
 
     def rows(self) -> Iterator[Label]:
-        yield from (Label(*row) for row in self._connections.run(
-            lambda db: db.execute(f"SELECT {COLUMNS} FROM labels").fetchall()))
+        yield from self._rows("labels", "class_index, component", "TRUE", [])
+
+    def history_rows(self) -> Iterator[Label]:
+        yield from self._rows("label_history", "seq", "TRUE", [])
 
 
 class PostgresJobs(JobDB):
@@ -432,18 +464,19 @@ def _migrate(db: psycopg.Connection[Any]) -> int:
 
 
 def _import_sqlite(db: psycopg.Connection[Any], root: Path) -> None:
-    """Copy the store's labels.sqlite3 (labels and job records, as they are) the first time a
-    server starts on this database; inside the migration's transaction, so at most once."""
+    """Copy the store's labels.sqlite3 (labels, their history, job records, as they are) the first
+    time a server starts on this database; inside the migration's transaction, so at most once."""
     if db.execute("SELECT 1 FROM imports WHERE source=%s", (IMPORT_SOURCE,)).fetchone() is not None:
         return
     source = root / LABELS_DB
-    labels = list(SqliteLabels(source).rows()) if source.is_file() else []
+    embedded = SqliteLabels(source) if source.is_file() else None
+    labels = [] if embedded is None else list(embedded.rows())
+    history = [] if embedded is None else list(embedded.history_rows())
     jobs = list(SqliteJobs(source, root / OWNERS).rows()) if source.is_file() else []
     with db.cursor() as cursor:
-        cursor.executemany(
-            f"INSERT INTO labels ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            [(*key_of(x), x.label, x.note, x.updated) for x in labels],
-        )
+        cursor.executemany(f"INSERT INTO labels ({COLUMNS}) VALUES {_ROW} ON CONFLICT DO NOTHING",
+                           [values_of(x) for x in labels])
+        cursor.executemany(_APPEND_HISTORY, [values_of(x) for x in history])  # in order: seq follows it
         cursor.executemany(
             "INSERT INTO jobs (job_id, model, state, owner, created, record) VALUES (%s, %s, %s, %s, %s, %s) "
             "ON CONFLICT DO NOTHING",

@@ -27,7 +27,7 @@ from spurguard.server.store.atomic import (
 from spurguard.server.store.changes import ChangeFeed
 from spurguard.server.store.database import SQLITE, open_database
 from spurguard.server.store.fits import Fit, FitMeta, FitSettings, FitWriter, clear_leftovers
-from spurguard.server.store.labels import UNLABELED, Label, check_label
+from spurguard.server.store.labels import UNLABELED, Label, check_filter, check_label
 from spurguard.server.store.transfers import StoredTransfer, TransferSettings, TransferWriter
 from spurguard.server.store.layout import (
     CURRENT,
@@ -246,10 +246,18 @@ class Store:
 
     # ---- labels ----
 
-    def _fit_and_class(self, model: str, digest: str, fit_id: str | None, class_index: int | None) -> Fit:
+    def _fit_and_class(
+        self, model: str, digest: str, fit_id: str | None, class_index: int | None, component: int | None = None
+    ) -> Fit:
+        """The fit (the current one by default); the class and component, where given, must be in it."""
+        check_filter(class_index, component)
         fit = self.load_fit(model, digest, fit_id)
         if class_index is not None:
-            fit.summary(_index(class_index, "class"))
+            num = fit.summary(_index(class_index, "class")).num_components
+            if component is not None and _index(component, "component") >= num:
+                raise NotFound(
+                    f"class {class_index} has {num} components in fit {fit.fit_id}; no component {component}"
+                )
         return fit
 
     def set_label(
@@ -262,16 +270,13 @@ class Store:
         note: str = "",
         *,
         fit_id: str | None = None,
+        author: str = "",
     ) -> Label:
-        """Label one component of a fit (the current one by default); `unlabeled` clears it."""
+        """Label one component of a fit (the current one by default); `unlabeled` clears it.
+        `author`: who did (the caller's token name)."""
         check_label(label)
-        fit = self._fit_and_class(model, digest, fit_id, class_index)
-        num = fit.summary(class_index).num_components
-        if _index(component, "component") >= num:
-            raise NotFound(
-                f"class {class_index} has {num} components in fit {fit.fit_id}; no component {component}"
-            )
-        return self.labels.set(model, digest, fit.fit_id, class_index, component, label, note)
+        fit = self._fit_and_class(model, digest, fit_id, class_index, component)
+        return self.labels.set(model, digest, fit.fit_id, class_index, component, label, note, author=author)
 
     def list_labels(
         self,
@@ -281,23 +286,40 @@ class Store:
         fit_id: str | None = None,
         class_index: int | None = None,
         label: str | None = None,
+        component: int | None = None,
     ) -> list[Label]:
-        """Labels of a fit (current by default), optionally one class and one label value.
+        """Labels of a fit (current by default), optionally one class (and one of its components)
+        and one label value.
 
         `label="unlabeled"` lists the fit's components nobody has labeled yet (updated = None).
         """
         if label is not None:
             check_label(label)
-        fit = self._fit_and_class(model, digest, fit_id, class_index)
+        fit = self._fit_and_class(model, digest, fit_id, class_index, component)
         if label != UNLABELED:
-            return self.labels.query(model, digest, fit.fit_id, class_index, label)
-        done = {(x.class_index, x.component) for x in self.labels.query(model, digest, fit.fit_id, class_index)}
+            return self.labels.query(model, digest, fit.fit_id, class_index, label, component)
+        done = {(x.class_index, x.component) for x in self.labels.query(
+            model, digest, fit.fit_id, class_index, component=component)}
         return [
             Label(model, digest, fit.fit_id, k, c, UNLABELED, "", None)
             for k in (fit.classes if class_index is None else (class_index,))
-            for c in range(fit.summary(k).num_components)
+            for c in (range(fit.summary(k).num_components) if component is None else (component,))
             if (k, c) not in done
         ]
+
+    def label_history(
+        self,
+        model: str,
+        digest: str,
+        *,
+        fit_id: str | None = None,
+        class_index: int | None = None,
+        component: int | None = None,
+    ) -> list[Label]:
+        """Every label write of a fit (current by default), unlabeled ones too, oldest first;
+        optionally one class (and one of its components)."""
+        fit = self._fit_and_class(model, digest, fit_id, class_index, component)
+        return self.labels.history(model, digest, fit.fit_id, class_index, component)
 
     def label_map(self, model: str, digest: str, fit_id: str) -> dict[tuple[int, int], str]:
         """(class, component) -> label of every labelled component of a fit: one query, the fit
