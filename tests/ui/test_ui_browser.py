@@ -6,6 +6,7 @@ check is what the server then holds (over gRPC) and what another person's page s
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.request
@@ -172,7 +173,7 @@ def test_leaving_the_page_cancels_its_attacks_on_the_server(world: World, tmp_pa
     k = world.planted["watermark"]
     metrics = f"http://127.0.0.1:{world.metrics_port}/metrics"
     before = _cancelled_visualize_calls(metrics)
-    with labelling_page(world, "alice", steps=1_000_000) as page, browser(tmp_path / "alice") as driver:
+    with labelling_page(world, "alice", steps=5000) as page, browser(tmp_path / "alice") as driver:
         open_class(driver, page.url, k)
         wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#component-0 img.attack-image"), timeout=LOAD_S,
              what="the first attack frame")
@@ -180,7 +181,7 @@ def test_leaving_the_page_cancels_its_attacks_on_the_server(world: World, tmp_pa
         deadline = time.monotonic() + 10
         while _cancelled_visualize_calls(metrics) < before + 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-    assert _cancelled_visualize_calls(metrics) == before + 2  # both running attacks, not left to run a million steps
+    assert _cancelled_visualize_calls(metrics) == before + 2  # both running attacks, not left to run 5000 steps
 
 
 def test_a_token_that_may_only_score_is_told_it_is_not_allowed(world: World, tmp_path: Path) -> None:
@@ -207,3 +208,38 @@ def test_server_errors_are_pages_in_words(world: World, tmp_path: Path) -> None:
         driver.get(f"{page.url}models/{MODEL}/classes/{world.unfitted}")
         problem = wait(driver, lambda d: d.find_element(By.ID, "problem"))
         assert problem.get_attribute("data-code") == "FAILED_PRECONDITION" and "Not possible yet" in problem.text
+
+
+def _full_page_screenshot(driver: WebDriver, path: Path) -> None:
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(int(height) + 40, 6000))
+    driver.execute_script("window.scrollTo(0, 0)")
+    assert driver.save_screenshot(str(path)), path
+
+
+def test_screenshots_of_the_pages(world: World, tmp_path: Path) -> None:
+    """Pictures of the three pages to look at (`make ui-screenshots` keeps them in
+    ui-screenshots/; here they go to a temporary folder): labels of two people, a note, the
+    attacks done, one page with heatmaps shown."""
+    out = Path(os.environ.get("SPURGUARD_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    k = world.planted["watermark"]
+    with world.client("bob") as bob:
+        bob.label(MODEL, k, 0, "not_spurious", note="the star itself")
+    with labelling_page(world, "alice") as page, browser(tmp_path / "alice") as driver:
+        open_class(driver, page.url, k)
+        rows = driver.find_elements(By.CSS_SELECTOR, "section.component")
+        wait(driver, lambda d: all(r.get_attribute("data-attack") == "done" for r in rows), timeout=LOAD_S,
+             what="every component's visualisation")
+        focus(driver, 2)
+        keys(driver, "i")
+        wait(driver, lambda d: badge(d, 2) == "inconsistent")
+        _full_page_screenshot(driver, out / "class.png")
+        keys(driver, "h")
+        _full_page_screenshot(driver, out / "class-heatmaps.png")
+        driver.get(f"{page.url}models/{MODEL}")
+        _full_page_screenshot(driver, out / "classes.png")
+        driver.get(page.url)
+        _full_page_screenshot(driver, out / "models.png")
+    for name in ("class", "class-heatmaps", "classes", "models"):
+        assert (out / f"{name}.png").stat().st_size > 10_000, name

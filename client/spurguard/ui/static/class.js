@@ -64,7 +64,7 @@
     if (event.key === "j") focusRow(focused + 1, true);
     else if (event.key === "k") focusRow(focused - 1, true);
     else if (event.key === "h") toggleHeatmaps();
-    else if (event.key === "/" && row) part(row, "note").focus();
+    else if (event.key === "/" && row) part(row, "note").select(); // typing replaces, arrows edit
     else if (KEY_LABELS[event.key] && row) setLabel(row, KEY_LABELS[event.key]);
     else return;
     event.preventDefault();
