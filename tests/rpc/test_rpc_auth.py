@@ -233,6 +233,21 @@ def test_a_malformed_token_file_is_a_clear_error(tmp_path: Path, text: str, mess
         auth.load_tokens(tmp_path / "t.toml")
 
 
+def test_write_tokens_writes_a_private_file_that_loads_back_and_keeps_no_token(tmp_path: Path) -> None:
+    """What the demo issues its tokens with: any name survives TOML quoting, the file replaces a
+    readable one as 0600, and only the digests are in it."""
+    path = tmp_path / "tokens.toml"
+    path.write_text("old")
+    path.chmod(0o644)
+    names = ['a "quoted" \\ name', "tab\tnew\nline del\x7f", "\u00e9t\u00e9 \U0001f600"]
+    written = [auth.Token.of(name, role, f"secret-{role}") for name, role in zip(names, auth.ROLES)]
+    auth.write_tokens(path, written)
+    assert auth.load_tokens(path) == tuple(written)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert "secret-" not in path.read_text() and sorted(p.name for p in tmp_path.iterdir()) == ["tokens.toml"]
+    assert auth.TokenFile(path).find("secret-label") == written[1]
+
+
 def test_a_bad_token_file_stops_serve_before_the_port_opens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "t.toml").write_text(GOOD.replace('"score"', '"root"'))
     argv = ["--model", MODEL, "--store", str(tmp_path / "store"), "--port", "0", "--device", "cpu"]

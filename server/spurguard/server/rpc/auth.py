@@ -18,8 +18,10 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import os
+import tempfile
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
@@ -84,6 +86,15 @@ class Token:
     role: RoleName
     digest: bytes  # sha256 of the token
 
+    @classmethod
+    def of(cls, name: str, role: RoleName, token: str) -> Token:
+        """The entry for `token`, which itself is not kept."""
+        return cls(name, role, _digest(token))
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
 
 def _token_entry(entry: object, number: int, path: Path) -> Token:
     where = f"{path}: [[token]] {number}"
@@ -128,6 +139,27 @@ def load_tokens(path: Path) -> tuple[Token, ...]:
     return tokens
 
 
+def write_tokens(path: Path, tokens: Sequence[Token]) -> None:
+    """Write a token file, private to its owner (0600) whatever was there: a new file renamed
+    over the old one, so that a server reloading it never reads half a file."""
+    tables = [f'[[token]]\nname = {_toml_string(t.name)}\nrole = "{t.role}"\nsha256 = "{t.digest.hex()}"\n'
+              for t in tokens]
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write("\n".join(tables))
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, but for DEL, which TOML wants escaped too
+    (and astral characters stay literal: TOML has no surrogate-pair escapes)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _stat_key(path: Path) -> tuple[int, int, int] | None:
     """What changes when the file is edited or replaced; None while it is missing."""
     try:
@@ -167,7 +199,7 @@ class TokenFile:
 
     def find(self, token: str) -> Token | None:
         """The entry whose digest is the token's: every entry compared, in constant time each."""
-        digest = hashlib.sha256(token.encode()).digest()
+        digest = _digest(token)
         found = None
         for entry in self.tokens:
             if hmac.compare_digest(entry.digest, digest):
