@@ -32,8 +32,9 @@ test: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# ARGS go to the demo: `make demo ARGS=--keep-serving` leaves its server running for `spurguard ui`.
 demo: $(STAMP)
-	$(BIN)/python -m spurguard.server.demo
+	$(BIN)/python -m spurguard.server.demo $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

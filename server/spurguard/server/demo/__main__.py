@@ -6,7 +6,11 @@ Label API a person would use), scores a mixed batch of "production" images, and 
 spurious score without and with SpuFix in both modes. Then it does what the paper did: the same
 labelling on the adversarially robust demo model (demo_robust, whose feature attacks show the
 features), a transfer of those labels to the standard model (max_cov), and the standard model's
-spurious score with its own labels vs with the transferred ones. Everything goes over gRPC.
+spurious score with its own labels vs with the transferred ones. Everything goes over gRPC, with
+auth on: a fresh token file each run, an admin token for the demo and a label token for a person.
+
+`--keep-serving` leaves the server running afterwards, for labelling in the browser: the demo
+prints the `spurguard ui` command with the label token, and stops the server on Ctrl-C / SIGTERM.
 
 `--data-only DIR` only writes the dataset (train / clean_test / spurious_test folders, masks,
 classes.txt and ground_truth.json) into DIR, for running the steps by hand; no server starts.
@@ -15,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +44,7 @@ from spurguard.server.demo.generator import (
     without_feature,
 )
 from spurguard.server.demo.planted import LABEL_SEARCH, MIN_AUC, Contrast, label_planted_features
+from spurguard.server.rpc import auth
 from spurguard.server.rpc.process import ServerProcess
 from spurguard.vocab import EvaluateResult, FitSummary, SpuriousDirectionsName, TransferSummary
 
@@ -45,6 +53,10 @@ ROBUST = "demo_robust"  # the discovery model: labelled here, its labels transfe
 T = TypeVar("T")
 REPORT_COMPONENTS = 5  # per planted class, in the HTML report
 REPORT_STEPS = 50  # attack steps per component: enough at 64x64 to show the feature
+TOKEN_FILE = "tokens.toml"  # in the workdir, rewritten each run: only the tokens' sha256
+LABELLER = "labeller"  # the label token's name, which the labelling page shows as who labelled
+UI_URL = "http://127.0.0.1:8080/"  # where `spurguard ui` opens by default
+STOP_POLL_S = 0.2  # while kept serving: how often Ctrl-C / SIGTERM and the server's exit are looked at
 
 
 def _progress() -> Progress:
@@ -272,6 +284,9 @@ def _parser() -> argparse.ArgumentParser:
         default = getattr(defaults, flag.replace("-", "_"))
         parser.add_argument(f"--{flag}", type=_count, default=default, metavar="N", help=f"{what} (default {default})")
     parser.add_argument("--summary", type=Path, help="also write the numbers as JSON to this file")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="afterwards keep the server running for labelling with `spurguard ui` (its command, "
+                             "with a label token, is printed last) until Ctrl-C or SIGTERM")
     return parser
 
 
@@ -298,30 +313,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, truth = _dataset(workdir, config)
     store = workdir / "store"
     shutil.rmtree(store, ignore_errors=True)  # a fresh fit each run: the demo shows the whole job
-    with ServerProcess(["--model", MODEL, "--model", ROBUST, "--store", str(store), "--data-root", str(data)]) as server:
-        print(f"server with the demo models {MODEL} and {ROBUST} on {server.target} (store {store})")
-        with Client(server.target) as client:
-            fit = fit_all(client, data / "train")
-            labels = label_from_ground_truth(client, data, truth)
-            triggers = score_production(client, data, truth, production_batch(truth, per_class=3, per_feature=6))
-            evaluation = evaluate_both(client, data, truth)
-            transfer = transfer_from_robust(client, data, truth)
-            reports = {model: write_report(
-                client, client.get_model(model), workdir / f"report-{model}", [f.class_index for f in truth.features],
-                top=REPORT_COMPONENTS, steps=REPORT_STEPS,
-            ) for model in (MODEL, ROBUST)}
-    for model, report in reports.items():
+    tokens = workdir / TOKEN_FILE
+    admin, labeller = issue_tokens(tokens)
+    serve = ["--model", MODEL, "--model", ROBUST, "--store", str(store), "--data-root", str(data),
+             "--auth-tokens", str(tokens)]
+    with ServerProcess(serve) as server:
+        print(f"server with the demo models {MODEL} and {ROBUST} on {server.target} (store {store}, tokens {tokens})")
+        with Client(server.target, token=admin) as client:
+            summary = run(client, workdir, data, truth)
+        if args.summary:
+            args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        return finish(server, labeller, keep_serving=args.keep_serving)
+
+
+def issue_tokens(path: Path) -> tuple[str, str]:
+    """Fresh random tokens, written (hashed) to `path`: (admin, label). They live only in this
+    process and on the screen, never in a file."""
+    admin, labeller = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    auth.write_tokens(path, [auth.Token.of(MODEL, "admin", admin), auth.Token.of(LABELLER, "label", labeller)])
+    return admin, labeller
+
+
+def run(client: Client, workdir: Path, data: Path, truth: GroundTruth) -> dict[str, object]:
+    """The whole demo on a running server; its numbers, for `--summary`."""
+    fit = fit_all(client, data / "train")
+    labels = label_from_ground_truth(client, data, truth)
+    triggers = score_production(client, data, truth, production_batch(truth, per_class=3, per_feature=6))
+    evaluation = evaluate_both(client, data, truth)
+    transfer = transfer_from_robust(client, data, truth)
+    for model in (MODEL, ROBUST):
+        report = write_report(client, client.get_model(model), workdir / f"report-{model}",
+                              [f.class_index for f in truth.features], top=REPORT_COMPONENTS, steps=REPORT_STEPS)
         print(f"\nreport for the labeller of {model} (components, attacks, heatmaps): {report['index']}")
-    if args.summary:
-        summary = {
-            "fit": {"fit_id": fit.fit_id, "images": fit.images, "classes": len(fit.classes)},
-            "labels": [{"feature": n, "class": k, "component": c, "auc": a} for n, k, c, a in labels],
-            "triggers": triggers,
-            "evaluate": {mode: result.to_dict() for mode, result in evaluation.items()},
-            "transfer": transfer,
-        }
-        args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    return 0
+    return {
+        "fit": {"fit_id": fit.fit_id, "images": fit.images, "classes": len(fit.classes)},
+        "labels": [{"feature": n, "class": k, "component": c, "auc": a} for n, k, c, a in labels],
+        "triggers": triggers,
+        "evaluate": {mode: result.to_dict() for mode, result in evaluation.items()},
+        "transfer": transfer,
+    }
+
+
+def finish(server: ServerProcess, label_token: str, *, keep_serving: bool) -> int:
+    """The demo's last words, then its exit code. Without `keep_serving`: how to keep the server
+    (it stops when the demo ends). With it: the server's address and the `spurguard ui` command
+    with the label token (the last line, so that it is what stays on screen), then serve until
+    Ctrl-C or SIGTERM; 1 if the server itself ends first."""
+    if not keep_serving:
+        print("\nthe demo server stops now; to keep it serving for labelling in the browser (spurguard ui): "
+              "make demo ARGS=--keep-serving, or spurguard demo --keep-serving")
+        return 0
+    with _stop_requests() as stop:  # before the command is printed: whoever reads it may stop the demo at once
+        print(f"\nthe demo server keeps serving {MODEL} and {ROBUST} on {server.target} (pid {server.process.pid}) "
+              "until Ctrl-C or SIGTERM")
+        print(f"to label their components in the browser, run this (the token of {LABELLER!r}, role label, is shown "
+              f"only here) and open {UI_URL}:")
+        print(f"  spurguard ui --server {server.target} --token {label_token}", flush=True)
+        while not stop and server.process.poll() is None:
+            time.sleep(STOP_POLL_S)
+    if stop:
+        print(f"{signal.Signals(stop[0]).name}: stopping the demo server (pid {server.process.pid})", file=sys.stderr)
+        return 0
+    print(f"the demo server ended by itself (exit code {server.process.returncode})", file=sys.stderr)
+    return 1
+
+
+@contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """The SIGINT / SIGTERM received while inside, which no longer end the demo. Python-level
+    handlers, not sigwait: grpc's threads leave the signals unblocked, so only a handler reliably
+    sees them; and one that only appends, as a lock taken in a handler can deadlock its thread."""
+    stop: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _: stop.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
