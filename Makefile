@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: setup triton-venv test demo bench fuzz deploy-check image-check demo-robust-model clean
+.PHONY: setup triton-venv test demo bench fuzz deploy-check image-check demo-robust-model ui-screenshots clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,11 @@ image-check:
 # about 11 CPU-minutes (one thread, which beats two on a busy 2-core machine). Its settings,
 # accuracy and the eps trade-off measured for it are in demo/model_robust/train_report.json.
 ROBUST_DIR := server/spurguard/server/demo/model_robust
+# Pictures of the labelling page (`spurguard ui`), taken by the browser test that makes them.
+ui-screenshots: $(STAMP)
+	SPURGUARD_UI_SCREENSHOTS=$(CURDIR)/ui-screenshots $(BIN)/python -m pytest -q tests/ui/test_ui_browser.py -k screenshots
+	@echo "screenshots in ui-screenshots/"
+
 demo-robust-model: $(STAMP)
 	$(BIN)/python -m spurguard.server.demo.train --data .demo/data --out $(ROBUST_DIR) --name demo_robust \
 		--eps 1.0 --attack-steps 3 --epochs 10 --seed 0 --threads 1

@@ -20,6 +20,7 @@ ALLOWED = {
     "spurguard.vocab": set(),
     "spurguard.wire": {"spurguard.vocab", "spurguard.v1"},
     "spurguard.client": {"spurguard.vocab", "spurguard.wire", "spurguard.v1"},
+    "spurguard.ui": {"spurguard.client", "spurguard.vocab"},  # a client program: the public API only
     "spurguard.server.errors": {"spurguard.vocab"},
     "spurguard.server.engine": {"spurguard.server.errors", "spurguard.vocab"},
     "spurguard.server.backends": {"spurguard.server.errors", "spurguard.server.demo", "spurguard.vocab"},  # demo: its weights
@@ -114,6 +115,7 @@ def _loaded(module: str) -> set[str]:
         ("spurguard.server.serving.dataplane", {"grpc", "google", "spurguard.v1", "spurguard.wire", "spurguard.client"}),
         ("spurguard.vocab", {"grpc", "google", "torch", "spurguard.v1", "spurguard.server"}),
         ("spurguard.wire", {"grpc", "torch", "spurguard.server"}),
+        ("spurguard.ui.app", {"torch", "spurguard.server"}),  # works against any server, with no server code
     ],
 )
 def test_importing_a_layer_loads_nothing_above_it(module: str, absent: set[str]) -> None:

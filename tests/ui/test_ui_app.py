@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from ui_support import MODEL, World, labelling_page
+from ui_support import MODEL, SOURCE, SOURCE_LABEL, World, labelling_page
 
 from spurguard import vocab as t
 from spurguard.client import Client, SpurguardClientError
@@ -138,6 +138,25 @@ def test_a_foreign_host_header_is_refused_and_pages_carry_a_strict_policy(world:
             assert "default-src 'none'" in policy and "script-src 'self'" in policy
             assert reply.headers["X-Content-Type-Options"] == "nosniff"
             assert f'href="/models/{MODEL}"' in reply.read().decode()
+
+
+def test_transferred_labels_are_shown_on_the_targets_pages(world: World) -> None:
+    """Which labels came from which model: the target's class page lists the source's labels
+    of that class that its scores now remove, and its models row names the source."""
+    k = world.planted["flower"]
+    with labelling_page(world, "alice") as page:
+        with urllib.request.urlopen(page.url, timeout=30) as reply:
+            models = reply.read().decode()
+        with urllib.request.urlopen(f"{page.url}models/{MODEL}/classes/{k}", timeout=30) as reply:
+            target = reply.read().decode()
+        with urllib.request.urlopen(f"{page.url}models/{SOURCE}/classes/{k}", timeout=30) as reply:
+            source = reply.read().decode()
+    assert f'from <a href="/models/{SOURCE}">{SOURCE}</a>' in models
+    component, label, note = SOURCE_LABEL
+    box = target[target.index('<section class="transfer"'):target.index("</section>", target.index('<section class="transfer"'))]
+    assert f'Transferred from <a href="/models/{SOURCE}/classes/{k}">{SOURCE}</a>' in box
+    assert f'<span class="label {label}">' in box and f"{SOURCE} component {component}: “{note}”" in box
+    assert '<section class="transfer"' not in source  # the source labels its own components
 
 
 def test_an_unreachable_server_is_a_page_that_says_so(world: World) -> None:

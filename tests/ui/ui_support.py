@@ -14,8 +14,11 @@ from spurguard.server.demo.generator import generate, load_ground_truth
 from spurguard.server.rpc import auth
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 from spurguard.ui.server import UiServer, UiSettings
+from spurguard.vocab import TransferSummary
 
 MODEL = "demo"
+SOURCE = "demo_robust"  # its labels are transferred to MODEL, as `make demo` does
+SOURCE_LABEL = (0, "spurious", "the stamp, seen on the robust model")  # (component, label, note) of each planted class
 # token name -> (role, token): two labellers, someone who may only read, the admin who fits
 PEOPLE = {
     "alice": ("label", "tok-alice-1"),
@@ -48,16 +51,23 @@ def fitted_world(tmp: Path) -> Iterator[World]:
     truth = load_ground_truth(data)
     tokens = tmp / "tokens.toml"
     auth.write_tokens(tokens, [auth.Token.of(name, role, token) for name, (role, token) in PEOPLE.items()])  # type: ignore[arg-type]
-    config = ServerConfig(models=(MODEL,), store=tmp / "store", port=0, device="cpu", grace_s=1.0,
+    config = ServerConfig(models=(MODEL, SOURCE), store=tmp / "store", port=0, device="cpu", grace_s=1.0,
                           data_roots=(data,), auth_tokens=tokens, metrics_port=0)
     with BackgroundServer(config) as server:
         planted = {f.name: f.class_index for f in truth.features}
         unfitted = min(set(range(len(truth.classes))) - set(planted.values()))
         assert server.metrics_port is not None
         world = World(server.address, server.metrics_port, planted, unfitted)
+        classes = sorted(planted.values())
         with world.client("admin") as admin:
-            *_, summary = admin.fit(MODEL, str(data / "train"), classes=sorted(world.planted.values()))
-        assert summary.classes, "the fit committed no classes"
+            for model in (MODEL, SOURCE):
+                *_, summary = admin.fit(model, str(data / "train"), classes=classes)
+                assert summary.classes, f"the fit of {model} committed no classes"
+            component, label, note = SOURCE_LABEL
+            for k in classes:
+                admin.label(SOURCE, k, component, label, note=note)  # type: ignore[arg-type]
+            *_, transfer = admin.transfer(SOURCE, MODEL)
+            assert isinstance(transfer, TransferSummary) and transfer.classes
         yield world
 
 
