@@ -57,9 +57,10 @@ log = logging.getLogger("spurguard.server")
 def label_record(label: Label, *, written: bool = False) -> vocab.LabelRecord:
     """A stored label as a result: an unlabeled component has no time, unless the record is a
     `written` entry of the history, where clearing a label is a write with its time."""
-    unset = label.updated is None or (label.label == UNLABELED and not written)
+    cleared = label.label == UNLABELED and not written
+    updated = None if cleared or label.updated is None else datetime.fromisoformat(label.updated)
     return vocab.LabelRecord(label.model, label.fit_id, label.class_index, label.component, label.label,  # type: ignore[arg-type]
-                             label.note, None if unset else datetime.fromisoformat(label.updated), label.author)
+                             label.note, updated, label.author)
 
 
 class DataPlane:

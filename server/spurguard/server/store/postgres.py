@@ -12,9 +12,9 @@ every server at once what another changed (`serve --labels postgresql://…`).
   (labels with their notes, timestamps and authors, their history, job records), in that same
   transaction, and records so in `imports`: later starts never import again, so a label cleared
   since stays cleared.
-- **History order**: a label write (and a carry) first locks `label_history` against other
-  writers (SHARE ROW EXCLUSIVE: reads go on), so the identity `seq` of its entries is taken in
-  commit order and history order is exactly the order the writes took effect.
+- **History order**: a label write (a carry, a forgotten fit) first locks `label_history`
+  against other writers (SHARE ROW EXCLUSIVE: reads go on), so the identity `seq` of its entries
+  is taken in commit order and history order is exactly the order the writes took effect.
 - **Changes**: a label write NOTIFYs channel `spurguard` (payload: model, digest, fit_id) in
   its own transaction, so the notice goes out exactly when the write commits; a committed fit
   NOTIFYs after its `current.json` is switched. Each server LISTENs on a connection of its own
@@ -354,6 +354,7 @@ class PostgresLabels(LabelDB):
 
     def forget_fit(self, model: str, digest: str, fit_id: str) -> None:
         def forget(db: psycopg.Connection[Any]) -> None:
+            db.execute(_LOCK_HISTORY)  # first, as every writer: none waits on a row lock while holding it
             for table in ("labels", "label_history"):
                 db.execute(f"DELETE FROM {table} WHERE model=%s AND digest=%s AND fit_id=%s", (model, digest, fit_id))
             db.execute(_NOTIFY, (CHANNEL, _payload(model, digest, fit_id)))
