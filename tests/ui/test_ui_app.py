@@ -155,7 +155,7 @@ def test_transferred_labels_are_shown_on_the_targets_pages(world: World) -> None
     component, label, note = SOURCE_LABEL
     box = target[target.index('<section class="transfer"'):target.index("</section>", target.index('<section class="transfer"'))]
     assert f'Transferred from <a href="/models/{SOURCE}/classes/{k}">{SOURCE}</a>' in box
-    assert f'<span class="label {label}">' in box and f"{SOURCE} component {component}: “{note}”" in box
+    assert f'<span class="label {label}">' in box and f"{SOURCE} component {component}: “{note}” — admin" in box
     assert '<section class="transfer"' not in source  # the source labels its own components
 
 

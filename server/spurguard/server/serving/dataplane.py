@@ -14,7 +14,6 @@ import functools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +51,6 @@ from spurguard.server.store.labels import check_filter
 from spurguard.vocab import SPUFIX_MODES, UNLABELED, SpufixModeName
 
 log = logging.getLogger("spurguard.server")
-
-
-def label_record(label: Label, *, written: bool = False) -> vocab.LabelRecord:
-    """A stored label as a result: an unlabeled component has no time, unless the record is a
-    `written` entry of the history, where clearing a label is a write with its time."""
-    cleared = label.label == UNLABELED and not written
-    updated = None if cleared or label.updated is None else datetime.fromisoformat(label.updated)
-    return vocab.LabelRecord(label.model, label.fit_id, label.class_index, label.component, label.label,  # type: ignore[arg-type]
-                             label.note, updated, label.author)
 
 
 class DataPlane:
@@ -261,7 +251,7 @@ class DataPlane:
     async def label(self, request: vocab.LabelRequest, *, author: str) -> vocab.LabelRecord:
         """Set (or clear) one label; `author` is who asks (the caller's token name, "" without tokens)."""
         served = self.models.get(request.model)
-        return label_record(await asyncio.to_thread(self._set_label, served, request, author))
+        return (await asyncio.to_thread(self._set_label, served, request, author)).record()
 
     def _set_label(self, served: ServedModel, request: vocab.LabelRequest, author: str) -> Label:
         k, component = request.class_index, request.component
@@ -293,8 +283,8 @@ class DataPlane:
         selected = {"fit_id": fit.fit_id, "class_index": request.class_index, "component": request.component}
         records = self.store.list_labels(served.name, served.backend.digest, label=request.label, **selected)
         history = self.store.label_history(served.name, served.backend.digest, **selected) if request.history else []
-        return vocab.LabelList(fit.fit_id, tuple(label_record(r) for r in records),
-                               tuple(label_record(r, written=True) for r in history))
+        return vocab.LabelList(fit.fit_id, tuple(r.record() for r in records),
+                               tuple(r.record(written=True) for r in history))
 
     # ---- visualize ----
 

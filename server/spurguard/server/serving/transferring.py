@@ -37,7 +37,6 @@ from spurguard.server.store import Label, Store, StoredTransfer, TransferSetting
 from spurguard.vocab import (
     SPURIOUS,
     FitProgress,
-    LabelRecord,
     TransferClass,
     TransferDirection,
     TransferInfo,
@@ -136,11 +135,7 @@ def transfer_classes(stored: StoredTransfer) -> tuple[TransferClass, ...]:
 def transfer_info(stored: StoredTransfer) -> TransferInfo:
     """What GetModel says of the transfer a model applies."""
     settings = stored.settings
-    labels = tuple(
-        LabelRecord(r.model, r.fit_id, r.class_index, r.component, r.label, r.note,  # type: ignore[arg-type]
-                    None if r.updated is None else datetime.fromisoformat(r.updated))
-        for r in (Label(**record) for record in settings.labels)
-    )
+    labels = tuple(Label(**record).record() for record in settings.labels)
     return TransferInfo(stored.transfer_id, settings.source_model, settings.source_digest, settings.source_fit,
                         settings.labels_snapshot, labels, tuple(sorted(stored.classes)),
                         datetime.fromisoformat(stored.created))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from spurguard.server.errors import InvalidInput
-from spurguard.vocab import LABELS, UNLABELED
+from spurguard.vocab import LABELS, UNLABELED, LabelRecord
 
 MAX_NOTE_CHARS = 10_000
 COLUMNS = "model, digest, fit_id, class_index, component, label, note, updated, author"  # labels and history
@@ -42,6 +42,14 @@ class Label:
     note: str
     updated: str | None
     author: str = ""
+
+    def record(self, *, written: bool = False) -> LabelRecord:
+        """This label as a result: an unlabeled component has no time, unless this is a
+        `written` entry of the history, where clearing a label is a write with its time."""
+        cleared = self.label == UNLABELED and not written
+        updated = None if cleared or self.updated is None else datetime.fromisoformat(self.updated)
+        return LabelRecord(self.model, self.fit_id, self.class_index, self.component, self.label,  # type: ignore[arg-type]
+                           self.note, updated, self.author)
 
 
 def utc_now() -> str:
