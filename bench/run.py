@@ -304,7 +304,8 @@ def _npca_worker(method: str, classes: int) -> None:
     elapsed = 0.0
     if method == "reference":  # store every weighted activation of the dataset first
         stored = [(_class_features(k, IMAGES_PER_CLASS) * weight[k]).astype(np.float64) for k in range(classes)]
-    for k in range(classes):
+
+    def solve(k: int) -> np.ndarray:
         if method == "ours":
             x = _class_features(k, IMAGES_PER_CLASS)  # stands in for one class's forward passes
             start = time.perf_counter()
@@ -316,8 +317,17 @@ def _npca_worker(method: str, classes: int) -> None:
             start = time.perf_counter()
             values, vecs = np.linalg.eigh(np.cov(stored[k], rowvar=False))
             vectors = vecs[:, ::-1][:, :TOP].T
+        nonlocal elapsed
         elapsed += time.perf_counter() - start
-        subspaces.append(vectors)
+        return vectors
+
+    # A fit of 1000 classes runs in one long-lived process: per class, what counts is the steady
+    # state, not the first call's one-off costs (thread pools, LAPACK's first dispatch, first
+    # touch of fresh memory). Both sides solve one class untimed first.
+    solve(0)
+    elapsed = 0.0
+    for k in range(classes):
+        subspaces.append(solve(k))
     peak_mib = _peak_rss_mib() - baseline_mib
     np.save(sys.stdout.buffer, np.stack(subspaces))
     print(json.dumps({"seconds": elapsed, "peak_mib": peak_mib}), file=sys.stderr)

@@ -195,6 +195,21 @@ def test_wrong_inputs_are_invalid(small_problem, features, labels):
         fit.update(features, labels)
 
 
+def test_finiteness_is_exact_whatever_the_sum_does(small_problem):
+    """The check sums in the input's dtype: large finite values whose float32 sum overflows are
+    still accepted, and a single infinity or NaN among ordinary values is still refused."""
+    fit = NeuralPCAFit(small_problem.weight)
+    huge = np.full((3, 40), 1e37, np.float32)  # sum 1.2e39: inf in float32
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(huge.sum(dtype=np.float32))
+    fit.update(huge, [0, 1, 2])
+    for bad in (np.inf, -np.inf, np.nan):
+        rows = np.ones((3, 40), np.float32)
+        rows[1, 7] = bad
+        with pytest.raises(InvalidInput, match="NaN or infinity"):
+            fit.update(rows, [0, 1, 2])
+
+
 def test_merge_of_different_heads_is_invalid(small_problem):
     other = NeuralPCAFit(small_problem.weight * 2)
     with pytest.raises(InvalidInput):
