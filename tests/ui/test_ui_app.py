@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from ui_support import MODEL, SOURCE, SOURCE_LABEL, World, labelling_page
+from ui_support import MODEL, SOURCE, SOURCE_LABEL, UI_TOP, World, labelling_page
 
 from spurguard import vocab as t
 from spurguard.client import Client, SpurguardClientError
@@ -157,6 +157,20 @@ def test_transferred_labels_are_shown_on_the_targets_pages(world: World) -> None
     assert f'Transferred from <a href="/models/{SOURCE}/classes/{k}">{SOURCE}</a>' in box
     assert f'<span class="label {label}">' in box and f"{SOURCE} component {component}: “{note}” — admin" in box
     assert '<section class="transfer"' not in source  # the source labels its own components
+
+
+def test_the_classes_page_shows_labelling_progress(world: World) -> None:
+    """Per fitted class: how many of the first --top components are labelled, and which are spurious."""
+    component, _, _ = SOURCE_LABEL
+    with labelling_page(world, "alice") as page:
+        with urllib.request.urlopen(f"{page.url}models/{SOURCE}", timeout=30) as reply:
+            text = reply.read().decode()
+    for k in sorted(world.planted.values()):
+        row = text[text.index(f'<tr data-class="{k}">'):]
+        row = row[:row.index("</tr>")]
+        assert f'<progress value="1" max="{UI_TOP}"' in row and f"1 / {UI_TOP}" in row
+        assert f'<span class="label spurious" title="spurious components">{component}</span>' in row
+    assert f'<tr data-class="{world.unfitted}">' not in text  # only fitted classes are listed
 
 
 def test_an_unreachable_server_is_a_page_that_says_so(world: World) -> None:

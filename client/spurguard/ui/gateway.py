@@ -149,7 +149,7 @@ def model_page(client: Client, model: str, top: int) -> dict[str, Any]:
             "num_components": num_components,
             "shown": shown,
             "labelled": sum(r.label != UNLABELED for r in mine),
-            "spurious": sum(r.label == "spurious" for r in mine),
+            "spurious": [r.component for r in mine if r.label == "spurious"],
             "transferred": transferred[k],
         })
     return {"model": _model(info), "classes": classes, "top": top}
