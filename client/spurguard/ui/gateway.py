@@ -90,7 +90,7 @@ def _transfer(info: t.ModelInfo) -> dict[str, Any] | None:
     return {
         "source_model": transfer.source_model,
         "source_fit": transfer.source_fit,
-        "created": None if transfer.created is None else transfer.created.isoformat(),
+        "created": None if transfer.created is None else f"{transfer.created:%Y-%m-%d %H:%M:%S} UTC",
         "classes": list(transfer.classes),
         "labels": [dict(_label(r), class_index=r.class_index) for r in transfer.labels],
     }
