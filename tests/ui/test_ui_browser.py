@@ -89,6 +89,21 @@ def test_a_component_labelled_with_the_keyboard_is_stored_with_its_note_and_auth
     assert (record.label, record.note, record.author) == ("spurious", "the stamp in the lower corner", "alice")
 
 
+def label_and_watch(labeller: WebDriver, name: str, watcher: WebDriver, component: int, note: str, label: str) -> None:
+    """`labeller` writes a note and clicks a label's button; `watcher`'s page, open on the same
+    class, must show it (with the labeller's name) within LIVE_S of the labeller seeing it stored."""
+    shown = label.replace("_", " ")
+    focus(labeller, component)
+    keys(labeller, "/")
+    keys(labeller, note)
+    labeller.find_element(By.CSS_SELECTOR, f"#component-{component} button[data-label={label}]").click()
+    wait(labeller, lambda d: badge(d, component) == shown, what=f"{name}'s own label")
+    stored = time.monotonic()
+    wait(watcher, lambda d: badge(d, component) == shown and name in who(d, component),
+         timeout=LIVE_S + 5, what=f"{name}'s label on the other page")
+    assert time.monotonic() - stored < LIVE_S
+
+
 def test_another_labellers_change_shows_without_a_reload_and_the_later_one_wins(
     world: World, tmp_path: Path
 ) -> None:
@@ -97,25 +112,8 @@ def test_another_labellers_change_shows_without_a_reload_and_the_later_one_wins(
             browser(tmp_path / "alice") as alice, browser(tmp_path / "bob") as bob:
         open_class(alice, alice_page.url, k)
         open_class(bob, bob_page.url, k)
-        focus(alice, component)
-        keys(alice, "/")
-        keys(alice, "the object's own texture")
-        alice.find_element(By.CSS_SELECTOR, f"#component-{component} button[data-label=not_spurious]").click()
-        wait(alice, lambda d: badge(d, component) == "not spurious", what="alice's own label")
-        stored = time.monotonic()
-        wait(bob, lambda d: badge(d, component) == "not spurious" and "alice" in who(d, component),
-             timeout=LIVE_S + 5, what="alice's label on bob's page")
-        assert time.monotonic() - stored < LIVE_S
-
-        focus(bob, component)
-        keys(bob, "/")
-        keys(bob, "stripes behind some objects only")
-        bob.find_element(By.CSS_SELECTOR, f"#component-{component} button[data-label=inconsistent]").click()
-        wait(bob, lambda d: badge(d, component) == "inconsistent", what="bob's own label")
-        stored = time.monotonic()
-        wait(alice, lambda d: badge(d, component) == "inconsistent" and "bob" in who(d, component),
-             timeout=LIVE_S + 5, what="bob's label on alice's page")
-        assert time.monotonic() - stored < LIVE_S
+        label_and_watch(alice, "alice", bob, component, "the object's own texture", "not_spurious")
+        label_and_watch(bob, "bob", alice, component, "stripes behind some objects only", "inconsistent")
         history = alice.find_element(By.CSS_SELECTOR, f"#component-{component} [data-role=history]")
         history.click()
         entries = history.find_elements(By.TAG_NAME, "li")
