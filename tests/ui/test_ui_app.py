@@ -5,21 +5,32 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from ui_support import MODEL, SOURCE, SOURCE_LABEL, UI_TOP, World, labelling_page
+from ui_support import MODEL, PEOPLE, SOURCE, SOURCE_LABEL, UI_TOP, World, labelling_page
 
 from spurguard import vocab as t
 from spurguard.client import Client, SpurguardClientError
 from spurguard.client.cli.run import main as cli_main
+from spurguard.server.rpc import auth
+from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 from spurguard.ui.events import label_watch, relay
 from spurguard.ui.gateway import Problem
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rpc"))
+from pki_support import make_pki  # noqa: E402
 
 
 class FakeStream:
@@ -204,3 +215,35 @@ def test_the_command_says_what_it_needs(monkeypatch: pytest.MonkeyPatch, capsys:
         cli_main(["--server", "127.0.0.1:1", "ui"])
     assert refused.value.code == 2
     assert "pip install 'spurguard[ui]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_the_command_serves_a_tls_server_with_the_environments_token_until_stopped(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """`spurguard ui` as a user runs it: a TLS server with tokens, the token from SPURGUARD_TOKEN,
+    any free port (printed), and Ctrl-C or SIGTERM a clean stop with exit status 0."""
+    pki = make_pki(tmp_path / "pki")
+    role, token = PEOPLE["alice"]
+    tokens = tmp_path / "tokens.toml"
+    auth.write_tokens(tokens, [auth.Token.of("alice", role, token)])  # type: ignore[arg-type]
+    config = ServerConfig(models=(MODEL,), store=tmp_path / "store", port=0, device="cpu", grace_s=1.0,
+                          tls_cert=pki / "server.pem", tls_key=pki / "server.key", auth_tokens=tokens)
+    with BackgroundServer(config) as server:
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "spurguard", "ui", "--server", server.address, "--tls-ca", str(pki / "ca.pem"),
+             "--port", "0"],
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "SPURGUARD_TOKEN": token},
+        )
+        try:
+            line = ui.stderr.readline() if ui.stderr else ""
+            found = re.search(r"spurguard ui: open (http://127\.0\.0\.1:\d+/) ", line)
+            assert found, line
+            with urllib.request.urlopen(found.group(1), timeout=30) as reply:
+                page = reply.read().decode()
+            assert f'href="/models/{MODEL}"' in page and "not fitted" in page
+            ui.send_signal(stop)
+            _, rest = ui.communicate(timeout=30)
+        finally:
+            ui.kill()
+    assert ui.returncode == 0, rest

@@ -2,6 +2,7 @@
 or on a thread (tests, notebooks)."""
 from __future__ import annotations
 
+import signal
 import threading
 
 import uvicorn
@@ -11,6 +12,7 @@ from spurguard.ui.app import UiSettings, bind, create_app
 
 __all__ = ["UiServer", "UiSettings"]
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SHUTDOWN_S = 1.0  # open event streams (live labels never end by themselves) are closed after this
 
 
@@ -28,11 +30,19 @@ class UiServer:
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
-        """Serve until Ctrl-C or SIGTERM (uvicorn's own handling)."""
+        """Serve until Ctrl-C or SIGTERM, then return: a requested stop is not an error.
+
+        uvicorn stops gracefully on either signal and then re-raises it to the handlers that were
+        in place before it started; on the main thread those are ours for the run, and they only
+        note the stop (the default ones would exit 130 or die of SIGTERM after a clean stop)."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in STOP_SIGNALS} if main else {}
         try:
             self._server.run(sockets=[self._socket])
         finally:
             self._socket.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def start(self) -> UiServer:
         """Serve on a thread; returns once the app answers."""
