@@ -36,6 +36,7 @@ from spurguard.client import Client, ScoreResult
 from spurguard.client.cli.format import render_table
 from spurguard.client.cli.progress import Progress, evaluate_line, fit_line
 from spurguard.client.cli.report import write_report
+from spurguard.server.backends.argtypes import at_least_one
 from spurguard.server.demo.generator import (
     GeneratorConfig,
     GroundTruth,
@@ -265,13 +266,6 @@ def transfer_from_robust(client: Client, data: Path, truth: GroundTruth) -> dict
     }
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spurguard demo", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where data and store go (default .demo)")
@@ -282,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     for flag, what in (("train-per-class", "training images per class"), ("test-per-class", "clean test images per class"),
                        ("spurious-per-feature", "spurious test images per planted feature")):
         default = getattr(defaults, flag.replace("-", "_"))
-        parser.add_argument(f"--{flag}", type=_count, default=default, metavar="N", help=f"{what} (default {default})")
+        parser.add_argument(f"--{flag}", type=at_least_one, default=default, metavar="N", help=f"{what} (default {default})")
     parser.add_argument("--summary", type=Path, help="also write the numbers as JSON to this file")
     parser.add_argument("--keep-serving", action="store_true",
                         help="afterwards keep the server running for labelling with `spurguard ui` (its command, "
