@@ -10,8 +10,9 @@ DEADLINE_EXCEEDED, no per-image or job error inside the replies is either, the s
 no error (so no traceback either), and it still answers health.
 
 Long calls: Visualize and Evaluate are cancelled by the fuzzer BUDGET_S after their first
-reply (which must come within the deadline); each Fit job is cancelled through CancelJob once
-its first update names it, so fits do not pile up.
+reply (which must come within the deadline), WatchLabels (which never ends by itself) 50 ms
+after it; each Fit job is cancelled through CancelJob once its first update names it, so fits
+do not pile up.
 
 Examples per RPC: SPURGUARD_FUZZ_EXAMPLES (default 150, `make fuzz` runs many more; the heavy
 RPCs get a fifth). The run is derandomized (the same examples each time) unless
@@ -188,6 +189,7 @@ def bases(f: Fuzzed) -> dict[str, Message]:
         "GetComponents": pb.GetComponentsRequest(model=MODEL, class_index=0, top=3, include_vectors=True),
         "Label": pb.LabelRequest(model=MODEL, class_index=1, component=1, label=pb.NOT_SPURIOUS, note="base"),
         "ListLabels": pb.ListLabelsRequest(model=MODEL, class_index=0),
+        "WatchLabels": pb.ListLabelsRequest(model=MODEL, class_index=0, history=True),
         "Score": pb.ScoreRequest(model=MODEL, images=[image], options=pb.ScoreOptions(top=3)),
         "ScoreStream": pb.ScoreStreamRequest(request_id="1", model=MODEL, image=image, options=pb.ScoreOptions(top=0)),
         "Fit": pb.FitRequest(model=MODEL, dataset="train", classes=[0, 1], num_components=3),
@@ -222,13 +224,13 @@ def streamed(name: str) -> Send:
     return lambda stubs, request: list(getattr(stubs.spurguard, name)(request, timeout=DEADLINE_S))
 
 
-def followed(name: str) -> Send:
-    """A long stream: its first reply within the deadline, then BUDGET_S more, then cancelled."""
+def followed(name: str, budget_s: float = BUDGET_S) -> Send:
+    """A long stream: its first reply within the deadline, then `budget_s` more, then cancelled."""
 
     def send(stubs: Stubs, request: Message) -> list[Message]:
         call = getattr(stubs.spurguard, name)(request, timeout=DEADLINE_S)
         replies: list[Message] = []
-        timer = threading.Timer(BUDGET_S, call.cancel)
+        timer = threading.Timer(budget_s, call.cancel)
         try:
             for reply in call:
                 replies.append(reply)
@@ -284,6 +286,8 @@ RPCS: dict[str, Rpc] = {
     **{name: Rpc(_requests(getattr(pb, f"{name}Request")), unary(name))
        for name in ("ListModels", "GetModel", "GetJob", "ListJobs", "CancelJob", "GetComponents", "Label", "ListLabels", "Score")},
     "WatchJob": Rpc(_requests(pb.WatchJobRequest), streamed("WatchJob")),
+    # never ends by itself: its first snapshot (or refusal) is what counts
+    "WatchLabels": Rpc(_requests(pb.ListLabelsRequest), followed("WatchLabels", budget_s=0.05)),
     "ScoreStream": Rpc(lambda known, base: st.lists(messages(pb.ScoreStreamRequest, known, base), max_size=6),
                        score_stream),
     "Fit": Rpc(_requests(pb.FitRequest), fit),

@@ -8,14 +8,16 @@ fitted once for the module by the admin token; two tokens of role label are the 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 
-from spurguard.client import Client, FitSummary, SpurguardClientError
+from spurguard.client import Client, FitSummary, LabelList, ListLabelsRequest, SpurguardClientError
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
 
 from rpc_support import token_entry, write_data_root
@@ -28,19 +30,25 @@ TOKENS = {"alice": ("label", "tok-alice"), "bob": ("label", "tok-bob"), "root": 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
-    tmp = tmp_path_factory.mktemp("labels")
+@contextmanager
+def fitted_server(tmp: Path, grace_s: float = 1.0) -> Iterator[BackgroundServer]:
+    """The tiny model, fitted by the admin token on classes 0 and 1."""
     tokens = tmp / "tokens.toml"
     tokens.write_text("\n".join(token_entry(name, role, token) for name, (role, token) in TOKENS.items()))
     config = ServerConfig(
         models=(str(write_tiny_model_dir(tmp / "model")),), store=tmp / "store", port=0, device="cpu",
-        data_roots=(write_data_root(tmp / "data", CLASSES, 8, spurious=0),), auth_tokens=tokens, grace_s=1.0,
+        data_roots=(write_data_root(tmp / "data", CLASSES, 8, spurious=0),), auth_tokens=tokens, grace_s=grace_s,
     )
     with BackgroundServer(config) as running:
         with Client(running.address, timeout=30, token=TOKENS["root"][1]) as admin:
             *_, summary = admin.fit("tiny", str(tmp / "data" / "train"), classes=[0, 1], num_components=COMPONENTS)
         assert isinstance(summary, FitSummary)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    with fitted_server(tmp_path_factory.mktemp("labels")) as running:
         yield running
 
 
@@ -97,3 +105,59 @@ def test_a_component_filter_needs_its_class(server: BackgroundServer) -> None:
         with pytest.raises(SpurguardClientError) as beyond:
             alice.label_history("tiny", class_index=0, component=COMPONENTS)
         assert beyond.value.code == grpc.StatusCode.NOT_FOUND and f"no component {COMPONENTS}" in beyond.value.details
+
+
+# ---- WatchLabels ----
+
+
+def _next_within(snapshots: Iterator[LabelList], seconds: float) -> LabelList:
+    """The next snapshot, from a thread so that a stream that sends nothing fails the test."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(next, snapshots).result(timeout=seconds)
+
+
+def test_a_watch_sends_the_labels_now_and_again_on_every_change_by_anyone(server: BackgroundServer) -> None:
+    k, c = 1, COMPONENTS - 1
+    with client(server, "alice") as alice, client(server, "bob") as bob, \
+            alice.watch_labels("tiny", class_index=k, history=True) as snapshots:
+        first = _next_within(snapshots, 10)
+        assert first == alice._label_list(ListLabelsRequest("tiny", k, history=True))  # what ListLabels says
+        bob.label("tiny", k, c, "spurious", note="a stamp")
+        second = _next_within(snapshots, 2)
+        (mine,) = [r for r in second.labels if r.component == c]
+        assert (mine.label, mine.note, mine.author) == ("spurious", "a stamp", "bob")
+        assert len(second.history) == len(first.history) + 1
+        alice.label("tiny", 0, c, "inconsistent")  # another class: nothing for this watch
+        bob.label("tiny", k, c, "spurious", note="a stamp, lower left")  # the note alone changes
+        third = _next_within(snapshots, 2)
+        assert [r.note for r in third.labels if r.component == c] == ["a stamp, lower left"]
+        assert [r.note for r in third.history if r.component == c][-2:] == ["a stamp", "a stamp, lower left"]
+        alice.label("tiny", 0, c, "unlabeled")
+        bob.label("tiny", k, c, "unlabeled")
+        assert c not in {r.component for r in _next_within(snapshots, 2).labels}
+
+
+def test_a_watch_of_an_impossible_selection_is_refused_at_once(server: BackgroundServer) -> None:
+    with client(server, "alice") as alice:
+        with pytest.raises(SpurguardClientError) as refused:
+            next(alice.watch_labels("tiny", component=1))  # a component needs its class
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(SpurguardClientError) as missing:
+            next(alice.watch_labels("no-such-model"))
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_watches_end_when_the_server_stops_answering_not_at_the_end_of_grace(tmp_path: Path) -> None:
+    """A watch never ends by itself; on shutdown it must end when new calls are refused, or every
+    open labelling page would hold a draining server for its whole grace period."""
+    with fitted_server(tmp_path, grace_s=30.0) as running, client(running, "alice") as alice:
+        snapshots = alice.watch_labels("tiny", class_index=0)
+        _next_within(snapshots, 10)
+        started = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            stopping = pool.submit(running.stop)
+            assert next(snapshots, "ended") == "ended"  # the stream ends OK: the client watches again elsewhere
+            ended = time.monotonic() - started
+            stopping.result(timeout=30)
+        stopped = time.monotonic() - started
+    assert ended < 5 and stopped < 10, (ended, stopped)

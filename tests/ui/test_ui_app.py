@@ -26,7 +26,7 @@ from spurguard.client import Client, SpurguardClientError
 from spurguard.client.cli.run import main as cli_main
 from spurguard.server.rpc import auth
 from spurguard.server.rpc.app import BackgroundServer, ServerConfig
-from spurguard.ui.events import label_watch, relay
+from spurguard.ui.events import label_poll, label_watch, relay
 from spurguard.ui.gateway import Problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rpc"))
@@ -83,7 +83,7 @@ def test_a_visualize_error_is_one_event_in_words_and_ends_the_stream() -> None:
     assert data["details"] == "token viewer has role score; Visualize needs label"
 
 
-def test_live_labels_send_a_snapshot_when_it_changes_and_each_problem_once() -> None:
+def test_polled_labels_send_a_snapshot_when_it_changes_and_each_problem_once() -> None:
     snapshots: list[Any] = [{"a": 1}, {"a": 1}, Problem(503, "UNAVAILABLE", "cannot be reached", "x"),
                             Problem(503, "UNAVAILABLE", "cannot be reached", "x"), {"a": 1}, {"a": 2}]
 
@@ -94,7 +94,7 @@ def test_live_labels_send_a_snapshot_when_it_changes_and_each_problem_once() -> 
         return item
 
     async def collect() -> list[str]:
-        sent, watch = [], label_watch(read, 0.001, keepalive_s=1e9)
+        sent, watch = [], label_poll(read, 0.001, keepalive_s=1e9)
         async for message in watch:
             sent.append(message.split("\n")[0] + " " + message.split("\n")[1])
             if not snapshots:
@@ -106,6 +106,59 @@ def test_live_labels_send_a_snapshot_when_it_changes_and_each_problem_once() -> 
         'event: labels data: {"a":1}', 'event: error data: {"code":"UNAVAILABLE","error":"cannot be reached",'
         '"details":"x"}', 'event: labels data: {"a":1}', 'event: labels data: {"a":2}',
     ]
+
+
+class FakeWatch:
+    """A WatchLabels stream: its snapshots, then the end (a drain) or an error."""
+
+    def __init__(self, snapshots: list[dict[str, Any]], error: SpurguardClientError | None = None) -> None:
+        self.snapshots, self.error, self.cancelled = snapshots, error, False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.snapshots
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _first_lines(messages: list[str]) -> list[str]:
+    return [m.split("\n")[0] + " " + m.split("\n")[1] for m in messages]
+
+
+def test_watched_labels_are_pushed_reopened_after_a_drain_and_polled_where_there_is_no_watch() -> None:
+    unavailable = SpurguardClientError(grpc.StatusCode.UNAVAILABLE, "draining")
+    unimplemented = SpurguardClientError(grpc.StatusCode.UNIMPLEMENTED, "Method not found")
+    watches = [FakeWatch([{"a": 1}, {"a": 1}, {"a": 2}]),  # a repeat is not news; then the server drains
+               FakeWatch([{"a": 2}], unavailable),  # reopened elsewhere: same state, then a failure
+               FakeWatch([], unavailable),  # the same failure again: said once
+               FakeWatch([], unimplemented)]  # an older server: poll instead
+    opened: list[FakeWatch] = []
+    polled = [{"a": 3}]
+
+    def open_watch() -> FakeWatch:
+        opened.append(watches.pop(0))
+        return opened[-1]
+
+    async def collect() -> list[str]:
+        sent: list[str] = []
+        stream = label_watch(open_watch, lambda snapshot: snapshot, lambda: polled[0], "server:1", 0.001,
+                             keepalive_s=1e9)
+        async for message in stream:
+            sent.append(message)
+            if len(sent) == 4:
+                break
+        await stream.aclose()
+        return sent
+
+    assert _first_lines(asyncio.run(collect())) == [
+        'event: labels data: {"a":1}', 'event: labels data: {"a":2}',
+        'event: error data: {"code":"UNAVAILABLE","error":"The spurguard server cannot be reached or is not ready yet; '
+        'the page tries again.","details":"draining (server server:1)"}',
+        'event: labels data: {"a":3}',
+    ]
+    assert len(opened) == 4 and all(w.cancelled for w in opened)
 
 
 # ---- the app on a real server ----

@@ -338,6 +338,27 @@ class Client:
         request = t.ListLabelsRequest(model, class_index, None, fit_id, component, history=True)
         return list(self._label_list(request).history)
 
+    def watch_labels(
+        self,
+        model: str,
+        *,
+        class_index: int | None = None,
+        component: int | None = None,
+        history: bool = False,
+        fit_id: str | None = None,
+    ) -> Stream[t.LabelList]:
+        """The labels (and with `history`, every write) of a fit now, then again each time they
+        change, whoever changes them, until `cancel()`; the stream ends by itself when the server
+        stops answering (a drain): watch again, maybe through another replica.
+
+            with client.watch_labels("demo", class_index=3) as snapshots:
+                for snapshot in snapshots:
+                    show(snapshot.labels)
+        """
+        request = to_message(t.ListLabelsRequest(model, class_index, None, fit_id, component, history))
+        call = self._stub.WatchLabels(request, timeout=self.stream_timeout)
+        return self._stream(call, lambda response: from_message(response, t.LabelList))
+
     def _label_list(self, request: t.ListLabelsRequest) -> t.LabelList:
         response = self._unary(self._stub.ListLabels, to_message(request), idempotent=True)
         return from_message(response, t.LabelList)

@@ -180,7 +180,10 @@ class LabellingApp:
 
     async def label_events(self, request: Request) -> Response:
         model, k = request.path_params["model"], _int(request, "class_index")
-        return self._events(label_watch(lambda: gateway.labels_snapshot(self.client, model, k), self.settings.poll_s))
+        return self._events(label_watch(
+            lambda: gateway.watch_labels(self.client, model, k), gateway.snapshot_of,
+            lambda: gateway.labels_snapshot(self.client, model, k), self.client.target, self.settings.poll_s,
+        ))
 
     async def visualize_events(self, request: Request) -> Response:
         model, k, c = request.path_params["model"], _int(request, "class_index"), _int(request, "component")

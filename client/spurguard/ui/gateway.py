@@ -8,14 +8,14 @@ happened and what to do about it), the status code, and the server's own message
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 
 from spurguard import vocab as t
-from spurguard.client import Client, SpurguardClientError
+from spurguard.client import Client, SpurguardClientError, Stream
 from spurguard.client.cli.format import alpha_statistics, number
 from spurguard.vocab import LABELS, UNLABELED
 
@@ -204,18 +204,28 @@ def _component(component: t.Component) -> dict[str, Any]:
 # ---- labels ----
 
 
-def labels_snapshot(client: Client, model: str, class_index: int) -> dict[str, Any]:
-    """A class's labels now, and every write to them: what the page renders and what its live
-    view compares (a change anywhere in it is news)."""
-    current = calling(client, lambda: client.list_labels(model, class_index=class_index))
-    writes = calling(client, lambda: client.label_history(model, class_index=class_index))
+def snapshot(labels: Iterable[t.LabelRecord], writes: Iterable[t.LabelRecord]) -> dict[str, Any]:
+    """A class's labels and every write to them, as the page renders them and as its live view
+    compares them (a change anywhere in it is news)."""
     history: dict[str, list[dict[str, Any]]] = {}
     for record in writes:
         history.setdefault(str(record.component), []).append(_label(record))
-    return {
-        "labels": {str(r.component): _label(r) for r in current if r.label != UNLABELED},
-        "history": history,
-    }
+    return {"labels": {str(r.component): _label(r) for r in labels if r.label != UNLABELED}, "history": history}
+
+
+def labels_snapshot(client: Client, model: str, class_index: int) -> dict[str, Any]:
+    """A class's snapshot now (ListLabels)."""
+    current = calling(client, lambda: client.list_labels(model, class_index=class_index))
+    return snapshot(current, calling(client, lambda: client.label_history(model, class_index=class_index)))
+
+
+def watch_labels(client: Client, model: str, class_index: int) -> Stream[t.LabelList]:
+    """A class's labels and history as the server pushes them (WatchLabels); see `snapshot_of`."""
+    return client.watch_labels(model, class_index=class_index, history=True)
+
+
+def snapshot_of(pushed: t.LabelList) -> dict[str, Any]:
+    return snapshot(pushed.labels, pushed.history)
 
 
 def set_label(client: Client, model: str, class_index: int, component: int, label: str, note: str) -> dict[str, Any]:

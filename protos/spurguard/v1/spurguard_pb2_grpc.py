@@ -86,6 +86,11 @@ class SpurguardStub:
                 request_serializer=spurguard_dot_v1_dot_spurguard__pb2.ListLabelsRequest.SerializeToString,
                 response_deserializer=spurguard_dot_v1_dot_spurguard__pb2.ListLabelsResponse.FromString,
                 _registered_method=True)
+        self.WatchLabels = channel.unary_stream(
+                '/spurguard.v1.Spurguard/WatchLabels',
+                request_serializer=spurguard_dot_v1_dot_spurguard__pb2.ListLabelsRequest.SerializeToString,
+                response_deserializer=spurguard_dot_v1_dot_spurguard__pb2.ListLabelsResponse.FromString,
+                _registered_method=True)
         self.Visualize = channel.unary_stream(
                 '/spurguard.v1.Spurguard/Visualize',
                 request_serializer=spurguard_dot_v1_dot_spurguard__pb2.VisualizeRequest.SerializeToString,
@@ -194,6 +199,15 @@ class SpurguardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLabels(self, request, context):
+        """ListLabels' reply at once, then again each time it changes (a label or note set through
+        this server or, via the database replicas share, another; a new current fit), until the
+        client cancels. When the server stops answering (drain) the stream ends OK: reconnect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Visualize(self, request, context):
         """What a human looks at to label components: top fit images, feature attack frames, the
         final attacked image and heatmaps, streamed as they are computed. Needs a model whose
@@ -290,6 +304,11 @@ def add_SpurguardServicer_to_server(servicer, server):
             ),
             'ListLabels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListLabels,
+                    request_deserializer=spurguard_dot_v1_dot_spurguard__pb2.ListLabelsRequest.FromString,
+                    response_serializer=spurguard_dot_v1_dot_spurguard__pb2.ListLabelsResponse.SerializeToString,
+            ),
+            'WatchLabels': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLabels,
                     request_deserializer=spurguard_dot_v1_dot_spurguard__pb2.ListLabelsRequest.FromString,
                     response_serializer=spurguard_dot_v1_dot_spurguard__pb2.ListLabelsResponse.SerializeToString,
             ),
@@ -589,6 +608,33 @@ class Spurguard:
             request,
             target,
             '/spurguard.v1.Spurguard/ListLabels',
+            spurguard_dot_v1_dot_spurguard__pb2.ListLabelsRequest.SerializeToString,
+            spurguard_dot_v1_dot_spurguard__pb2.ListLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spurguard.v1.Spurguard/WatchLabels',
             spurguard_dot_v1_dot_spurguard__pb2.ListLabelsRequest.SerializeToString,
             spurguard_dot_v1_dot_spurguard__pb2.ListLabelsResponse.FromString,
             options,

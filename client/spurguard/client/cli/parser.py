@@ -390,7 +390,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "then one page per class with a row per component (statistics, top fit images with heatmaps and "
         "their colour scale, the feature attack as it streams, the label with its note, author and time, "
         "and its history). Label with buttons or keys (s spurious, n not spurious, i inconsistent, "
-        "u unlabeled, j/k next/previous, / note); other labellers' changes appear without a reload. It "
+        "u unlabeled, j/k next/previous, / note); other labellers' changes appear as the server pushes them. It "
         "talks to --server only through the gRPC API, with --token (role label to label; score only reads). "
         "Ctrl-C stops it.",
     )
@@ -407,7 +407,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     ui.add_argument("--heatmap", choices=[m for m in HEATMAP_METHODS if m != "none"],
                     help="heatmap method (server default: grad_cam)")
     ui.add_argument("--poll-s", type=_positive_float, default=UI_POLL_S, metavar="SECONDS",
-                    help=f"how often a class page reads the labels for other labellers' changes (default {UI_POLL_S:g})")
+                    help="how soon a class page's lost label watch (WatchLabels) is opened again, and how often "
+                         f"it reads the labels from a server that cannot push them (default {UI_POLL_S:g})")
 
     score = command(
         "score",

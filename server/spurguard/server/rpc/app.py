@@ -335,6 +335,8 @@ class SpurguardServer:
         log.info("refusing new calls; in-flight ones may take %.1f s", grace)
         self.health.close()
         self._gate.closed = True
+        for model in self.models:
+            model.label_changes.end()  # WatchLabels streams end now (clients reconnect), not at grace's end
         await asyncio.sleep(GATE_SETTLE_S)  # calls grpc has already taken in meet the gate, not its shutdown
         await self._server.stop(grace)
         await jobs_done

@@ -57,6 +57,7 @@ _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("spurguard_caller"
 SERVICE_ROLES: dict[str, dict[str, RoleName | None]] = {
     pb.DESCRIPTOR.services_by_name["Spurguard"].full_name: {
         "ListModels": "score", "GetModel": "score", "GetComponents": "score", "ListLabels": "score",
+        "WatchLabels": "score",
         "Score": "score", "ScoreStream": "score",
         "Label": "label", "Visualize": "label",
         "Fit": "admin", "WatchJob": "admin", "GetJob": "admin", "ListJobs": "admin", "CancelJob": "admin",

@@ -129,6 +129,14 @@ class SpurguardServicer(pb_grpc.SpurguardServicer):
     async def ListLabels(self, request: pb.ListLabelsRequest, context: grpc.aio.ServicerContext) -> pb.ListLabelsResponse:
         return to_message(await self.plane.list_labels(read(request, vocab.ListLabelsRequest)))
 
+    @stream_call
+    async def WatchLabels(
+        self, request: pb.ListLabelsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ListLabelsResponse]:
+        async with contextlib.aclosing(self.plane.watch_labels(read(request, vocab.ListLabelsRequest))) as snapshots:
+            async for snapshot in snapshots:
+                yield to_message(snapshot)
+
     # ---- visualize ----
 
     @stream_call

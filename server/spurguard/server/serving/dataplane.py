@@ -267,12 +267,28 @@ class DataPlane:
         )
         if fit.fit_id == served.guard.fit_id:
             served.reload_guard()  # SpuFix and scores use the new label from the next request on
+        else:
+            served.label_changes.announce()  # an earlier fit's label: only its watchers care
         return record
 
     async def list_labels(self, request: vocab.ListLabelsRequest) -> vocab.LabelList:
         """A fit's labels in (class, component) order and, if asked, their history."""
         served = self.models.get(request.model)
         return await asyncio.to_thread(self._labels, served, request)
+
+    async def watch_labels(self, request: vocab.ListLabelsRequest) -> AsyncIterator[vocab.LabelList]:
+        """ListLabels' reply now, then each time it is different, until the caller leaves or the
+        server stops answering (`ServedModel.label_changes`). A snapshot, not a diff: a watcher
+        that missed a wake-up still ends up with the current state."""
+        served = self.models.get(request.model)
+        changes, last = served.label_changes, None
+        while not changes.ended:
+            changed = changes.next()  # before reading: a change during the read wakes us again
+            current = await asyncio.to_thread(self._labels, served, request)
+            if current != last:
+                yield current
+                last = current
+            await changed.wait()
 
     def _labels(self, served: ServedModel, request: vocab.ListLabelsRequest) -> vocab.LabelList:
         check_filter(request.class_index, request.component)  # before the fit: a bad request is the error

@@ -107,6 +107,38 @@ def select_forward(backend: Backend, runtime: str | None, graphs: Callable[[str,
         log.info("model %s: %s", backend.name, choice.describe())
 
 
+class Announcement:
+    """Wakes coroutines waiting on the event loop, announced from any thread (WatchLabels' wake-up
+    call when a model's labels may have changed).
+
+    `next()` is the event the next `announce()` sets: a waiter takes it *before* reading the
+    state it is about, so a change made during the read is not missed. `end()` wakes every
+    waiter for good (the server stops answering), and `ended` tells them to leave."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.ended = False
+
+    def next(self) -> asyncio.Event:
+        self._loop = asyncio.get_running_loop()
+        return self._event
+
+    def announce(self) -> None:
+        loop = self._loop
+        if loop is not None:  # None: nobody has waited yet
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
+                loop.call_soon_threadsafe(self._ring)
+
+    def end(self) -> None:
+        self.ended = True
+        self.announce()
+
+    def _ring(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+
 class ServedModel:
     """One model: loaded in the background, ready after warm-up, scored through a batcher."""
 
@@ -150,6 +182,7 @@ class ServedModel:
         self._guard: Guard | None = None
         self._gradcam_layer: str | None = None
         self._guard_lock = threading.Lock()
+        self.label_changes = Announcement()  # its labels, notes or current fit may have changed
         self.remote_serving = True  # kept by the server's health follower (rpc.app) for Triton-served models
         self._batcher: Batcher[_Item, Scored] | None = None
 
@@ -231,7 +264,8 @@ class ServedModel:
         backend = self.backend
         with self._guard_lock:
             self._guard = Guard.load(backend, self.store)
-            return self._guard
+        self.label_changes.announce()
+        return self._guard
 
     def refresh_if_stale(self) -> bool:
         """Rebuild the Guard if the store's current fit, its labels or the transfer in use differ
@@ -274,6 +308,7 @@ class ServedModel:
                         log.info("model %s: store changed; now scoring with fit %s", self.name, self.guard.fit_id)
                 except Exception as error:  # noqa: BLE001 - a store hiccup must not stop the watching
                     log.warning("model %s: could not check the store: %s", self.name, error)
+                self.label_changes.announce()  # a note alone leaves the Guard as it is: watchers look again
         finally:
             if unsubscribe is not None:
                 unsubscribe()
