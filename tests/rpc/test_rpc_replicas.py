@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -102,6 +103,14 @@ def test_replicas_apply_each_others_labels_and_fits_at_once_and_a_kill_9_loses_n
             _within(1.0, lambda: _scored(b)[1][(1, 1)] == "spurious")
             b.label("tiny", 0, 1, "inconsistent")
             _within(1.0, lambda: _scored(a)[1][(0, 1)] == "inconsistent")
+            # a watch on one replica is pushed the other's writes, a note alone too (no polling)
+            with b.watch_labels("tiny", class_index=1) as watched, ThreadPoolExecutor(1) as pool:
+                assert [r.note for r in pool.submit(next, watched).result(timeout=10).labels] == ["made on the first"]
+                written = time.monotonic()
+                a.label("tiny", 1, 1, "spurious", note="the same label, a new note")
+                pushed = pool.submit(next, watched).result(timeout=5)
+                assert [r.note for r in pushed.labels] == ["the same label, a new note"]
+                assert time.monotonic() - written < 1.0
 
             # kill -9 the first while it is labelling: every label it acknowledged is kept.
             acked: dict[tuple[int, int], int] = {}  # slot -> index of its last acknowledged write
