@@ -32,6 +32,7 @@ RPCS = {
     "GetComponents": (False, False),
     "Label": (False, False),
     "ListLabels": (False, False),
+    "WatchLabels": (False, True),
     "Visualize": (False, True),
     "Score": (False, False),
     "ScoreStream": (True, True),

@@ -171,6 +171,10 @@ def test_leaving_the_page_cancels_its_attacks_on_the_server(world: World, tmp_pa
     k = world.planted["watermark"]
     metrics = f"http://127.0.0.1:{world.metrics_port}/metrics"
     before = _cancelled_visualize_calls(metrics)
+    time.sleep(0.5)
+    while (now := _cancelled_visualize_calls(metrics)) != before:  # earlier pages' calls still ending
+        before = now
+        time.sleep(0.5)
     with labelling_page(world, "alice", steps=5000) as page, browser(tmp_path / "alice") as driver:
         open_class(driver, page.url, k)
         wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#component-0 img.attack-image"), timeout=LOAD_S,
