@@ -161,3 +161,16 @@ def test_watches_end_when_the_server_stops_answering_not_at_the_end_of_grace(tmp
             stopping.result(timeout=30)
         stopped = time.monotonic() - started
     assert ended < 5 and stopped < 10, (ended, stopped)
+
+
+def test_get_model_lists_each_fitted_class_with_its_images_and_components(server: BackgroundServer) -> None:
+    """What a labelling page's progress needs in one call (ModelInfo.fit_classes, GetModel only)."""
+    with client(server, "alice") as alice:
+        info = alice.get_model("tiny")
+        expected = []
+        for k in info.fitted_classes:
+            components = alice.get_components("tiny", k, top=1)
+            expected.append((k, components.images, components.num_components))
+        assert [(c.class_index, c.images, c.num_components) for c in info.fit_classes] == expected
+        assert [c.class_index for c in info.fit_classes] == [0, 1]
+        assert all(m.fit_classes == () for m in alice.list_models())  # kept small, like `classes`

@@ -300,3 +300,29 @@ def test_the_command_serves_a_tls_server_with_the_environments_token_until_stopp
         finally:
             ui.kill()
     assert ui.returncode == 0, rest
+
+
+def test_the_classes_page_counts_components_on_a_server_without_fit_classes() -> None:
+    """An older server's GetModel has no fit_classes: the page asks GetComponents per class."""
+    asked: list[int] = []
+
+    class OlderServer:
+        target = "old:1"
+
+        def get_model(self, model: str) -> t.ModelInfo:
+            return t.ModelInfo(model, "torch", "cpu", 3, 8, 16, "d", True, True, "fit-1", (0, 2), 8,
+                               tuple(t.ClassInfo(k, f"c{k}", None) for k in range(3)))
+
+        def list_labels(self, model: str) -> list[t.LabelRecord]:
+            return [t.LabelRecord(model, "fit-1", 2, 0, "spurious", "", None)]
+
+        def get_components(self, model: str, k: int, *, top: int) -> t.Components:
+            asked.append(k)
+            return t.Components(model, k, "fit-1", 10, 5 + k, 5.0, 0.0, ())
+
+    from spurguard.ui.gateway import model_page
+
+    page = model_page(OlderServer(), "m", top=4)  # type: ignore[arg-type]
+    assert sorted(asked) == [0, 2]
+    assert [(c["index"], c["num_components"], c["shown"], c["spurious"]) for c in page["classes"]] == [
+        (0, 5, 4, []), (2, 7, 4, [0])]

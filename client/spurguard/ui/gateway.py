@@ -129,11 +129,7 @@ def model_page(client: Client, model: str, top: int) -> dict[str, Any]:
     for record in labels:
         by_class.setdefault(record.class_index, []).append(record)
 
-    def kept(k: int) -> int:
-        return calling(client, lambda: client.get_components(model, k, top=1).num_components)
-
-    with ThreadPoolExecutor(CLASS_PAGE_WORKERS) as pool:
-        kept_counts = list(pool.map(kept, info.fitted_classes))
+    kept_counts = [c.num_components for c in info.fit_classes] or _kept_counts(client, model, info.fitted_classes)
     transfer = _transfer(info)
     transferred = {k: 0 for k in info.fitted_classes}
     for record in (transfer or {}).get("labels", []):
@@ -153,6 +149,16 @@ def model_page(client: Client, model: str, top: int) -> dict[str, Any]:
             "transferred": transferred[k],
         })
     return {"model": _model(info), "classes": classes, "top": top}
+
+
+def _kept_counts(client: Client, model: str, classes: tuple[int, ...]) -> list[int]:
+    """Components kept per class from a server whose GetModel predates `fit_classes`: a call each."""
+
+    def kept(k: int) -> int:
+        return calling(client, lambda: client.get_components(model, k, top=1).num_components)
+
+    with ThreadPoolExecutor(CLASS_PAGE_WORKERS) as pool:
+        return list(pool.map(kept, classes))
 
 
 def class_page(client: Client, model: str, class_index: int, top: int) -> dict[str, Any]:

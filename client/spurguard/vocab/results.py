@@ -75,6 +75,7 @@ class ModelInfo(Result):
     classes: tuple[ClassInfo, ...]
     runtime: str = ""  # where forward-only work runs: "torch", "onnxruntime", "openvino"
     transfer: TransferInfo | None = None  # the transfer Score / Evaluate / SpuFix apply; None: none
+    fit_classes: tuple[FitClass, ...] = ()  # get_model() only: the current fit's classes, images, components kept
 
 
 # ---- fit jobs ----

@@ -155,7 +155,7 @@ class ClassInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., wnid: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "device", "num_classes", "feature_dim", "input_size", "digest", "ready", "supports_gradients", "fit_id", "fitted_classes", "max_batch_size", "classes", "runtime", "transfer")
+    __slots__ = ("name", "backend", "device", "num_classes", "feature_dim", "input_size", "digest", "ready", "supports_gradients", "fit_id", "fitted_classes", "max_batch_size", "classes", "runtime", "transfer", "fit_classes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class ModelInfo(_message.Message):
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    FIT_CLASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     device: str
@@ -186,7 +187,8 @@ class ModelInfo(_message.Message):
     classes: _containers.RepeatedCompositeFieldContainer[ClassInfo]
     runtime: str
     transfer: TransferInfo
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., input_size: _Optional[int] = ..., digest: _Optional[str] = ..., ready: _Optional[bool] = ..., supports_gradients: _Optional[bool] = ..., fit_id: _Optional[str] = ..., fitted_classes: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., runtime: _Optional[str] = ..., transfer: _Optional[_Union[TransferInfo, _Mapping]] = ...) -> None: ...
+    fit_classes: _containers.RepeatedCompositeFieldContainer[FitClass]
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., input_size: _Optional[int] = ..., digest: _Optional[str] = ..., ready: _Optional[bool] = ..., supports_gradients: _Optional[bool] = ..., fit_id: _Optional[str] = ..., fitted_classes: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., runtime: _Optional[str] = ..., transfer: _Optional[_Union[TransferInfo, _Mapping]] = ..., fit_classes: _Optional[_Iterable[_Union[FitClass, _Mapping]]] = ...) -> None: ...
 
 class TransferInfo(_message.Message):
     __slots__ = ("transfer_id", "source_model", "source_digest", "source_fit", "labels_snapshot", "labels", "classes", "created")

@@ -133,11 +133,14 @@ class DataPlane:
         classes = tuple(
             vocab.ClassInfo(k, name, wnid) for k, (name, wnid) in enumerate(zip(backend.class_names, backend.class_wnids))
         ) if with_classes else ()
+        fit_classes = tuple(
+            vocab.FitClass(k, guard.images[k], guard.num_components[k]) for k in guard.fitted_classes
+        ) if with_classes else ()
         return vocab.ModelInfo(
             served.name, backend.kind, backend.device, backend.num_classes, backend.feature_dim, backend.input_size,
             backend.digest, True, served.supports_gradients, guard.fit_id, tuple(guard.fitted_classes),
             backend.max_batch_size, classes, backend.runtime,
-            None if guard.transfer is None else transfer_info(guard.transfer),
+            None if guard.transfer is None else transfer_info(guard.transfer), fit_classes,
         )
 
     def list_models(self) -> list[vocab.ModelInfo]:

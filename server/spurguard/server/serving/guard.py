@@ -93,6 +93,7 @@ class Guard:
         self.class_names = list(class_names)
         self.labels = dict(labels)
         self.num_components = {k: c.num_components for k, c in components.items()}
+        self.images = {k: c.count for k, c in components.items()}  # fit images per class
         spurious: dict[int, list[int]] = {}
         for (k, component), label in sorted(self.labels.items()):
             if label == SPURIOUS:
