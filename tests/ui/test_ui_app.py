@@ -290,6 +290,7 @@ def test_the_command_serves_a_tls_server_with_the_environments_token_until_stopp
         )
         try:
             line = ui.stderr.readline() if ui.stderr else ""
+            assert "warning" not in line  # loopback: nothing to warn about
             found = re.search(r"spurguard ui: open (http://127\.0\.0\.1:\d+/) ", line)
             assert found, line
             with urllib.request.urlopen(found.group(1), timeout=30) as reply:
@@ -326,3 +327,17 @@ def test_the_classes_page_counts_components_on_a_server_without_fit_classes() ->
     assert sorted(asked) == [0, 2]
     assert [(c["index"], c["num_components"], c["shown"], c["spurious"]) for c in page["classes"]] == [
         (0, 5, 4, []), (2, 7, 4, [0])]
+
+
+def test_the_command_warns_when_the_page_listens_beyond_loopback() -> None:
+    ui = subprocess.Popen([sys.executable, "-m", "spurguard", "ui", "--server", "127.0.0.1:1", "--host", "0.0.0.0",
+                           "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        warning = ui.stderr.readline() if ui.stderr else ""
+        opened = ui.stderr.readline() if ui.stderr else ""
+        ui.send_signal(signal.SIGTERM)
+        ui.communicate(timeout=30)
+    finally:
+        ui.kill()
+    assert warning.startswith("spurguard ui: warning: listening on 0.0.0.0: whoever reaches this port labels with")
+    assert opened.startswith("spurguard ui: open http://127.0.0.1:") and ui.returncode == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import os
 import shlex
 import sys
@@ -383,6 +384,13 @@ def cmd_evaluate(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def cmd_ui(args: argparse.Namespace, client: Client) -> int:
     """The labelling page (spurguard.ui, the [ui] extra), in the foreground until Ctrl-C."""
     try:
@@ -395,6 +403,10 @@ def cmd_ui(args: argparse.Namespace, client: Client) -> int:
         page = server.UiServer(client, settings)
     except OSError as error:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    if not _is_loopback(args.host):
+        print(f"spurguard ui: warning: listening on {args.host}: whoever reaches this port labels with your token "
+              "(plain HTTP, no login); keep it on 127.0.0.1 unless a proxy in front checks who calls",
+              file=sys.stderr)
     print(f"spurguard ui: open {page.url} (labelling on {client.target}; Ctrl-C stops)", file=sys.stderr, flush=True)
     page.run()
     return EXIT_OK

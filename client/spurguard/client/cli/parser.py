@@ -396,7 +396,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     )
     ui.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                     help="address the page listens on (default 127.0.0.1: this machine only; the page acts "
-                         "with your token, so keep it local)")
+                         "with your token, so keep it local). It answers only requests addressed to this name "
+                         "(and loopback's): with 0.0.0.0 that is loopback alone, against DNS rebinding")
     ui.add_argument("--port", type=_int_between(0, 65535), default=8080, metavar="PORT",
                     help="port of the page (default 8080; 0: any free one)")
     ui.add_argument("--top", type=_count, default=UI_TOP, metavar="N",
