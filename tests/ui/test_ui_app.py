@@ -341,3 +341,20 @@ def test_the_command_warns_when_the_page_listens_beyond_loopback() -> None:
         ui.kill()
     assert warning.startswith("spurguard ui: warning: listening on 0.0.0.0: whoever reaches this port labels with")
     assert opened.startswith("spurguard ui: open http://127.0.0.1:") and ui.returncode == 0
+
+
+def test_a_bug_of_the_ui_is_a_page_in_words_not_a_traceback(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spurguard.ui import gateway
+
+    def broken(*args: object) -> None:
+        raise KeyError("a field nobody expected")
+
+    monkeypatch.setattr(gateway, "models_page", broken)
+    with labelling_page(world, "alice") as page:
+        try:
+            urllib.request.urlopen(page.url, timeout=30)
+            raise AssertionError("a broken page answered 200")
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+    assert status == 500 and "The labelling page itself failed; nothing was changed on the server." in text
+    assert "KeyError" in text and "Traceback" not in text and "a field nobody expected" not in text

@@ -113,7 +113,7 @@ class LabellingApp:
         ]
         middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts), Middleware(SecurityHeaders)]
         return Starlette(routes=routes, middleware=middleware,
-                         exception_handlers={Problem: self.problem, 404: self.not_found})
+                         exception_handlers={Problem: self.problem, 404: self.not_found, Exception: self.failed})
 
     # ---- pages ----
 
@@ -141,6 +141,12 @@ class LabellingApp:
         if request.url.path.startswith("/api/"):
             return JSONResponse(problem.to_dict(), status_code=problem.status)
         return self._page(request, "problem.html", {"problem": problem}, problem.status)
+
+    async def failed(self, request: Request, error: Exception) -> Response:
+        """A bug of the ui itself: said in words (the traceback goes to its log, not the page)."""
+        return await self.problem(request, Problem(
+            500, "INTERNAL", "The labelling page itself failed; nothing was changed on the server.",
+            f"{type(error).__name__} (see spurguard ui's output)"))
 
     async def not_found(self, request: Request, error: Exception) -> Response:
         return await self.problem(request, Problem(404, "NOT_FOUND", "No such page.", request.url.path))
