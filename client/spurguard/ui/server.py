@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 
 import uvicorn
 
@@ -29,20 +30,26 @@ class UiServer:
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
-    def run(self) -> None:
+    def run(self, on_listening: Callable[[], None] = lambda: None) -> None:
         """Serve until Ctrl-C or SIGTERM, then return: a requested stop is not an error.
 
-        uvicorn stops gracefully on either signal and then re-raises it to the handlers that were
-        in place before it started; on the main thread those are ours for the run, and they only
-        note the stop (the default ones would exit 130 or die of SIGTERM after a clean stop)."""
+        Ours are the stop handlers from before `on_listening` (which says where to open the page)
+        until the end: a signal before uvicorn has started asks it to stop as soon as it has;
+        uvicorn stops gracefully on either signal and then re-raises it to the handlers it found,
+        ours again, which only ask for the stop that is done (the default ones would exit 130 or
+        die of SIGTERM after a clean stop)."""
         main = threading.current_thread() is threading.main_thread()
-        previous = {sig: signal.signal(sig, lambda *_: None) for sig in STOP_SIGNALS} if main else {}
+        previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS} if main else {}
         try:
+            on_listening()
             self._server.run(sockets=[self._socket])
         finally:
             self._socket.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _stop(self, *_: object) -> None:
+        self._server.should_exit = True
 
     def start(self) -> UiServer:
         """Serve on a thread; returns once the app answers."""

@@ -407,8 +407,8 @@ def cmd_ui(args: argparse.Namespace, client: Client) -> int:
         print(f"spurguard ui: warning: listening on {args.host}: whoever reaches this port labels with your token "
               "(plain HTTP, no login); keep it on 127.0.0.1 unless a proxy in front checks who calls",
               file=sys.stderr)
-    print(f"spurguard ui: open {page.url} (labelling on {client.target}; Ctrl-C stops)", file=sys.stderr, flush=True)
-    page.run()
+    page.run(lambda: print(f"spurguard ui: open {page.url} (labelling on {client.target}; Ctrl-C stops)",
+                           file=sys.stderr, flush=True))
     return EXIT_OK
 
 
