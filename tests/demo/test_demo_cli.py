@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,41 @@ def test_kept_serving_ends_with_1_when_the_server_ends_by_itself(capsys: pytest.
     server = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], text=True)
     assert demo.finish(_Server(server), "tok", keep_serving=True) == 1  # type: ignore[arg-type]
     assert "the demo server ended by itself (exit code 3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stopped_mid_run_the_demo_stops_its_server_too(
+    signum: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C or SIGTERM while the demo fits or scores: its server process must not outlive it."""
+    stopped: list[bool] = []
+
+    class Server:
+        target = "127.0.0.1:50999"
+
+        def __init__(self, args: object) -> None:
+            pass
+
+        def __enter__(self) -> Server:
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            stopped.append(True)
+
+    def interrupted_run(*args: object) -> dict[str, object]:
+        os.kill(os.getpid(), signum)
+        time.sleep(10)
+        raise AssertionError("the signal did not interrupt the run")
+
+    monkeypatch.setattr(demo, "_dataset", lambda workdir, config: (tmp_path / "data", None))
+    monkeypatch.setattr(demo, "ServerProcess", Server)
+    monkeypatch.setattr(demo, "run", interrupted_run)
+    before = signal.getsignal(signal.SIGTERM)
+    if signum == signal.SIGINT:
+        assert demo.main(["--workdir", str(tmp_path)]) == 128 + signal.SIGINT  # said in words, no traceback
+    else:
+        with pytest.raises(SystemExit) as ended:
+            demo.main(["--workdir", str(tmp_path)])
+        assert ended.value.code == 128 + signal.SIGTERM
+    assert stopped == [True]
+    assert signal.getsignal(signal.SIGTERM) == before

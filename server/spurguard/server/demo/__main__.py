@@ -311,13 +311,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     admin, labeller = issue_tokens(tokens)
     serve = ["--model", MODEL, "--model", ROBUST, "--store", str(store), "--data-root", str(data),
              "--auth-tokens", str(tokens)]
-    with ServerProcess(serve) as server:
-        print(f"server with the demo models {MODEL} and {ROBUST} on {server.target} (store {store}, tokens {tokens})")
-        with Client(server.target, token=admin) as client:
-            summary = run(client, workdir, data, truth)
-        if args.summary:
-            args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        return finish(server, labeller, keep_serving=args.keep_serving)
+    try:
+        with _terminate_as_exit(), ServerProcess(serve) as server:
+            print(f"server with the demo models {MODEL} and {ROBUST} on {server.target} (store {store}, tokens {tokens})")
+            with Client(server.target, token=admin) as client:
+                summary = run(client, workdir, data, truth)
+            if args.summary:
+                args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+            return finish(server, labeller, keep_serving=args.keep_serving)
+    except KeyboardInterrupt:
+        print("spurguard demo: interrupted; its server was stopped", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM while inside raises SystemExit(143), as Ctrl-C raises KeyboardInterrupt, so the
+    server process is stopped on the way out instead of outliving a demo killed mid-run."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def issue_tokens(path: Path) -> tuple[str, str]:
