@@ -538,10 +538,11 @@ class NeuralPCAFit:
             a = stats.take_weighted_rows(w)
             gram = _gram(a)
             values, u = _eigenpairs(gram, num, method, rank_dim=self.dim)
-            values, total_variance = values * scale, float(torch.diagonal(gram).sum()) * scale
+            total_variance = float(torch.diagonal(gram).sum()) * scale
             WORKSPACE.give(gram)
-            vectors = (a.T @ u).div_((values / scale).sqrt())
+            vectors = (a.T @ u).div_(values.sqrt())
             WORKSPACE.give(a)
+            values = values * scale
         else:
             cov = stats.covariance(w)
             values, vectors = _eigenpairs(cov, num, method, rank_dim=self.dim)

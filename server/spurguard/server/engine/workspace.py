@@ -10,6 +10,7 @@ classes a fit has; a buffer is only ever in one class's hands (`take` removes it
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -27,9 +28,7 @@ class Workspace:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of `shape`: the smallest free buffer that holds it, else a new one."""
-        numel = 1
-        for size in shape:
-            numel *= int(size)
+        numel = math.prod(shape)
         with self._lock:
             fitting = [i for i, b in enumerate(self._free)
                        if b.dtype == dtype and b.device == device and b.numel() >= numel]
