@@ -69,6 +69,14 @@ def focus(driver: WebDriver, component: int) -> None:
     wait(driver, lambda d: "focused" in d.find_element(By.ID, f"component-{component}").get_attribute("class"))
 
 
+def visualised_rows(driver: WebDriver) -> list[Any]:
+    """The class page's rows, once every one has its top images, heatmaps and finished attack."""
+    rows = driver.find_elements(By.CSS_SELECTOR, "section.component")
+    wait(driver, lambda d: all(r.get_attribute("data-attack") == "done" for r in rows), timeout=LOAD_S,
+         what="every component's visualisation")
+    return rows
+
+
 def test_a_component_labelled_with_the_keyboard_is_stored_with_its_note_and_author(
     world: World, tmp_path: Path
 ) -> None:
@@ -141,10 +149,8 @@ def test_every_image_loads_the_attack_animates_and_heatmaps_toggle_with_a_colour
     k = world.planted["flower"]
     with labelling_page(world, "alice") as page, browser(tmp_path / "alice") as driver:
         open_class(driver, page.url, k)
-        rows = driver.find_elements(By.CSS_SELECTOR, "section.component")
+        rows = visualised_rows(driver)
         assert len(rows) == UI_TOP
-        wait(driver, lambda d: all(r.get_attribute("data-attack") == "done" for r in rows), timeout=LOAD_S,
-             what="every component's visualisation")
         images = _images(driver)
         assert all(i["complete"] and i["width"] > 0 for i in images), images  # no broken image
         kinds = [i["cls"] for i in images]
@@ -230,9 +236,7 @@ def test_screenshots_of_the_pages(world: World, tmp_path: Path) -> None:
         bob.label(MODEL, k, 0, "not_spurious", note="the star itself")
     with labelling_page(world, "alice") as page, browser(tmp_path / "alice") as driver:
         open_class(driver, page.url, k)
-        rows = driver.find_elements(By.CSS_SELECTOR, "section.component")
-        wait(driver, lambda d: all(r.get_attribute("data-attack") == "done" for r in rows), timeout=LOAD_S,
-             what="every component's visualisation")
+        visualised_rows(driver)
         focus(driver, 2)
         keys(driver, "i")
         wait(driver, lambda d: badge(d, 2) == "inconsistent")

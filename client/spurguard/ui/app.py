@@ -132,8 +132,7 @@ class LabellingApp:
     async def class_page(self, request: Request) -> Response:
         model, k = request.path_params["model"], _int(request, "class_index")
         data = await run_in_threadpool(gateway.class_page, self.client, model, k, self.settings.top)
-        script = {"model": model, "class_index": k, "labels": data["labels"], "poll_s": self.settings.poll_s,
-                  "components": [c["index"] for c in data["components"]]}
+        script = {"model": model, "class_index": k, "labels": data["labels"]}
         return self._page(request, "class.html", dict(data, script=script))
 
     async def problem(self, request: Request, problem: Exception) -> Response:
